@@ -1,0 +1,52 @@
+"""The narrow contract between the ZeRO-3 engine and any transport (gRPC, fake, torch.distributed).
+
+Calls are made from the compute thread and return futures, so the engine can prefetch the next unit
+while the current one computes. Every call names its PeerGroup (job, epoch, members) explicitly.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from communication.group import PeerGroup
+
+
+@dataclass(frozen=True, slots=True)
+class WireStats:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+class CollectiveBackend(Protocol):
+    def all_gather(
+        self, group: PeerGroup, step: int, unit: int, shard: torch.Tensor, out: torch.Tensor, timeout: float
+    ) -> Future[torch.Tensor]:
+        """Gather every rank's shard of `unit` at `step` into `out` (flat, world_size * shard.numel()).
+
+        `shard` is this rank's own shard (served to peers until the step is committed). The future
+        resolves to `out`, or fails with EpochChanged / PeerLost / CollectiveTimeout / InvalidMessage.
+        """
+        ...
+
+    def reduce_scatter(
+        self, group: PeerGroup, step: int, unit: int, full: torch.Tensor, out: torch.Tensor, timeout: float
+    ) -> Future[torch.Tensor]:
+        """Send slice r of `full` (flat, world_size * out.numel()) to rank r; receive into `out` (fp32)
+        the sum of this rank's slice from every rank, added in rank order 0..N-1 (not divided)."""
+        ...
+
+    def commit(self, group: PeerGroup, step: int) -> None:
+        """Step `step` is applied locally: release what was kept for it (served shards, accumulators)."""
+        ...
+
+    def set_epoch(self, epoch: int) -> None:
+        """A new membership epoch: fail every in-flight call of older epochs at once with EpochChanged."""
+        ...
+
+    def stats(self) -> WireStats: ...
+
+    def close(self) -> None: ...

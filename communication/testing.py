@@ -1,0 +1,148 @@
+"""In-process fake backend for unit tests of the layers above the wire.
+
+`FakeHub(world_size)` is shared by the ranks (threads of one process); `hub.backend(rank)` gives each
+rank a CollectiveBackend with the same semantics as the gRPC one: rank-order fp32 reduction on the
+owner, epoch fencing, timeouts. A deterministic `FaultInjector` keyed by (rank, step) makes a rank
+fail as if it had died.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from communication.backend import WireStats
+from communication.errors import CollectiveTimeout, EpochChanged, PeerLost
+from communication.group import PeerGroup
+
+
+@dataclass
+class FaultInjector:
+    """`dead[(rank, step)]`: that rank dies (stops answering) when it reaches that step."""
+
+    dead_at: dict[int, int] = field(default_factory=dict)
+
+    def is_dead(self, rank: int, step: int) -> bool:
+        at = self.dead_at.get(rank)
+        return at is not None and step >= at
+
+
+class FakeHub:
+    def __init__(self, world_size: int, faults: FaultInjector | None = None) -> None:
+        self.world_size = world_size
+        self.faults = faults or FaultInjector()
+        self._cond = threading.Condition()
+        self._shards: dict[tuple[int, int, int, int], torch.Tensor] = {}  # (epoch, step, unit, rank)
+        self._grads: dict[tuple[int, int, int, int, int], torch.Tensor] = {}  # (+dest, sender)
+        self.epoch = 0
+
+    def backend(self, rank: int) -> FakeBackend:
+        return FakeBackend(self, rank)
+
+    def set_epoch(self, epoch: int) -> None:
+        with self._cond:
+            self.epoch = max(self.epoch, epoch)
+            self._cond.notify_all()
+
+    def _wait(self, group: PeerGroup, step: int, ready: object, deadline: float) -> None:
+        """Wait (holding the condition) until ready() is true; fail fast on an epoch change or a dead peer."""
+        assert callable(ready)
+        while not ready():
+            if self.epoch > group.epoch:
+                raise EpochChanged(f"{group.describe()}: epoch moved to {self.epoch}")
+            for peer in group.peers():
+                if self.faults.is_dead(peer, step):
+                    raise PeerLost(f"{group.describe()}: rank {peer} died at step {step}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CollectiveTimeout(f"{group.describe()}: step {step} timed out")
+            self._cond.wait(min(left, 0.05))
+
+
+class FakeBackend:
+    def __init__(self, hub: FakeHub, rank: int) -> None:
+        self.hub = hub
+        self.rank = rank
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"fake-r{rank}")
+        self._sent = 0
+        self._received = 0
+
+    def _check(self, group: PeerGroup, step: int) -> None:
+        if group.rank != self.rank or group.world_size != self.hub.world_size:
+            raise ValueError(f"group {group.describe()} does not match fake rank {self.rank}")
+        if self.hub.faults.is_dead(self.rank, step):
+            raise PeerLost(f"rank {self.rank} is dead at step {step} (injected)")
+
+    def all_gather(
+        self, group: PeerGroup, step: int, unit: int, shard: torch.Tensor, out: torch.Tensor, timeout: float
+    ) -> Future[torch.Tensor]:
+        self._check(group, step)
+        n = shard.numel()
+        if out.numel() != n * group.world_size:
+            raise ValueError(f"out has {out.numel()} elements, expected {n * group.world_size}")
+        hub = self.hub
+        with hub._cond:
+            hub._shards[(group.epoch, step, unit, self.rank)] = shard.detach().clone()
+            hub._cond.notify_all()
+
+        def run() -> torch.Tensor:
+            keys = [(group.epoch, step, unit, r) for r in group.peers()]
+            with hub._cond:
+                hub._wait(group, step, lambda: all(k in hub._shards for k in keys), time.monotonic() + timeout)
+                parts = [hub._shards[k] for k in keys]
+            flat = out.view(-1)
+            for r, part in enumerate(parts):
+                flat[r * n : (r + 1) * n].copy_(part.view(-1))
+            self._sent += n * shard.element_size() * (group.world_size - 1)
+            self._received += n * shard.element_size() * (group.world_size - 1)
+            return out
+
+        return self._pool.submit(run)
+
+    def reduce_scatter(
+        self, group: PeerGroup, step: int, unit: int, full: torch.Tensor, out: torch.Tensor, timeout: float
+    ) -> Future[torch.Tensor]:
+        self._check(group, step)
+        n = out.numel()
+        if full.numel() != n * group.world_size:
+            raise ValueError(f"full has {full.numel()} elements, expected {n * group.world_size}")
+        hub = self.hub
+        flat = full.detach().reshape(-1)
+        with hub._cond:
+            for dest in group.peers():
+                key = (group.epoch, step, unit, dest, self.rank)
+                hub._grads[key] = flat[dest * n : (dest + 1) * n].to(torch.float32).clone()
+            hub._cond.notify_all()
+
+        def run() -> torch.Tensor:
+            keys = [(group.epoch, step, unit, self.rank, s) for s in group.peers()]
+            with hub._cond:
+                hub._wait(group, step, lambda: all(k in hub._grads for k in keys), time.monotonic() + timeout)
+                parts = [hub._grads.pop(k) for k in keys]
+            acc = parts[0].clone()
+            for part in parts[1:]:
+                acc.add_(part)
+            out.view(-1).copy_(acc)
+            self._sent += n * 4 * (group.world_size - 1)
+            self._received += n * 4 * (group.world_size - 1)
+            return out
+
+        return self._pool.submit(run)
+
+    def commit(self, group: PeerGroup, step: int) -> None:
+        with self.hub._cond:
+            for key in [k for k in self.hub._shards if k[3] == self.rank and k[1] <= step]:
+                del self.hub._shards[key]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.hub.set_epoch(epoch)
+
+    def stats(self) -> WireStats:
+        return WireStats(self._sent, self._received)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

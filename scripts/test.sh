@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command: set up the environment, check lint/types/proto drift, run the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+./scripts/lint.sh
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,71 @@
+"""The job spec every worker trains: one pydantic model, a canonical hash, and TOML loading.
+
+Kept free of torch so the coordinator can import it cheaply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Optimizer = Literal["sgd", "adamw"]
+Schedule = Literal["constant", "cosine", "step"]
+Compression = Literal["none", "int8"]
+
+
+class JobSpec(BaseModel):
+    """What to train. Identical on every worker; checked by hash before step 0."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_id: str = Field("zerowire-job", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    model: str = Field("resnet8", min_length=1, max_length=64)
+    dataset: str = Field("digits", min_length=1, max_length=512)
+    steps: int = Field(300, ge=1, le=10_000_000)
+    global_batch: int = Field(64, ge=1, le=1_000_000)
+    optimizer: Optimizer = "sgd"
+    lr: float = Field(0.1, gt=0.0, le=100.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Schedule = "cosine"
+    warmup_steps: int = Field(10, ge=0)
+    step_size: int = Field(100, ge=1, description="for schedule=step: decay every N steps")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="for schedule=step: decay factor")
+    grad_clip: float = Field(0.0, ge=0.0, description="clip by global norm; 0 disables")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    compression: Compression = "none"
+    int8_block: int = Field(1024, ge=16, le=1 << 20)
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps; 0 = only at the end")
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps; 0 disables")
+    min_workers: int = Field(1, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _check(self) -> JobSpec:
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds steps ({self.steps})")
+        return self
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the canonical JSON: workers refuse to train a job whose hash differs."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+def load_job_file(path: str | Path) -> dict[str, object]:
+    """Read a job TOML file (top-level keys or a [job] table) into a dict of JobSpec fields."""
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    table = data.get("job", data)
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: [job] must be a table")
+    return dict(table)
