@@ -43,8 +43,14 @@ class CollectiveBackend(Protocol):
         """Step `step` is applied locally: release what was kept for it (served shards, accumulators)."""
         ...
 
+    def set_group(self, group: PeerGroup) -> None:
+        """Install the membership of an epoch before its first step, so messages from its members are
+        accepted (and those of any other epoch rejected). A newer epoch cancels older in-flight calls."""
+        ...
+
     def set_epoch(self, epoch: int) -> None:
-        """A new membership epoch: fail every in-flight call of older epochs at once with EpochChanged."""
+        """A new membership epoch is known (its group may not be yet): fail every in-flight call of older
+        epochs at once with EpochChanged."""
         ...
 
     def stats(self) -> WireStats: ...

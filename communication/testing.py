@@ -92,7 +92,9 @@ class FakeBackend:
         def run() -> torch.Tensor:
             keys = [(group.epoch, step, unit, r) for r in group.peers()]
             with hub._cond:
-                hub._wait(group, step, lambda: all(k in hub._shards for k in keys), time.monotonic() + timeout)
+                hub._wait(
+                    group, step, lambda: all(k in hub._shards for k in keys), time.monotonic() + timeout
+                )
                 parts = [hub._shards[k] for k in keys]
             flat = out.view(-1)
             for r, part in enumerate(parts):
@@ -137,6 +139,9 @@ class FakeBackend:
         with self.hub._cond:
             for key in [k for k in self.hub._shards if k[3] == self.rank and k[1] <= step]:
                 del self.hub._shards[key]
+
+    def set_group(self, group: PeerGroup) -> None:
+        self.hub.set_epoch(group.epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.hub.set_epoch(epoch)
