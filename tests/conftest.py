@@ -1,4 +1,7 @@
-"""Shared test fixtures: free ports, process cleanup by PID."""
+"""Shared test fixtures: free ports, process cleanup by PID, single-threaded torch.
+
+Torch runs single-threaded in tests: on a small shared CPU, intra-op threads that must meet at every
+kernel make small models many times slower and their timing far noisier."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -48,3 +52,13 @@ def reaper() -> Iterator[ProcessReaper]:
         yield r
     finally:
         r.kill_all()
+
+
+@pytest.fixture(autouse=True)
+def _single_thread_torch() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,50 @@
+"""Model registry: ``build_model(name, num_classes, in_channels)`` and ``units(model)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from worker.models.blocks import BasicBlock, Bottleneck
+from worker.models.resnet import ResNet, cifar_resnet, he_cifar_resnet, imagenet_resnet
+
+_Factory = Callable[[int, int], ResNet]
+
+_REGISTRY: dict[str, _Factory] = {
+    "resnet8": lambda nc, ic: he_cifar_resnet(1, nc, ic),
+    "resnet20": lambda nc, ic: he_cifar_resnet(3, nc, ic),
+    "resnet56": lambda nc, ic: he_cifar_resnet(9, nc, ic),
+    "resnet18": lambda nc, ic: cifar_resnet(BasicBlock, (2, 2, 2, 2), nc, ic),
+    "resnet34": lambda nc, ic: cifar_resnet(BasicBlock, (3, 4, 6, 3), nc, ic),
+    "resnet50": lambda nc, ic: imagenet_resnet(Bottleneck, (3, 4, 6, 3), nc, ic),
+}
+
+MODEL_NAMES: tuple[str, ...] = tuple(sorted(_REGISTRY))
+
+
+def build_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """Build a freshly initialised model (initialisation draws from torch's global RNG: seed it first)."""
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    return factory(num_classes, in_channels)
+
+
+def units(model: nn.Module) -> list[nn.Module]:
+    """The model's ZeRO-3 units in forward order.
+
+    For a :class:`ResNet` (every model of the registry): ``[stem, *blocks, head]``, and running them in order
+    is exactly ``model.forward``. For any other module: its direct children, in registration order (which is
+    only a forward order if the module is a plain chain of its children, like ``nn.Sequential``).
+    """
+    if isinstance(model, ResNet):
+        return model.units()
+    children = list(model.children())
+    if not children:
+        raise ValueError(f"{type(model).__name__} has no child modules to use as units")
+    return children
