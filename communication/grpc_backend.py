@@ -1,0 +1,394 @@
+"""GrpcBackend: the CollectiveBackend over gRPC streams between workers.
+
+One asyncio event loop in a background thread runs the grpc.aio server (serving this rank's shards
+and receiving gradients) and the client calls to peers. The Protocol methods are called from the
+compute thread: they encode what this rank sends right there (so the loop only moves bytes), then
+schedule the collective on the loop and return a concurrent Future.
+
+Every in-flight collective is registered under its epoch; `set_epoch`/`set_group` with a newer
+epoch cancels all older ones at once and their futures fail with EpochChanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+import torch
+
+from communication import collectives
+from communication.accumulator import GradientAccumulator
+from communication.backend import WireStats
+from communication.channels import ChannelCache
+from communication.compression import (
+    DEFAULT_INT8_BLOCK,
+    MAX_INT8_BLOCK,
+    ErrorFeedback,
+    codec_id_for,
+    get_codec,
+)
+from communication.errors import CommError, EpochChanged
+from communication.group import PeerGroup
+from communication.server import create_server, token_metadata
+from communication.servicer import WireCounters, WireServicer
+from communication.shard_store import Published, ShardStore
+from communication.tensor_stream import Key, make_header
+from protos import zerowire_pb2 as pb
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class GrpcBackend:
+    def __init__(
+        self,
+        token: str,
+        compression: str = "none",
+        int8_block: int = DEFAULT_INT8_BLOCK,
+        *,
+        window: int = 2,
+        max_pending_bytes: int = 4 << 30,
+        idle_timeout: float = 30.0,
+        copy_threads: int = 2,
+        stripes: int = 2,
+        stripe_min_bytes: int = 4 << 20,
+    ) -> None:
+        if not token:
+            raise ValueError("GrpcBackend needs the cluster token")
+        self.codec = codec_id_for(compression)
+        self.block = int8_block
+        if not 1 <= int8_block <= MAX_INT8_BLOCK:
+            raise ValueError(f"int8_block must be in 1..{MAX_INT8_BLOCK}, got {int8_block}")
+        self._token = token
+        self._window = window
+        self._max_pending_bytes = max_pending_bytes
+        self._idle_timeout = idle_timeout
+        self._copy_threads = copy_threads
+        if stripes < 1:
+            raise ValueError(f"stripes must be >= 1, got {stripes}")
+        self._stripes = stripes
+        self._stripe_min_bytes = stripe_min_bytes
+        self._feedback = ErrorFeedback(self.codec, int8_block)
+        self._epoch = -1
+        self._groups: dict[int, PeerGroup] = {}
+        self._inflight: dict[int, set[asyncio.Task[Any]]] = {}
+        self._counters = WireCounters()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: grpc.aio.Server | None = None
+        self._wire: collectives.Wire | None = None
+        self._store: ShardStore | None = None
+        self.port: int | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self, bind: str = "127.0.0.1:0", timeout: float = 30.0) -> int:
+        if self._loop is not None:
+            raise RuntimeError("GrpcBackend already started")
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._thread = threading.Thread(target=loop.run_forever, name="zerowire-wire", daemon=True)
+        self._thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._astart(bind), loop).result(timeout)
+        log.info("wire server listening on %s (port %d)", bind, self.port)
+        return self.port
+
+    async def _astart(self, bind: str) -> int:
+        self._store = ShardStore()
+        accumulator = GradientAccumulator(window=self._window, max_pending_bytes=self._max_pending_bytes)
+        self._wire = collectives.Wire(
+            ChannelCache(),
+            accumulator,
+            self._counters,
+            token_metadata(self._token),
+            collectives.BufferPool(),
+            [ThreadPoolExecutor(1, thread_name_prefix="zerowire-copy") for _ in range(self._copy_threads)],
+            stripes=self._stripes,
+            stripe_min_bytes=self._stripe_min_bytes,
+        )
+        servicer = WireServicer(
+            self._store,
+            accumulator,
+            self._counters,
+            idle_timeout=self._idle_timeout,
+            copier=self._wire.copier,
+        )
+        self._server, port = create_server(bind, servicer, self._token)
+        await self._server.start()
+        return port
+
+    def close(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._aclose(), loop).result(10)
+        except Exception:
+            log.exception("error while closing the wire backend")
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            if self._thread is not None:
+                self._thread.join(10)
+            if not loop.is_running():
+                loop.close()
+
+    async def _aclose(self) -> None:
+        tasks = [t for ts in self._inflight.values() for t in ts]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.stop(grace=0.5)
+        if self._wire is not None:
+            await self._wire.channels.close()
+            for copier in self._wire.copiers:
+                copier.shutdown(wait=False, cancel_futures=True)
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _require_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("GrpcBackend is not started (call start())")
+        return self._loop
+
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        self._require_loop().call_soon_threadsafe(fn)
+
+    def _submit(self, group: PeerGroup, make: Callable[[], Coroutine[Any, Any, T]]) -> Future[T]:
+        result: Future[T] = Future()
+        result.set_running_or_notify_cancel()
+
+        def launch() -> None:
+            if group.epoch < self._epoch:
+                result.set_exception(EpochChanged(f"{group.describe()}: epoch is now {self._epoch}"))
+                return
+            task = asyncio.ensure_future(make())
+            tasks = self._inflight.setdefault(group.epoch, set())
+            tasks.add(task)
+
+            def done(t: asyncio.Task[T]) -> None:
+                tasks.discard(t)
+                if t.cancelled():
+                    result.set_exception(
+                        EpochChanged(f"{group.describe()}: cancelled, epoch is now {self._epoch}")
+                        if self._epoch > group.epoch
+                        else CommError(f"{group.describe()}: cancelled (backend closing)")
+                    )
+                elif (exc := t.exception()) is not None:
+                    result.set_exception(exc)
+                else:
+                    result.set_result(t.result())
+
+            task.add_done_callback(done)
+
+        self._on_loop(launch)
+        return result
+
+    def _cancel_older(self, epoch: int) -> None:
+        """On the loop: fail everything of epochs before `epoch` at once."""
+        assert self._store is not None and self._wire is not None
+        self._store.set_epoch(epoch)
+        self._wire.accumulator.set_epoch(epoch)
+        for old in [e for e in self._inflight if e < epoch]:
+            tasks = self._inflight.pop(old)
+            if tasks:
+                log.info("epoch %d: cancelling %d in-flight collectives of epoch %d", epoch, len(tasks), old)
+            for task in tasks:
+                task.cancel()
+
+    def _check_group(self, group: PeerGroup) -> None:
+        if group.epoch < self._epoch:
+            raise EpochChanged(f"{group.describe()}: epoch is now {self._epoch}")
+        if self._groups.get(group.epoch) != group:
+            self.set_group(group)
+
+    def _stale(self, group: PeerGroup) -> Future[torch.Tensor] | None:
+        """A failed future for a call naming an old epoch (installs a newer group first-time seen)."""
+        try:
+            self._check_group(group)
+        except EpochChanged as exc:
+            failed: Future[torch.Tensor] = Future()
+            failed.set_exception(exc)
+            return failed
+        return None
+
+    # -- CollectiveBackend --------------------------------------------------------------------
+    def set_group(self, group: PeerGroup) -> None:
+        self._require_loop()
+        if group.epoch < self._epoch:
+            raise EpochChanged(f"cannot install {group.describe()}: epoch {self._epoch} is known")
+        if group.epoch in self._groups and self._groups[group.epoch] != group:
+            raise ValueError(f"a different group was installed for epoch {group.epoch}")
+        self._groups = {group.epoch: group}
+        newer = group.epoch > self._epoch
+        self._epoch = group.epoch
+        if newer:
+            self._feedback.reset()
+
+        def install() -> None:
+            assert self._store is not None and self._wire is not None
+            self._cancel_older(group.epoch)
+            self._store.set_group(group)
+            self._wire.accumulator.set_group(group)
+            self._wire.pool.clear()
+
+        self._on_loop(install)
+        log.info("installed %s", group.describe())
+
+    def set_epoch(self, epoch: int) -> None:
+        self._require_loop()
+        if epoch <= self._epoch:
+            return
+        self._epoch = epoch
+        self._feedback.reset()  # ranks and shards are re-partitioned in a new epoch
+        self._on_loop(lambda: self._cancel_older(epoch))
+
+    def _encode_shard(self, group: PeerGroup, step: int, unit: int, flat: torch.Tensor) -> Published:
+        assert self._store is not None
+        pub = self._store.lookup((group.epoch, step, unit), flat)
+        if pub is not None:
+            return pub
+        codec = get_codec(self.codec)
+        if self.codec == pb.CODEC_NONE:
+            payload = flat.view(torch.uint8)  # served from the shard's own memory
+        else:
+            payload = torch.empty(
+                codec.payload_bytes(flat.numel(), flat.dtype, self.block), dtype=torch.uint8
+            )
+            codec.encode_into(flat, self.block, payload)
+        header = make_header(
+            Key(group.job_id, group.epoch, step, unit, group.rank),
+            group.rank,
+            flat.dtype,
+            flat.numel(),
+            self.codec,
+            self.block,
+            payload,
+            with_checksum=False,
+        )
+        return Published(header, payload)
+
+    @staticmethod
+    def _flat(t: torch.Tensor) -> torch.Tensor:
+        flat = t.detach().reshape(-1)
+        return flat if flat.is_contiguous() else flat.contiguous()
+
+    def all_gather(
+        self, group: PeerGroup, step: int, unit: int, shard: torch.Tensor, out: torch.Tensor, timeout: float
+    ) -> Future[torch.Tensor]:
+        """See CollectiveBackend. `shard` is served from its own memory until commit: keep it unchanged."""
+        if (stale := self._stale(group)) is not None:
+            return stale
+        assert self._store is not None and self._wire is not None
+        flat = self._flat(shard)
+        if (
+            out.numel() != flat.numel() * group.world_size
+            or out.dtype != flat.dtype
+            or not out.is_contiguous()
+        ):
+            raise ValueError(
+                f"out must be contiguous {flat.dtype} of {flat.numel() * group.world_size} values, "
+                f"got {out.dtype} of {out.numel()}"
+            )
+        pub = self._encode_shard(group, step, unit, flat)
+        store, wire, codec, block = self._store, self._wire, self.codec, self.block
+
+        async def run() -> torch.Tensor:
+            store.publish(group, step, unit, flat, pub)
+            if group.world_size > 1:
+                wire.precompute_checksums(pub)
+            return await collectives.all_gather(
+                wire, group, step, unit, pub, flat, out, codec, block, timeout
+            )
+
+        return self._submit(group, run)
+
+    def publish(self, group: PeerGroup, step: int, unit: int, shard: torch.Tensor) -> None:
+        """Serve `shard` to peers for (step, unit) until commit, without gathering (one-way transfers)."""
+        self._check_group(group)
+        assert self._store is not None
+        flat = self._flat(shard)
+        pub = self._encode_shard(group, step, unit, flat)
+        store, wire = self._store, self._wire
+        assert wire is not None
+
+        def run() -> None:
+            store.publish(group, step, unit, flat, pub)
+            wire.precompute_checksums(pub)
+
+        self._on_loop(run)
+
+    def fetch(
+        self, group: PeerGroup, step: int, unit: int, peer: int, out: torch.Tensor, timeout: float
+    ) -> Future[torch.Tensor]:
+        """Fetch one peer's published shard into `out` (flat, contiguous, the shard's dtype and numel)."""
+        if (stale := self._stale(group)) is not None:
+            return stale
+        wire, codec, block = self._wire, self.codec, self.block
+        assert wire is not None
+
+        async def run() -> torch.Tensor:
+            await collectives.fetch_into(wire, group, peer, step, unit, out.view(-1), codec, block, timeout)
+            return out
+
+        return self._submit(group, run)
+
+    def reduce_scatter(
+        self, group: PeerGroup, step: int, unit: int, full: torch.Tensor, out: torch.Tensor, timeout: float
+    ) -> Future[torch.Tensor]:
+        if (stale := self._stale(group)) is not None:
+            return stale
+        assert self._wire is not None
+        n = out.numel()
+        flat = full.detach().reshape(-1)
+        if flat.dtype != torch.float32 or not flat.is_contiguous():
+            flat = flat.to(torch.float32).contiguous()
+        if flat.numel() != n * group.world_size or out.dtype != torch.float32:
+            raise ValueError(f"full must have {n * group.world_size} values and out be float32")
+        sends: dict[int, tuple[pb.TensorHeader, torch.Tensor]] = {}
+        for dest in group.peers():
+            if dest == group.rank:
+                continue
+            piece = flat[dest * n : (dest + 1) * n]
+            if self.codec == pb.CODEC_NONE:
+                payload = piece.view(torch.uint8)
+            else:
+                payload = self._feedback.encode(unit, dest, piece)
+            header = make_header(
+                Key(group.job_id, group.epoch, step, unit, dest),
+                group.rank,
+                torch.float32,
+                n,
+                self.codec,
+                self.block,
+                payload,
+                with_checksum=False,  # computed by the push, off this thread, all peers in parallel
+            )
+            sends[dest] = (header, payload)
+        own = flat[group.rank * n : (group.rank + 1) * n]
+        wire = self._wire
+        return self._submit(
+            group, lambda: collectives.reduce_scatter(wire, group, step, unit, own, sends, out, timeout)
+        )
+
+    def commit(self, group: PeerGroup, step: int) -> None:
+        def run() -> None:
+            assert self._store is not None and self._wire is not None
+            self._store.commit(group.epoch, step)
+            self._wire.accumulator.commit(group.epoch, step)
+
+        self._on_loop(run)
+
+    def stats(self) -> WireStats:
+        return WireStats(self._counters.bytes_sent, self._counters.bytes_received)
+
+    def inflight(self) -> int:
+        """Number of collectives still running (diagnostics and tests)."""
+        return sum(len(tasks) for tasks in list(self._inflight.values()))
+
+    def call_soon(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        """Run a coroutine on the wire's loop (diagnostics and tests)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._require_loop())

@@ -1,0 +1,114 @@
+"""The conformance cases every CollectiveBackend must pass, shared by the in-process fake run and the
+multi-process gRPC run (tests/integration/wire_peer.py).
+
+Each rank calls `run_cases` with its backend and group; the data of every rank is derived from
+(case, rank) alone, so each rank computes the expected results itself. Results are a JSON-able dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from typing import Any
+
+import torch
+
+from communication.backend import CollectiveBackend
+from communication.group import PeerGroup
+
+CHUNK = 1 << 20
+
+
+def int8_boundary_numel(block: int, extra: int = 0) -> int:
+    """The numel whose int8 payload (4 bytes per block + 1 per value) is exactly 1 MiB (+extra)."""
+    for nb in range(1, CHUNK):
+        n = CHUNK - 4 * nb
+        if -(-n // block) == nb:
+            return n + extra
+    raise AssertionError("no boundary size")
+
+
+def case_sizes(compression: str, block: int) -> list[int]:
+    # the last one is large enough to be fetched as parallel striped streams
+    sizes = [1, 7, 1000, 12_345, CHUNK // 4, CHUNK // 4 + 1, 3 * CHUNK // 4 + 3, 5 * CHUNK // 4 + 1]
+    if compression == "int8":
+        sizes += [int8_boundary_numel(block), int8_boundary_numel(block, 1), block - 1, block + 1]
+    return sizes
+
+
+def _data(case: int, rank: int, numel: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1000 * case + rank)
+    return torch.randn(numel, generator=gen)
+
+
+def digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    denom = float(b.norm())
+    return float((a - b).norm()) / (denom if denom > 0 else 1.0)
+
+
+def run_cases(
+    backend: CollectiveBackend, group: PeerGroup, compression: str, block: int, timeout: float = 30.0
+) -> dict[str, Any]:
+    """all_gather then reduce_scatter for every size; a step per case; commit after each."""
+    world, rank = group.world_size, group.rank
+    results: list[dict[str, Any]] = []
+    for case, numel in enumerate(case_sizes(compression, block)):
+        step, unit = case, case % 3
+        shards = [_data(case, r, numel) for r in range(world)]
+        out = torch.full((world * numel,), float("nan"))
+        backend.all_gather(group, step, unit, shards[rank], out, timeout).result(timeout + 5)
+        expected = torch.cat(shards)
+        fulls = [_data(case + 500, r, world * numel) for r in range(world)]
+        reduced = torch.full((numel,), float("nan"))
+        backend.reduce_scatter(group, step, unit, fulls[rank], reduced, timeout).result(timeout + 5)
+        want = fulls[0][rank * numel : (rank + 1) * numel].clone()
+        for r in range(1, world):
+            want.add_(fulls[r][rank * numel : (rank + 1) * numel])
+        backend.commit(group, step)
+        results.append(
+            {
+                "numel": numel,
+                "gather_exact": bool(torch.equal(out, expected)),
+                "gather_own_exact": bool(torch.equal(out[rank * numel : (rank + 1) * numel], shards[rank])),
+                "gather_rel_err": rel_err(out, expected),
+                "gather_finite": bool(torch.isfinite(out).all()),
+                "gather_digest": digest(out),
+                "reduce_exact": bool(torch.equal(reduced, want)),
+                "reduce_rel_err": rel_err(reduced, want),
+                "reduce_crc": zlib.crc32(reduced.numpy().tobytes()),
+            }
+        )
+    stats = backend.stats()
+    return {
+        "rank": rank,
+        "cases": results,
+        "bytes_sent": stats.bytes_sent,
+        "bytes_received": stats.bytes_received,
+    }
+
+
+def check_results(per_rank: list[dict[str, Any]], compression: str) -> None:
+    """Assertions shared by every backend (called by the tests on all ranks' results)."""
+    world = len(per_rank)
+    assert sorted(r["rank"] for r in per_rank) == list(range(world))
+    n_cases = len(per_rank[0]["cases"])
+    for i in range(n_cases):
+        cases = [r["cases"][i] for r in per_rank]
+        numel = cases[0]["numel"]
+        # Every rank sees the very same gathered tensor.
+        assert len({c["gather_digest"] for c in cases}) == 1, f"ranks disagree on all_gather of {numel}"
+        for c in cases:
+            assert c["gather_finite"], c
+            if compression == "none":
+                assert c["gather_exact"] and c["reduce_exact"], c
+            else:
+                assert c["gather_rel_err"] < 0.01, c
+                assert c["reduce_rel_err"] < 0.03, c
+    if compression == "none":
+        # raw fp32: every byte of every shard except one's own crossed the wire exactly once per peer
+        for r in per_rank:
+            assert r["bytes_received"] >= 0
