@@ -1,0 +1,40 @@
+# zerowire: one image for the coordinator and the workers.
+#
+#   CPU (default):  docker build -t zerowire .
+#   CUDA:           docker build -t zerowire:cuda \
+#                     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .
+#
+# The CUDA wheels bring their own CUDA runtime; the host needs the NVIDIA driver and the NVIDIA
+# Container Toolkit, and the worker service a `gpus` reservation (see docker-compose.cuda.yml).
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
+
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# torch first and pinned, from the chosen index: an unpinned torch from PyPI pulls CUDA packages.
+RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
+
+WORKDIR /opt/zerowire
+COPY pyproject.toml README.md ./
+COPY coordinator ./coordinator
+COPY communication ./communication
+COPY protos ./protos
+COPY worker ./worker
+COPY zerowire ./zerowire
+RUN pip install . && zerowire --help > /dev/null
+
+RUN useradd --create-home --uid 10001 zerowire \
+    && mkdir -p /state /data \
+    && chown zerowire:zerowire /state /data
+USER zerowire
+WORKDIR /state
+
+# 8765: the coordinator's REST API; 50051: a worker's gRPC tensor streams.
+EXPOSE 8765 50051
+ENTRYPOINT ["zerowire"]
+CMD ["--help"]

@@ -1,0 +1,263 @@
+"""The worker lifecycle against a fake coordinator, a fake backend and scripted trainers."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from communication.backend import WireStats
+from communication.errors import EpochChanged
+from communication.group import PeerGroup
+from tests.unit.worker.fake_coordinator import FakeCoordinator, eventually
+from worker.coordinator_client import CoordinatorUnreachable
+from worker.daemon import EXIT_OK, ConfigError, JobMismatch, WorkerDaemon
+from worker.identity import WorkerConfig
+from worker.job import JobSpec
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class FakeBackend:
+    def __init__(self) -> None:
+        self.groups: list[PeerGroup] = []
+        self.epochs: list[int] = []
+        self.epoch_moved = threading.Event()
+        self.closed = False
+
+    def start(self, bind: str) -> int:
+        return 50051
+
+    def set_group(self, group: PeerGroup) -> None:
+        self.groups.append(group)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+        self.epoch_moved.set()
+
+    def stats(self) -> WireStats:
+        return WireStats(10, 20)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass(frozen=True)
+class Report:
+    step: int
+    loss: float = 1.0
+    samples: int = 8
+    world_size: int = 1
+    step_time_s: float = 0.01
+    compute_s: float = 0.006
+    comm_s: float = 0.003
+    wait_s: float = 0.001
+
+
+@dataclass(frozen=True)
+class Outcome:
+    steps_done: int
+    final_loss: float
+    test_accuracy: float | None
+
+
+class ScriptedTrainer:
+    """Steps `job.steps` times; `script(trainer, step)` may raise or block to play a failure."""
+
+    built: list[ScriptedTrainer] = []
+    script: Any = None
+
+    def __init__(self, job: JobSpec, group: PeerGroup, backend: FakeBackend, **kwargs: Any) -> None:
+        self.job, self.group, self.backend, self.kwargs = job, group, backend, kwargs
+        self.built_at = time.monotonic()
+        self.saved: Path | None = None
+        ScriptedTrainer.built.append(self)
+
+    def run(self, *, on_step: Any, on_eval: Any, should_stop: Any) -> Outcome:
+        for step in range(self.job.steps):
+            if should_stop():
+                return Outcome(step, 1.0, None)
+            if ScriptedTrainer.script is not None:
+                ScriptedTrainer.script(self, step)
+            time.sleep(0.02)
+            on_step(Report(step=step, world_size=self.group.world_size))
+        on_eval(type("Eval", (), {"step": self.job.steps, "test_loss": 0.1, "test_accuracy": 0.97})())
+        return Outcome(self.job.steps, 0.5, 0.97)
+
+    def save_model(self, path: Path) -> None:
+        self.saved = path
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    ScriptedTrainer.built = []
+    ScriptedTrainer.script = None
+
+
+def make_daemon(fake: FakeCoordinator, tmp_path: Path, **cfg: Any) -> tuple[WorkerDaemon, FakeBackend]:
+    backend = FakeBackend()
+    config = WorkerConfig(
+        coordinator="http://coordinator",
+        token=fake.token,
+        worker_id="w0",
+        bind="127.0.0.1:0",
+        host_id="host-a",
+        device="cpu",
+        save_model=tmp_path / "model.safetensors",
+        telemetry_dir=tmp_path,
+        barrier_poll_s=0.2,
+        coordinator_grace_s=5.0,
+        **cfg,
+    )
+    daemon = WorkerDaemon(
+        config,
+        trainer_factory=ScriptedTrainer,
+        backend_factory=lambda job, token: backend,
+        transport=fake.transport(),
+    )
+    return daemon, backend
+
+
+async def test_a_clean_run_registers_trains_saves_reports_and_leaves(tmp_path: Path) -> None:
+    fake = FakeCoordinator()
+    daemon, backend = make_daemon(fake, tmp_path)
+    assert await daemon.run() == EXIT_OK
+    (trainer,) = ScriptedTrainer.built
+    assert trainer.group.rank == 0 and trainer.group.addresses == ("127.0.0.1:50051",)
+    assert trainer.saved == tmp_path / "model.safetensors"
+    assert backend.groups == [trainer.group] and backend.closed
+    assert fake.calls("DELETE", "/workers/w0")
+    assert fake.calls("POST", "/heartbeat")[-1][3]["state"] == "finished"
+    records = [json.loads(line) for line in (tmp_path / "w0.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["step"] * 5 + ["eval", "result"]
+    assert records[-1]["test_accuracy"] == 0.97 and records[0]["bytes_sent"] == 10
+
+
+async def test_a_trainer_that_raises_reports_failed_and_leaves_within_a_heartbeat_timeout(
+    tmp_path: Path,
+) -> None:
+    fake = FakeCoordinator(job=JobSpec(steps=50, warmup_steps=0))
+    raised: list[float] = []
+
+    def script(trainer: ScriptedTrainer, step: int) -> None:
+        if step == 3:
+            raised.append(time.monotonic())
+            raise RuntimeError("a bug in the step loop")
+
+    ScriptedTrainer.script = script
+    daemon, _ = make_daemon(fake, tmp_path)
+    with pytest.raises(RuntimeError, match="a bug"):
+        await daemon.run()
+    last_beat = fake.calls("POST", "/heartbeat")[-1]
+    (leave,) = fake.calls("DELETE", "/workers/w0")
+    assert last_beat[3]["state"] == "failed"
+    assert leave[0] - raised[0] < 0.3  # the fake's heartbeat timeout
+    await asyncio.sleep(0.2)  # four heartbeat intervals: nothing beats any more
+    assert fake.calls("POST", "/heartbeat")[-1] == last_beat
+
+
+async def test_no_trainer_is_built_before_the_barrier_opens(tmp_path: Path) -> None:
+    fake = FakeCoordinator()
+    daemon, _ = make_daemon(fake, tmp_path, min_workers=2)
+    task = asyncio.create_task(daemon.run())
+    await eventually(lambda: fake.calls("GET", "/training/ready"))
+    await asyncio.sleep(0.5)
+    assert ScriptedTrainer.built == [], "trained before the second worker joined"
+    fake.add_worker("w1", port=7)
+    joined = time.monotonic()
+    assert await asyncio.wait_for(task, 10) == EXIT_OK
+    (trainer,) = ScriptedTrainer.built
+    assert trainer.built_at >= joined
+    assert trainer.group.world_size == 2 and trainer.group.epoch == 2
+    assert trainer.group.addresses == ("127.0.0.1:50051", "127.0.0.1:7")
+
+
+async def test_an_epoch_change_reforms_with_a_new_trainer(tmp_path: Path) -> None:
+    fake = FakeCoordinator(job=JobSpec(steps=6, warmup_steps=0))
+
+    def script(trainer: ScriptedTrainer, step: int) -> None:
+        if len(ScriptedTrainer.built) == 1 and step == 2:
+            fake.add_worker("w1", port=7)  # a join: the heartbeat announces the new epoch
+            assert trainer.backend.epoch_moved.wait(5)
+            raise EpochChanged("cancelled in flight")
+
+    ScriptedTrainer.script = script
+    daemon, backend = make_daemon(fake, tmp_path)
+    assert await daemon.run() == EXIT_OK
+    first, second = ScriptedTrainer.built
+    assert (first.group.epoch, first.group.world_size) == (1, 1)
+    assert (second.group.epoch, second.group.world_size) == (2, 2)
+    assert backend.epochs[0] == 2 and [g.epoch for g in backend.groups] == [1, 2]
+
+
+async def test_a_stop_request_drops_training_leaves_and_exits_zero(tmp_path: Path) -> None:
+    fake = FakeCoordinator(job=JobSpec(steps=10_000, warmup_steps=0))
+    daemon, _ = make_daemon(fake, tmp_path)
+    task = asyncio.create_task(daemon.run())
+    await eventually(lambda: ScriptedTrainer.built)
+    daemon.request_stop("SIGTERM")
+    assert await asyncio.wait_for(task, 10) == EXIT_OK
+    assert fake.calls("DELETE", "/workers/w0")
+    assert ScriptedTrainer.built[0].saved is None
+
+
+async def test_a_job_hash_mismatch_refuses_to_start(tmp_path: Path) -> None:
+    fake = FakeCoordinator(served_hash="0" * 64)
+    daemon, _ = make_daemon(fake, tmp_path)
+    with pytest.raises(JobMismatch):
+        await daemon.run()
+    assert not fake.calls("POST", "/workers/register")
+
+
+async def test_an_unexpected_job_is_refused(tmp_path: Path) -> None:
+    fake = FakeCoordinator()
+    daemon, _ = make_daemon(fake, tmp_path, expect_job_hash="deadbeef")
+    with pytest.raises(JobMismatch, match="not the expected deadbeef"):
+        await daemon.run()
+
+
+async def test_a_finished_worker_keeps_serving_until_its_peers_finish(tmp_path: Path) -> None:
+    fake = FakeCoordinator()
+    fake.add_worker("w1", port=7)
+    fake.workers["w1"]["worker_state"] = "training"  # its last collective may still need our shards
+    daemon, backend = make_daemon(fake, tmp_path, min_workers=2)
+    task = asyncio.create_task(daemon.run())
+    await eventually(lambda: daemon.t.state == "finished")
+    await asyncio.sleep(0.5)
+    assert not fake.calls("DELETE", "/workers/w0") and not backend.closed
+    fake.workers["w1"]["worker_state"] = "finished"
+    released = time.monotonic()
+    assert await asyncio.wait_for(task, 10) == EXIT_OK
+    (leave,) = fake.calls("DELETE", "/workers/w0")
+    assert leave[0] >= released and backend.closed
+
+
+async def test_timeouts_that_do_not_nest_are_refused_and_the_worker_leaves(tmp_path: Path) -> None:
+    fake = FakeCoordinator()  # its heartbeat timeout is 0.3 s
+    daemon, _ = make_daemon(fake, tmp_path, collective_timeout_s=0.2)
+    with pytest.raises(ConfigError, match=r"heartbeat timeout \(0.3 s\) < collective timeout \(0.2 s\)"):
+        await daemon.run()
+    assert fake.calls("DELETE", "/workers/w0")
+    assert ScriptedTrainer.built == []
+
+
+async def test_a_coordinator_lost_for_longer_than_the_grace_ends_the_worker(tmp_path: Path) -> None:
+    fake = FakeCoordinator(job=JobSpec(steps=10_000, warmup_steps=0))
+    daemon, backend = make_daemon(fake, tmp_path)
+    daemon.cfg = dataclasses.replace(daemon.cfg, coordinator_grace_s=1.0)
+    task = asyncio.create_task(daemon.run())
+    await eventually(lambda: ScriptedTrainer.built)
+    fake.heartbeat_status = 503
+    lost = time.monotonic()
+    with pytest.raises(CoordinatorUnreachable, match="unreachable for"):
+        await asyncio.wait_for(task, 10)
+    assert 1.0 <= time.monotonic() - lost < 4.0
+    assert daemon.t.stop_requested.is_set() and backend.epochs, "training was aborted at once"
+    assert not daemon.t.lease_ok.is_set(), "fenced before giving up"

@@ -1,0 +1,153 @@
+"""The heartbeat is tied to the main task: no dead trainer behind a live heartbeat, and the reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.unit.worker.fake_coordinator import FakeCoordinator, eventually
+from worker.coordinator_client import CoordinatorClient, CoordinatorUnreachable, RetryPolicy
+from worker.daemon import in_thread
+from worker.heartbeat import Heartbeat, LeaseLost, Telemetry, run_tied
+
+pytestmark = pytest.mark.timeout(20)
+
+
+class RecordingBackend:
+    def __init__(self) -> None:
+        self.epochs: list[tuple[float, int]] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append((time.monotonic(), epoch))
+
+
+def setup(fake: FakeCoordinator, grace_s: float = 5.0) -> tuple[Heartbeat, Telemetry, RecordingBackend]:
+    fake.add_worker("w0")
+    client = CoordinatorClient(
+        "http://coordinator", fake.token, transport=fake.transport(), retry=RetryPolicy(attempts=1)
+    )
+    tel = Telemetry(worker_id="w0", epoch=fake.epoch, known_epoch=fake.epoch)
+    backend = RecordingBackend()
+
+    async def reregister() -> int:
+        fake.add_worker("w0")
+        return fake.epoch
+
+    hb = Heartbeat(
+        client, tel, backend, interval_s=0.05, timeout_s=0.3, grace_s=grace_s, reregister=reregister
+    )
+    return hb, tel, backend
+
+
+def beats(fake: FakeCoordinator) -> list[dict[str, object]]:
+    return [r[3] for r in fake.calls("POST", "/heartbeat")]
+
+
+async def test_a_trainer_that_raises_reports_failed_and_the_heartbeat_stops() -> None:
+    fake = FakeCoordinator()
+    hb, tel, _ = setup(fake)
+
+    def trainer() -> None:
+        time.sleep(0.3)
+        raise RuntimeError("boom in the step loop")
+
+    async def main() -> None:
+        tel.update(state="training")
+        await in_thread(trainer, "train")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await run_tied(main(), hb, abort=lambda: None, final_state=lambda exc: "failed" if exc else None)
+    sent = beats(fake)
+    assert len(sent) >= 3, "the heartbeat ran while training"
+    assert sent[-1]["state"] == "failed"
+    assert all(b["state"] == "training" for b in sent[:-1])
+    await asyncio.sleep(0.3)  # six intervals: a zombie heartbeat would beat again
+    assert len(beats(fake)) == len(sent)
+
+
+async def test_reform_sets_the_backend_epoch_at_once_while_training_continues() -> None:
+    fake = FakeCoordinator()
+    hb, tel, backend = setup(fake)
+    old = fake.epoch
+
+    async def main() -> str:
+        await asyncio.sleep(0.2)
+        fake.add_worker("w1")  # a join: the epoch moves on
+        bumped = time.monotonic()
+        await eventually(lambda: backend.epochs)
+        assert backend.epochs[0][0] - bumped < 0.3  # within a few heartbeat intervals
+        return "ok"
+
+    assert await run_tied(main(), hb, abort=lambda: None, final_state=lambda exc: None) == "ok"
+    assert backend.epochs[0][1] == old + 1
+    assert tel.known_epoch == old + 1
+
+
+async def test_stop_action_sets_the_stop_flag() -> None:
+    fake = FakeCoordinator(action="stop")
+    hb, tel, _ = setup(fake)
+
+    async def main() -> None:
+        await eventually(lambda: tel.stop_requested.is_set())
+
+    await asyncio.wait_for(run_tied(main(), hb, abort=lambda: None, final_state=lambda exc: None), 5)
+
+
+async def test_a_worker_declared_dead_registers_again_and_cancels_its_epoch() -> None:
+    fake = FakeCoordinator()
+    hb, _, backend = setup(fake)
+    del fake.workers["w0"]  # declared dead: heartbeats answer 404 until it registers again
+
+    async def main() -> None:
+        await eventually(lambda: backend.epochs)
+
+    await asyncio.wait_for(run_tied(main(), hb, abort=lambda: None, final_state=lambda exc: None), 5)
+    assert "w0" in fake.workers
+    assert backend.epochs[0][1] == fake.epoch
+
+
+async def test_a_lost_coordinator_fences_then_aborts_the_main_task() -> None:
+    fake = FakeCoordinator()
+    hb, tel, _ = setup(fake, grace_s=0.8)
+    aborted: list[float] = []
+    fake.heartbeat_status = 503
+    fenced_at: list[float] = []
+
+    async def main() -> None:
+        await eventually(lambda: not tel.lease_ok.is_set())
+        fenced_at.append(time.monotonic())
+        with pytest.raises(LeaseLost):  # the step loop would block here, then give up
+            tel.wait_lease(0.05)
+        await asyncio.sleep(60)  # cancelled by the tie
+
+    started = time.monotonic()
+    with pytest.raises(CoordinatorUnreachable):
+        await run_tied(
+            main(), hb, abort=lambda: aborted.append(time.monotonic()), final_state=lambda exc: "failed"
+        )
+    assert aborted, "the main task was aborted"
+    assert 0.3 <= fenced_at[0] - started < aborted[0] - started, "fenced after the heartbeat timeout"
+    assert 0.8 <= aborted[0] - started < 3.0
+    assert not tel.lease_ok.is_set()
+    assert tel.state == "failed"
+
+
+def test_heartbeat_rejects_an_interval_not_below_its_timeout() -> None:
+    fake = FakeCoordinator()
+    client = CoordinatorClient("http://c", "secret", transport=fake.transport())
+
+    async def reregister() -> int:
+        return 0
+
+    with pytest.raises(ValueError, match="below its timeout"):
+        Heartbeat(
+            client,
+            Telemetry("w"),
+            RecordingBackend(),
+            interval_s=2,
+            timeout_s=2,
+            grace_s=5,
+            reregister=reregister,
+        )

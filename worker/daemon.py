@@ -1,0 +1,429 @@
+"""The worker daemon's lifecycle: job -> gRPC server -> register -> (barrier -> train)* -> save -> leave.
+
+Training runs on its own thread; the asyncio loop runs the heartbeat (tied to the lifecycle, see
+worker/heartbeat.py), the barrier long-poll and signal handling. On EpochChanged / PeerLost /
+CollectiveTimeout (or a lost lease) the worker goes back to the barrier for a newer epoch and builds
+a new Trainer, which resumes from the newest complete checkpoint in the shared checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from functools import partial
+from typing import Any, TypeVar
+
+import httpx
+
+from communication.errors import CommError, Unauthenticated
+from communication.group import PeerGroup
+from worker.coordinator_client import CoordinatorClient, CoordinatorError, MustRegister
+from worker.heartbeat import Heartbeat, LeaseLost, Telemetry, run_tied
+from worker.identity import (
+    WorkerConfig,
+    advertised_address,
+    describe_device,
+    format_address,
+    parse_job_answer,
+)
+from worker.job import JobSpec
+from worker.session import TrainerFactory, TrainingSession, default_trainer_factory, outcome_dict
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+EXIT_OK = 0
+EXIT_TRAINING_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_JOB_MISMATCH = 3
+
+
+class JobMismatch(Exception):
+    """The job the coordinator serves is not the one this worker agreed to train."""
+
+
+class ConfigError(Exception):
+    """The worker's settings do not fit the coordinator's (for example timeouts that do not nest)."""
+
+
+class BarrierTimeout(Exception):
+    """No epoch with this worker in it became ready within the barrier timeout."""
+
+
+class Stopped(Exception):
+    """A stop was requested (signal or coordinator) while waiting."""
+
+
+class TooManyReforms(Exception):
+    """The cluster keeps re-forming without a single step of progress."""
+
+
+def default_backend_factory(job: JobSpec, token: str) -> Any:
+    from communication.grpc_backend import GrpcBackend
+
+    return GrpcBackend(token, compression=job.compression, int8_block=job.int8_block)
+
+
+async def in_thread(fn: Callable[[], Any], name: str) -> Any:
+    """Run `fn` on a daemon thread (the process may exit even if it is stuck) and await its result."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (fn(), None)
+        except BaseException as exc:
+            outcome = (None, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop is closed: nobody waits for this result any more
+            log.debug("thread %s ended after its event loop: %s", name, outcome[1])
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return await future
+
+
+class WorkerDaemon:
+    def __init__(
+        self,
+        cfg: WorkerConfig,
+        *,
+        trainer_factory: TrainerFactory = default_trainer_factory,
+        backend_factory: Callable[[JobSpec, str], Any] = default_backend_factory,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.trainer_factory = trainer_factory
+        self.backend_factory = backend_factory
+        self.client = CoordinatorClient(cfg.coordinator, cfg.token, transport=transport)
+        self.worker_id = cfg.worker_id or ""
+        self.t = Telemetry(worker_id=self.worker_id)
+        self.backend: Any = None
+        self.group: PeerGroup | None = None
+        self.heartbeat: Heartbeat | None = None
+        self.register_body: dict[str, Any] = {}
+        self.interval_s = 0.5
+        self.timeout_s = 2.0
+        self.session: TrainingSession | None = None
+        self.formations = 0
+        self.members: tuple[str, ...] = ()
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+    async def run(self) -> int:
+        """The whole life of one worker process; returns its exit code (errors are logged clearly)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.request_stop, sig.name)
+            except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+                pass
+        try:
+            return await self._run()
+        finally:
+            if self.backend is not None:
+                await asyncio.to_thread(self.backend.close)
+            await self.client.close()
+
+    async def _run(self) -> int:
+        try:
+            job, job_hash = parse_job_answer(await self.client.job())
+        except ValueError as exc:  # pydantic's ValidationError included
+            raise JobMismatch(
+                f"cannot read the coordinator's job (another zerowire version?): {exc}"
+            ) from exc
+        if job.hash != job_hash:
+            raise JobMismatch(
+                f"the coordinator's job hash {job_hash[:12]} differs from its spec's {job.hash[:12]}"
+            )
+        if self.cfg.expect_job_hash and not job_hash.startswith(self.cfg.expect_job_hash):
+            raise JobMismatch(
+                f"the coordinator serves job {job.job_id} with hash {job_hash[:12]}, "
+                f"not the expected {self.cfg.expect_job_hash[:12]}"
+            )
+        self.backend = self.backend_factory(job, self.cfg.token or "")
+        port = await asyncio.to_thread(self.backend.start, self.cfg.bind)
+        host, adv_port = advertised_address(self.cfg, port)
+        try:
+            device_kind, device_name, memory = describe_device(self.cfg.device)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        self.register_body = {
+            "host": host,
+            "port": adv_port,
+            "host_id": self.cfg.host_id,
+            "device": device_kind,
+            "device_name": device_name,
+            "memory_bytes": memory,
+        }
+        if self.worker_id:
+            self.register_body["worker_id"] = self.worker_id
+        answer = await self.client.register(self.register_body)
+        self.worker_id = str(answer["worker_id"])
+        self.register_body["worker_id"] = self.worker_id
+        self.t.update(worker_id=self.worker_id, known_epoch=int(answer.get("epoch", 0)))
+        self.interval_s = float(answer.get("heartbeat_interval_s", self.interval_s))
+        self.timeout_s = float(answer.get("heartbeat_timeout_s", self.timeout_s))
+        log.info("worker %s: registered as %s:%d (gRPC bound on %s)", self.worker_id, host, adv_port, port)
+        hb, hb_timeout = self.interval_s, self.timeout_s
+        coll, barrier = self.cfg.collective_timeout_s, self.cfg.barrier_timeout_s
+        if not hb < hb_timeout < coll < barrier:
+            await self.client.leave(self.worker_id)
+            raise ConfigError(
+                f"timeouts must nest: heartbeat interval ({hb:g} s) < heartbeat timeout ({hb_timeout:g} s) "
+                f"< collective timeout ({coll:g} s) < barrier timeout ({barrier:g} s)"
+            )
+        self.session = TrainingSession(self.cfg, self.t, self.backend, self.trainer_factory)
+        self.heartbeat = Heartbeat(
+            self.client,
+            self.t,
+            self.backend,
+            interval_s=self.interval_s,
+            timeout_s=self.timeout_s,
+            grace_s=self.cfg.coordinator_grace_s,
+            reregister=self._reregister,
+            stats=self._wire_stats,
+        )
+        try:
+            rc = await run_tied(
+                self._lifecycle(job), self.heartbeat, abort=self._abort, final_state=self._final
+            )
+        finally:
+            try:
+                await self.client.leave(self.worker_id)
+                log.info("worker %s: left the cluster", self.worker_id)
+            except CoordinatorError as exc:  # never mask the error that ended the worker
+                log.warning("worker %s: could not leave the cluster: %s", self.worker_id, exc)
+        return int(rc)
+
+    def _final(self, exc: BaseException | None) -> str | None:
+        if exc is None:
+            return self.t.state  # finished, or waiting after a stop: announce it at once
+        return "failed"
+
+    async def _reregister(self) -> int:
+        answer = await self.client.register(self.register_body)
+        return int(answer.get("epoch", 0))
+
+    def _wire_stats(self) -> tuple[int, int]:
+        stats = self.backend.stats()
+        return int(stats.bytes_sent), int(stats.bytes_received)
+
+    def request_stop(self, why: str = "stop") -> None:
+        """SIGTERM / Ctrl-C: stop at the next step boundary; drop the step in flight after a short grace."""
+        if self.t.stop_requested.is_set():
+            return
+        log.info("worker %s: %s received; stopping", self.worker_id, why)
+        self.t.stop_requested.set()
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.cfg.stop_grace_s, self._abort)
+
+    def _abort(self) -> None:
+        """Fail every in-flight collective at once (the step is dropped, never half applied)."""
+        self.t.stop_requested.set()
+        if self.backend is not None:
+            with self.t.lock:
+                epoch = max(self.t.known_epoch, self.group.epoch if self.group else 0) + 1
+            self.backend.set_epoch(epoch)
+
+    async def _lifecycle(self, job: JobSpec) -> int:
+        failed_epoch: int | None = None
+        reforms_without_progress = 0
+        while True:
+            self.t.update(state="waiting")
+            try:
+                ready = await self._barrier(job, failed_epoch)
+            except Stopped:
+                return EXIT_OK
+            group = self._group_from(ready, job)
+            self.group = group
+            assert self.session is not None
+            session = self.session
+            step_before = session.progress_step
+            try:
+                # Fails with EpochChanged if a newer epoch was announced meanwhile: re-form again.
+                self.backend.set_group(group)
+                with self.t.lock:
+                    self.t.known_epoch = max(self.t.known_epoch, group.epoch)
+                self.t.update(state="training", epoch=group.epoch)
+                self.formations += 1
+                log.info("worker %s: training in %s", self.worker_id, group.describe())
+                outcome = await in_thread(partial(session.run, job, group), f"train-{self.worker_id}")
+            except (CommError, LeaseLost) as exc:
+                if isinstance(exc, Unauthenticated):
+                    raise
+                if self.t.stop_requested.is_set():
+                    return EXIT_OK
+                reforms_without_progress = (
+                    0 if session.progress_step > step_before else reforms_without_progress + 1
+                )
+                if reforms_without_progress > self.cfg.max_reforms:
+                    raise TooManyReforms(
+                        f"{reforms_without_progress} re-forms without progress; last: {exc}"
+                    ) from exc
+                log.warning(
+                    "worker %s: %s broke (%s: %s); re-forming",
+                    self.worker_id,
+                    group.describe(),
+                    type(exc).__name__,
+                    exc,
+                )
+                failed_epoch = group.epoch
+                continue
+            if outcome is None:
+                return EXIT_OK  # stopped before the end
+            self.t.update(state="finished", test_accuracy=outcome.test_accuracy)
+            session.record(
+                {
+                    "kind": "result",
+                    **outcome_dict(outcome),
+                    "epoch": group.epoch,
+                    "rank": group.rank,
+                    "world_size": group.world_size,
+                    "formations": self.formations,
+                }
+            )
+            log.info(
+                "worker %s: finished %d steps, test accuracy %s",
+                self.worker_id,
+                outcome.steps_done,
+                outcome.test_accuracy,
+            )
+            await self._linger(group)
+            return EXIT_OK
+
+    async def _barrier(self, job: JobSpec, failed_epoch: int | None) -> dict[str, Any]:
+        """Wait until an epoch newer than `failed_epoch` is ready with this worker in it."""
+        first = self.formations == 0
+        min_workers = (self.cfg.min_workers or job.min_workers) if first else 1
+        deadline = time.monotonic() + self.cfg.barrier_timeout_s
+        stale_since = time.monotonic()
+        while True:
+            if self.t.stop_requested.is_set():
+                raise Stopped()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BarrierTimeout(
+                    f"worker {self.worker_id}: no epoch with {min_workers} workers ready within "
+                    f"{self.cfg.barrier_timeout_s:.0f}s"
+                )
+            asked = time.monotonic()
+            ready = await self._unless_stopped(
+                self.client.ready(min_workers, wait_s=min(left, self.cfg.barrier_poll_s))
+            )
+            epoch = int(ready["epoch"])
+            if ready.get("job_hash") and ready["job_hash"] != job.hash:
+                raise JobMismatch(
+                    f"the barrier announces job hash {str(ready['job_hash'])[:12]}, not {job.hash[:12]}"
+                )
+            if not ready.get("ready"):
+                if time.monotonic() - asked < 0.1:  # an answer without a wait: never spin
+                    await asyncio.sleep(self.interval_s)
+                continue
+            mine = any(w["worker_id"] == self.worker_id for w in ready["workers"])
+            stale = failed_epoch is not None and epoch <= failed_epoch
+            if mine and not stale:
+                return ready
+            # Not a member, or the epoch did not move after our failure: after a short wait, register
+            # again (a rejoin bumps the epoch, so everybody re-forms together).
+            if not mine or time.monotonic() - stale_since > 2 * self.timeout_s + self.interval_s:
+                log.info(
+                    "worker %s: epoch %d %s; registering again",
+                    self.worker_id,
+                    epoch,
+                    "does not include me" if not mine else "did not move",
+                )
+                self.t.update(known_epoch=max(self.t.known_epoch, await self._reregister()))
+                stale_since = time.monotonic()
+            await asyncio.sleep(self.interval_s)
+
+    async def _unless_stopped(self, call: Coroutine[Any, Any, T]) -> T:
+        """Await `call`, but give up (Stopped) as soon as a stop is requested."""
+        task = asyncio.ensure_future(call)
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.2)
+                if self.t.stop_requested.is_set():
+                    raise Stopped()
+            return task.result()
+        finally:
+            task.cancel()
+
+    async def _linger(self, group: PeerGroup) -> None:
+        """Keep serving shards until no other member of the epoch is still training (its last collective
+        may still need ours), bounded by the collective timeout."""
+        deadline = time.monotonic() + self.cfg.collective_timeout_s
+        while time.monotonic() < deadline and not self.t.stop_requested.is_set():
+            answer = (await self.client.request("GET", "/workers")).json()
+            busy = [
+                w["worker_id"]
+                for w in answer.get("workers", [])
+                if w["worker_id"] in self.members
+                and w["worker_id"] != self.worker_id
+                and w.get("state") == "alive"
+                and w.get("worker_state") == "training"
+            ]
+            if not busy:
+                return
+            log.debug("worker %s: waiting for %s to finish", self.worker_id, busy)
+            await asyncio.sleep(self.interval_s / 2)
+        log.warning(
+            "worker %s: %s still training after the collective timeout", self.worker_id, group.describe()
+        )
+
+    def _group_from(self, ready: dict[str, Any], job: JobSpec) -> PeerGroup:
+        members = sorted(ready["workers"], key=lambda w: int(w["rank"]))
+        self.members = tuple(str(w["worker_id"]) for w in members)
+        ranks = [int(w["rank"]) for w in members]
+        if ranks != list(range(len(members))):
+            raise RuntimeError(f"barrier answered non-dense ranks {ranks}")
+        rank = next(int(w["rank"]) for w in members if w["worker_id"] == self.worker_id)
+        return PeerGroup(
+            job_id=job.job_id,
+            epoch=int(ready["epoch"]),
+            rank=rank,
+            addresses=tuple(format_address(str(w["ip_address"]), int(w["port"])) for w in members),
+            host_ids=tuple(str(w.get("host_id") or "") for w in members),
+        )
+
+
+def run_worker(cfg: WorkerConfig) -> int:
+    """Entry point of `zerowire worker`: run the daemon, map errors to a clear message and exit code."""
+    from worker.coordinator_client import CoordinatorUnreachable, Rejected, Unauthorized
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat is noise
+    daemon = WorkerDaemon(cfg)
+    try:
+        return asyncio.run(daemon.run())
+    except Unauthorized as exc:
+        log.error("worker: %s", exc)
+        return EXIT_CONFIG
+    except CoordinatorUnreachable as exc:
+        log.error("worker: %s", exc)
+        return EXIT_CONFIG
+    except ConfigError as exc:
+        log.error("worker: %s", exc)
+        return EXIT_CONFIG
+    except (Rejected, MustRegister) as exc:
+        log.error("worker: the coordinator refused this worker: %s", exc)
+        return EXIT_CONFIG
+    except JobMismatch as exc:
+        log.error("worker: job hash mismatch: %s", exc)
+        return EXIT_JOB_MISMATCH
+    except (BarrierTimeout, TooManyReforms) as exc:
+        log.error("worker: %s", exc)
+        return EXIT_TRAINING_FAILED
+    except Exception:
+        log.exception("worker %s: training failed", daemon.worker_id)
+        return EXIT_TRAINING_FAILED

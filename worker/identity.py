@@ -1,0 +1,129 @@
+"""Who a worker is: its configuration, machine identity, device and advertised gRPC address."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from worker.job import JobSpec
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    coordinator: str
+    token: str | None = None
+    worker_id: str | None = None
+    bind: str = "0.0.0.0:0"
+    advertise: str | None = None
+    host_id: str = ""
+    device: str = "auto"
+    data_dir: Path | None = None
+    checkpoint_dir: Path | None = None
+    save_model: Path = Path("zerowire-model.safetensors")
+    telemetry_dir: Path | None = None
+    min_workers: int | None = None
+    threads: int | None = None
+    expect_job_hash: str | None = None
+    collective_timeout_s: float = 30.0
+    barrier_timeout_s: float = 600.0
+    barrier_poll_s: float = 10.0
+    coordinator_grace_s: float = 30.0
+    stop_grace_s: float = 1.0
+    max_reforms: int = 20
+
+
+def default_host_id() -> str:
+    """The machine's identity: /etc/machine-id when there is one, else the host name."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            value = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if value:
+            return value[:64]
+    return socket.gethostname()[:64]
+
+
+def split_host_port(text: str, default_port: int | None = None) -> tuple[str, int | None]:
+    """'host', 'host:port', '[v6]:port' or 'v6' -> (host, port or default)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":")
+        return host, int(port) if port else default_port
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host, int(port) if port else default_port
+    return text, default_port
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _route_ip_towards(url: str) -> str:
+    """The local address the kernel would use to reach the coordinator (no packet is sent)."""
+    target = urlsplit(url if "://" in url else f"http://{url}").hostname or "127.0.0.1"
+    try:
+        if ipaddress.ip_address(target).is_loopback:
+            return target
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(target, 9, type=socket.SOCK_DGRAM)
+        family, _, _, _, sockaddr = infos[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(sockaddr)
+            return str(s.getsockname()[0])
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
+
+
+def advertised_address(cfg: WorkerConfig, bound_port: int) -> tuple[str, int]:
+    """The address peers dial: --advertise if given (its port defaults to the bound one), else the bind
+    host, else (wildcard bind) the local address on the route to the coordinator."""
+    if cfg.advertise:
+        host, port = split_host_port(cfg.advertise, bound_port)
+        return host, int(port or bound_port)
+    bind_host, _ = split_host_port(cfg.bind)
+    if bind_host in ("", "0.0.0.0", "::", "[::]"):
+        return _route_ip_towards(cfg.coordinator), bound_port
+    return bind_host, bound_port
+
+
+def describe_device(device: str) -> tuple[str, str, int | None]:
+    """(torch device string, human name, memory in bytes) for auto|cpu|cuda[:i]."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        index = torch.device(device).index or 0
+        props = torch.cuda.get_device_properties(index)
+        return f"cuda:{index}", str(props.name), int(props.total_memory)
+    if device != "cpu":
+        raise ValueError(f"--device must be auto, cpu or cuda[:i], not {device!r}")
+    memory: int | None = None
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    return "cpu", f"cpu x{os.cpu_count()}", memory
+
+
+def parse_job_answer(body: dict[str, Any]) -> tuple[JobSpec, str]:
+    """`GET /job` -> (JobSpec, the hash the coordinator announces)."""
+    spec = body.get("job", body.get("spec"))
+    if not isinstance(spec, dict):
+        raise ValueError(f"GET /job answered no job spec: keys {sorted(body)}")
+    announced = body.get("hash", body.get("job_hash"))
+    if not isinstance(announced, str):
+        raise ValueError("GET /job answered no job hash")
+    return JobSpec(**spec), announced

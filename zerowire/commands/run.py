@@ -1,0 +1,293 @@
+"""`zerowire run --workers N --output DIR`: train on a local cluster of real processes (coordinator + N
+workers on loopback, a fresh random token), with a progress line; writes summary.json,
+model.safetensors and training.png into DIR."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Job flags, the same as `zerowire coordinator` takes: (flag, type, help). None means the job default.
+JOB_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("job-id", str, "job name"),
+    ("model", str, "resnet8 | resnet18 | resnet20 | resnet34 | resnet56 | resnet50"),
+    ("dataset", str, "digits | synthetic:CxHxW:N | ... (see docs/datasets-and-models.md)"),
+    ("steps", int, "optimizer steps"),
+    ("global-batch", int, "samples per step, split over the workers"),
+    ("optimizer", str, "sgd | adamw"),
+    ("lr", float, "peak learning rate"),
+    ("momentum", float, "SGD momentum"),
+    ("nesterov", str, "true | false: Nesterov momentum"),
+    ("betas", str, "AdamW betas as B1,B2"),
+    ("step-size", int, "schedule=step: decay every N steps"),
+    ("gamma", float, "schedule=step: decay factor"),
+    ("weight-decay", float, "weight decay"),
+    ("schedule", str, "constant | cosine | step"),
+    ("warmup-steps", int, "linear warm-up steps"),
+    ("grad-clip", float, "clip by global norm (0 disables)"),
+    ("seed", int, "seed of data order and initialisation"),
+    ("compression", str, "none | int8 (wire compression)"),
+    ("int8-block", int, "int8 block size"),
+    ("eval-every", int, "evaluate every N steps (0: only at the end)"),
+    ("checkpoint-every", int, "checkpoint every N steps (0: never; re-forms then restart from step 0)"),
+    ("min-workers", int, "workers the first formation waits for (default: --workers)"),
+)
+
+MANAGED = (
+    "checkpoints",
+    "telemetry",
+    "logs",
+    "coordinator.db",
+    "coordinator.db-wal",
+    "coordinator.db-shm",
+    "model.safetensors",
+    "summary.json",
+    "training.png",
+    "job.toml",
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "run",
+        help="train on a local cluster (coordinator + N worker processes on this machine)",
+        description="Start a coordinator and N workers on loopback, train the job, and write summary.json, "
+        "model.safetensors and training.png into --output.",
+    )
+    p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--output", required=True, help="folder for the results, logs and checkpoints")
+    p.epilog = (
+        "The cluster token is $ZEROWIRE_TOKEN when set (so `zerowire status` can watch), "
+        "else a fresh random one."
+    )
+    p.add_argument("--job", help="job TOML file (flags override its values)")
+    for flag, kind, text in JOB_FLAGS:
+        p.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default) | cuda (workers spread round-robin over the visible GPUs) | cuda:i",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)"
+    )
+    p.add_argument("--data-dir", default=os.environ.get("ZEROWIRE_DATA_DIR"), help="dataset cache folder")
+    p.add_argument(
+        "--timeout", type=float, default=3600.0, help="give up after this many seconds (default 3600)"
+    )
+    p.add_argument(
+        "--kill-worker-at-step",
+        type=int,
+        default=None,
+        help="fault drill: SIGKILL the last worker once the cluster reaches this step",
+    )
+    p.set_defaults(handler=handle)
+
+
+def _job_values(args: argparse.Namespace) -> dict[str, Any]:
+    from worker.job import JobSpec, load_job_file
+
+    values: dict[str, Any] = load_job_file(args.job) if args.job else {}
+    for flag, _kind, _text in JOB_FLAGS:
+        value = getattr(args, flag.replace("-", "_"))
+        if value is None:
+            continue
+        if flag == "betas":
+            parts = str(value).split(",")
+            if len(parts) != 2:
+                raise ValueError(f"--betas takes two numbers B1,B2, got {value!r}")
+            value = (float(parts[0]), float(parts[1]))
+        values[flag.replace("-", "_")] = value
+    values.setdefault("min_workers", args.workers)
+    # A local run evaluates (for the plot) and checkpoints (to survive a lost worker) every tenth of the
+    # run by default, and at most every 10 steps.
+    steps = int(values.get("steps", JobSpec.model_fields["steps"].default))
+    values.setdefault("eval_every", max(10, steps // 10))
+    values.setdefault("checkpoint_every", max(10, steps // 10))
+    return values
+
+
+def _devices(device: str) -> list[str]:
+    if device == "cpu" or device.startswith("cuda:"):
+        return [device]
+    if device != "cuda":
+        raise ValueError(f"--device must be cpu, cuda or cuda:i, not {device!r}")
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise ValueError("--device cuda: no CUDA device is visible")
+    return [f"cuda:{i}" for i in range(count)]
+
+
+def _clean(output: Path) -> None:
+    import shutil
+
+    for name in MANAGED:
+        path = output / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def handle(args: argparse.Namespace) -> int:
+    import logging
+
+    from pydantic import ValidationError
+
+    from worker.coordinator_client import CoordinatorError
+    from worker.job import JobSpec
+    from zerowire.localcluster import LocalCluster, write_job_toml
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per status poll is noise
+    if not 1 <= args.workers <= 64:
+        print("zerowire run: --workers must be between 1 and 64", file=sys.stderr)
+        return 2
+    try:
+        job = JobSpec(**_job_values(args))
+    except (ValidationError, ValueError, OSError) as exc:
+        print(f"zerowire run: invalid job: {exc}", file=sys.stderr)
+        return 2
+    if job.min_workers > args.workers:
+        print(f"zerowire run: min_workers {job.min_workers} > --workers {args.workers}", file=sys.stderr)
+        return 2
+    try:
+        devices = _devices(args.device)
+    except ValueError as exc:
+        print(f"zerowire run: {exc}", file=sys.stderr)
+        return 2
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    _clean(output)
+    job_file = output / "job.toml"
+    write_job_toml(job_file, job.model_dump(mode="json"))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    token = os.environ.get("ZEROWIRE_TOKEN") or secrets.token_urlsafe(32)
+    cluster = LocalCluster(
+        token=token,
+        output=output.resolve(),
+        workers=args.workers,
+        job_file=job_file.resolve(),
+        threads=threads,
+        devices=devices,
+        data_dir=Path(args.data_dir).resolve() if args.data_dir else None,
+    )
+    try:
+        with cluster:
+            return _drive(cluster, job, args)
+    except KeyboardInterrupt:
+        print("\nzerowire run: interrupted; every process was stopped", file=sys.stderr)
+        return 130
+    except (RuntimeError, CoordinatorError) as exc:
+        print(f"zerowire run: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _drive(cluster: Any, job: Any, args: argparse.Namespace) -> int:
+    from worker.coordinator_client import CoordinatorError, RetryPolicy, SyncCoordinatorClient
+    from zerowire.localcluster import tail
+    from zerowire.progress import Progress
+    from zerowire.summary import build_summary, read_telemetry, recovery_after, write_plot
+
+    started = time.monotonic()
+    progress = Progress(job.steps)
+    progress.message(
+        f"zerowire run: {args.workers} workers, job {job.job_id} ({job.model} on {job.dataset}, "
+        f"{job.steps} steps), output {cluster.output}"
+    )
+    cluster.start_coordinator()
+    progress.message(
+        f"zerowire run: coordinator at {cluster.url} (zerowire status --coordinator {cluster.url})"
+    )
+    client = SyncCoordinatorClient(cluster.url, cluster.token, timeout_s=5.0, retry=RetryPolicy(attempts=2))
+    served = client.get("/job")
+    if served.get("job_hash") != job.hash:
+        raise RuntimeError(f"the coordinator serves job hash {served.get('job_hash')}, expected {job.hash}")
+    cluster.start_workers()
+    killed = False
+    drill: dict[str, Any] | None = None
+    status: dict[str, Any] = {}
+    deadline = started + args.timeout
+    while any(c.alive() for c in cluster.worker_children()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the run did not finish within {args.timeout:.0f}s")
+        if not cluster.coordinator.alive():
+            raise RuntimeError(f"the coordinator died:\n{tail(cluster.coordinator.log_path)}")
+        try:
+            status = client.cluster_status()
+        except CoordinatorError as exc:
+            progress.message(f"zerowire run: status unavailable: {exc}")
+        else:
+            latest = read_telemetry(cluster.telemetry_dir).latest_eval()
+            progress.show(status, latest["test_accuracy"] if latest else None)
+            if (
+                args.kill_worker_at_step is not None
+                and not killed
+                and status.get("step", 0) >= args.kill_worker_at_step
+            ):
+                victim = cluster.worker_children()[-1]
+                os.killpg(victim.proc.pid, signal.SIGKILL)
+                killed = True
+                drill = {"worker": victim.name, "at_step": status.get("step"), "time": time.time()}
+                progress.message(
+                    f"zerowire run: fault drill: SIGKILLed {victim.name} at step {status.get('step')}"
+                )
+        time.sleep(0.5)
+    progress.done()
+    try:
+        final_status = client.cluster_status()
+        events = client.events(0)
+    except CoordinatorError:
+        final_status, events = status, []
+    client.close()
+    tel = read_telemetry(cluster.telemetry_dir)
+    plot = cluster.output / "training.png"
+    wrote_plot = write_plot(tel, plot, f"{job.model} on {job.dataset}, {args.workers} workers")
+    exit_codes = {c.name: c.proc.returncode for c in cluster.worker_children()}
+    summary = build_summary(
+        job=job.model_dump(mode="json"),
+        job_hash=job.hash,
+        tel=tel,
+        events=events,
+        wall_time_s=time.monotonic() - started,
+        worker_exit_codes=exit_codes,
+        model_path=cluster.model_path if cluster.model_path.exists() else None,
+        plot_path=plot if wrote_plot else None,
+    )
+    summary["cluster_state"] = final_status.get("state")
+    if drill is not None:
+        drill["recovery_s"] = recovery_after(tel, drill["time"])
+        summary["fault_drill"] = drill
+    (cluster.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    ok = summary["completed"] and summary["model"] is not None
+    acc, loss = summary["test_accuracy"], summary["final_loss"]
+    print(
+        f"{'finished' if ok else 'FAILED'}: {summary['steps_done']}/{job.steps} steps, "
+        f"final loss {'-' if loss is None else f'{loss:.4f}'}, "
+        f"test accuracy {'-' if acc is None else f'{100 * acc:.2f}%'}, "
+        f"wall time {summary['wall_time_s']:.1f}s, {summary['step_samples_per_s']} samples/s; "
+        f"results in {cluster.output}"
+    )
+    if not ok:
+        for child in cluster.worker_children():
+            if child.proc.returncode:
+                print(
+                    f"--- {child.name} exited {child.proc.returncode}:\n{tail(child.log_path)}",
+                    file=sys.stderr,
+                )
+    return 0 if ok else 1

@@ -1,0 +1,129 @@
+"""`zerowire worker --coordinator URL`: a worker daemon (gRPC server, heartbeat, barrier, training)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"ZEROWIRE_{name}", default)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "worker",
+        help="run a worker daemon that joins a coordinator and trains its job",
+        description="Start a worker: gRPC server, register with the coordinator, wait for the cluster, "
+        "train, save the model, leave. Every option also reads ZEROWIRE_<OPTION> from the environment.",
+    )
+    p.add_argument(
+        "--coordinator", default=_env("COORDINATOR"), help="coordinator URL, e.g. http://10.0.0.1:8765"
+    )
+    p.add_argument("--token", default=_env("TOKEN"), help="cluster token (default: $ZEROWIRE_TOKEN)")
+    p.add_argument("--worker-id", default=_env("WORKER_ID"), help="stable worker id (default: assigned)")
+    p.add_argument("--bind", default=_env("BIND", "0.0.0.0:0"), help="gRPC bind address (default 0.0.0.0:0)")
+    p.add_argument(
+        "--advertise",
+        default=_env("ADVERTISE"),
+        help="HOST[:PORT] peers dial (default: the bind host, or the local address that routes to "
+        "the coordinator)",
+    )
+    p.add_argument("--host-id", default=_env("HOST_ID"), help="machine identity (default: /etc/machine-id)")
+    p.add_argument("--device", default=_env("DEVICE", "auto"), help="auto | cpu | cuda[:i] (default auto)")
+    p.add_argument("--data-dir", default=_env("DATA_DIR"), help="dataset cache folder")
+    p.add_argument(
+        "--checkpoint-dir", default=_env("CHECKPOINT_DIR"), help="checkpoint folder (shared by workers)"
+    )
+    p.add_argument(
+        "--save-model",
+        default=_env("SAVE_MODEL"),
+        help="where rank 0 writes the final model (default: CHECKPOINT_DIR/model.safetensors or "
+        "./zerowire-model.safetensors)",
+    )
+    p.add_argument("--telemetry-dir", default=_env("TELEMETRY_DIR"), help="append per-step JSON lines here")
+    p.add_argument(
+        "--min-workers", type=int, default=_env("MIN_WORKERS"), help="override the job's min_workers"
+    )
+    p.add_argument("--threads", type=int, default=_env("THREADS"), help="torch CPU threads")
+    p.add_argument(
+        "--expect-job-hash", default=_env("EXPECT_JOB_HASH"), help="refuse any other job (hash prefix)"
+    )
+    p.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=float(_env("COLLECTIVE_TIMEOUT", "30") or 30),
+        help="seconds one collective may take (default 30)",
+    )
+    p.add_argument(
+        "--barrier-timeout",
+        type=float,
+        default=float(_env("BARRIER_TIMEOUT", "600") or 600),
+        help="seconds to wait for the cluster to form (default 600)",
+    )
+    p.add_argument(
+        "--coordinator-grace",
+        type=float,
+        default=float(_env("COORDINATOR_GRACE", "30") or 30),
+        help="seconds without the coordinator before giving up (default 30)",
+    )
+    p.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from worker.daemon import EXIT_CONFIG, run_worker
+    from worker.identity import WorkerConfig, default_host_id
+
+    if not args.coordinator:
+        print("zerowire worker: --coordinator URL (or ZEROWIRE_COORDINATOR) is required", file=sys.stderr)
+        return EXIT_CONFIG
+    if not args.token:
+        print("zerowire worker: no cluster token: pass --token or set ZEROWIRE_TOKEN", file=sys.stderr)
+        return EXIT_CONFIG
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        print(
+            f"zerowire worker: --device must be auto, cpu, cuda or cuda:i, not {args.device!r}",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    if not 0 < args.collective_timeout < args.barrier_timeout:
+        print(
+            f"zerowire worker: timeouts must nest: collective timeout ({args.collective_timeout:g} s) < "
+            f"barrier timeout ({args.barrier_timeout:g} s)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    if args.save_model:
+        save_model = Path(args.save_model)
+    elif checkpoint_dir is not None:
+        save_model = checkpoint_dir / "model.safetensors"
+    else:
+        save_model = Path("zerowire-model.safetensors")
+    for folder in (checkpoint_dir, args.telemetry_dir, args.data_dir):
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+    cfg = WorkerConfig(
+        coordinator=args.coordinator,
+        token=args.token,
+        worker_id=args.worker_id,
+        bind=args.bind,
+        advertise=args.advertise,
+        host_id=args.host_id or default_host_id(),
+        device=args.device,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        checkpoint_dir=checkpoint_dir,
+        save_model=save_model,
+        telemetry_dir=Path(args.telemetry_dir) if args.telemetry_dir else None,
+        min_workers=int(args.min_workers) if args.min_workers else None,
+        threads=int(args.threads) if args.threads else None,
+        expect_job_hash=args.expect_job_hash,
+        collective_timeout_s=args.collective_timeout,
+        barrier_timeout_s=args.barrier_timeout,
+        coordinator_grace_s=args.coordinator_grace,
+    )
+    return run_worker(cfg)

@@ -1,0 +1,234 @@
+"""A local cluster of real processes on loopback: one coordinator and N workers.
+
+Every child runs in its own session (process group) and is stopped by PID: SIGTERM first (workers
+leave gracefully), SIGKILL after a grace period. `LocalCluster` is a context manager and also
+registers an atexit hook, so no process is left behind on an error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def write_job_toml(path: Path, job: dict[str, Any]) -> None:
+    lines = ["[job]"] + [f"{key} = {toml_value(value)}" for key, value in sorted(job.items())]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    log_file: IO[bytes]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+@dataclass
+class LocalCluster:
+    output: Path
+    workers: int
+    job_file: Path
+    threads: int = 1
+    devices: list[str] = field(default_factory=lambda: ["cpu"])
+    data_dir: Path | None = None
+    python: str = sys.executable
+    host: str = "127.0.0.1"
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    extra_worker_args: list[str] = field(default_factory=list)
+    coordinator: Child | None = None
+    children: list[Child] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def telemetry_dir(self) -> Path:
+        return self.output / "telemetry"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output / "checkpoints"
+
+    @property
+    def model_path(self) -> Path:
+        return self.output / "model.safetensors"
+
+    def __enter__(self) -> LocalCluster:
+        atexit.register(self.stop)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        atexit.unregister(self.stop)
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["ZEROWIRE_TOKEN"] = self.token  # never on a command line (visible in ps)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _spawn(self, name: str, args: list[str]) -> Child:
+        (self.output / "logs").mkdir(parents=True, exist_ok=True)
+        log_path = self.output / "logs" / f"{name}.log"
+        log_file = open(log_path, "ab")
+        proc = subprocess.Popen(
+            [self.python, "-m", "zerowire.cli", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=self._env(),
+            start_new_session=True,
+            # children die with a parent killed by SIGKILL too (no watchdog needed)
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        child = Child(name, proc, log_path, log_file)
+        self.children.append(child)
+        return child
+
+    def coordinator_args(self) -> list[str]:
+        return [
+            "coordinator",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--db",
+            str(self.output / "coordinator.db"),
+            "--job",
+            str(self.job_file),
+        ]
+
+    def worker_args(self, index: int) -> list[str]:
+        args = [
+            "worker",
+            "--coordinator",
+            self.url,
+            "--worker-id",
+            f"worker-{index}",
+            "--bind",
+            f"{self.host}:0",
+            "--host-id",
+            "localhost",
+            "--device",
+            self.devices[index % len(self.devices)],
+            "--checkpoint-dir",
+            str(self.checkpoint_dir),
+            "--telemetry-dir",
+            str(self.telemetry_dir),
+            "--save-model",
+            str(self.model_path),
+            "--threads",
+            str(self.threads),
+        ]
+        if self.data_dir is not None:
+            args += ["--data-dir", str(self.data_dir)]
+        return args + self.extra_worker_args
+
+    def start_coordinator(self, timeout_s: float = 60.0) -> None:
+        from worker.coordinator_client import SyncCoordinatorClient
+
+        for _attempt in range(3):
+            self.port = free_port(self.host)
+            self.coordinator = self._spawn("coordinator", self.coordinator_args())
+            deadline = time.monotonic() + timeout_s
+            with SyncCoordinatorClient(self.url, self.token, timeout_s=1.0) as client:
+                while time.monotonic() < deadline and self.coordinator.alive():
+                    if client.healthy():
+                        log.debug("coordinator up at %s", self.url)
+                        return
+                    time.sleep(0.2)
+            if self.coordinator.alive():
+                raise RuntimeError(f"the coordinator did not become healthy within {timeout_s:.0f}s")
+            # It exited (the probed port may have been taken meanwhile): try another port.
+        raise RuntimeError(f"the coordinator exited; see {self.output / 'logs' / 'coordinator.log'}")
+
+    def start_workers(self) -> None:
+        self.telemetry_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(self.workers):
+            self._spawn(f"worker-{i}", self.worker_args(i))
+
+    def worker_children(self) -> list[Child]:
+        return [c for c in self.children if c.name.startswith("worker-")]
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop every child: workers first (SIGTERM, they leave), then the coordinator; SIGKILL stragglers."""
+        ordered = self.worker_children() + [c for c in self.children if not c.name.startswith("worker-")]
+        for group in (ordered[: len(self.worker_children())], ordered[len(self.worker_children()) :]):
+            for child in group:
+                if child.proc.poll() is None:
+                    _signal(child, signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            for child in group:
+                try:
+                    child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            for child in group:
+                if child.proc.poll() is None:  # a reaped leader's pid may be reused: never signal it
+                    _signal(child, signal.SIGKILL)
+                try:
+                    child.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    log.error("process %d (%s) did not die", child.proc.pid, child.name)
+        for child in self.children:
+            child.log_file.close()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the parent dies, even by SIGKILL (Linux prctl)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+
+
+def _signal(child: Child, sig: signal.Signals) -> None:
+    try:
+        os.killpg(child.proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

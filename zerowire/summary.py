@@ -1,0 +1,184 @@
+"""Turn the workers' telemetry files (JSON lines) and the coordinator's events into summary.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FAILURE_EVENTS = ("died", "rejoined", "evicted", "failed")
+
+
+@dataclass
+class Telemetry:
+    """Every record of every worker, merged. A step run twice (after a re-form) keeps its latest record."""
+
+    steps: dict[int, dict[str, Any]] = field(default_factory=dict)
+    evals: dict[int, dict[str, Any]] = field(default_factory=dict)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    last_by_worker: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def first_time(self) -> float | None:
+        return min((r["time"] for r in self.steps.values()), default=None)
+
+    @property
+    def last_time(self) -> float | None:
+        return max((r["time"] for r in self.steps.values()), default=None)
+
+    def bytes_on_wire(self) -> tuple[int, int]:
+        sent = sum(int(r.get("bytes_sent", 0)) for r in self.last_by_worker.values())
+        received = sum(int(r.get("bytes_received", 0)) for r in self.last_by_worker.values())
+        return sent, received
+
+    def latest_eval(self) -> dict[str, Any] | None:
+        return self.evals[max(self.evals)] if self.evals else None
+
+
+def read_telemetry(folder: Path) -> Telemetry:
+    tel = Telemetry()
+    for path in sorted(folder.glob("*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line being written right now
+                kind = rec.get("kind")
+                if kind == "step":
+                    step = int(rec["step"])
+                    if step not in tel.steps or rec["time"] >= tel.steps[step]["time"]:
+                        tel.steps[step] = rec
+                    tel.last_by_worker[str(rec.get("worker_id"))] = rec
+                elif kind == "eval":
+                    tel.evals[int(rec["step"])] = rec
+                elif kind == "result":
+                    tel.results.append(rec)
+    return tel
+
+
+def world_size_runs(steps: dict[int, dict[str, Any]]) -> list[list[int]]:
+    """[[from_step, world_size], ...]: one entry per run of equal world size."""
+    runs: list[list[int]] = []
+    for step in sorted(steps):
+        size = int(steps[step]["world_size"])
+        if not runs or runs[-1][1] != size:
+            runs.append([step, size])
+    return runs
+
+
+def build_summary(
+    *,
+    job: dict[str, Any],
+    job_hash: str,
+    tel: Telemetry,
+    events: list[dict[str, Any]],
+    wall_time_s: float,
+    worker_exit_codes: dict[str, int | None],
+    model_path: Path | None,
+    plot_path: Path | None,
+) -> dict[str, Any]:
+    result = next((r for r in tel.results if r.get("rank") == 0), tel.results[0] if tel.results else None)
+    train_time = (tel.last_time - tel.first_time) if tel.first_time is not None and tel.last_time else None
+    done = int(result["steps_done"]) if result else (max(tel.steps) + 1 if tel.steps else 0)
+    last_step = tel.steps[max(tel.steps)] if tel.steps else None
+    sent, received = tel.bytes_on_wire()
+    epochs = sorted({int(r["epoch"]) for r in tel.steps.values()})
+    failures = [
+        {k: e.get(k) for k in ("time", "kind", "worker_id", "epoch", "reason")}
+        for e in events
+        if e.get("kind") in FAILURE_EVENTS
+    ]
+    samples = int(job.get("global_batch", 0)) * max(0, len(tel.steps) - 1)
+    step_times = sorted(float(r.get("step_time_s", 0.0)) for r in tel.steps.values())
+    step_time = sum(step_times)
+    return {
+        "job": job,
+        "job_hash": job_hash,
+        "completed": bool(result) and done >= int(job.get("steps", 0)),
+        "steps": int(job.get("steps", 0)),
+        "steps_done": done,
+        "world_size_per_step": world_size_runs(tel.steps),
+        "epochs_trained": epochs,
+        "final_loss": result.get("final_loss") if result else (last_step or {}).get("loss"),
+        "test_accuracy": result.get("test_accuracy") if result else None,
+        "evals": [
+            {"step": s, **{k: tel.evals[s][k] for k in ("test_loss", "test_accuracy")}}
+            for s in sorted(tel.evals)
+        ],
+        "wall_time_s": round(wall_time_s, 3),
+        "training_time_s": None if train_time is None else round(train_time, 3),
+        # over the whole training (evaluations, checkpoints and re-forms included)
+        "samples_per_s": round(samples / train_time, 1) if train_time else None,
+        # over the optimizer steps alone (the steps that were kept)
+        "step_samples_per_s": round(len(step_times) * int(job.get("global_batch", 0)) / step_time, 1)
+        if step_time
+        else None,
+        "median_step_time_s": round(step_times[len(step_times) // 2], 4) if step_times else None,
+        "step_time_split_s": _split(tel),
+        "bytes_sent": sent,
+        "bytes_received": received,
+        "failures": failures,
+        "worker_exit_codes": worker_exit_codes,
+        "model": str(model_path) if model_path else None,
+        "plot": str(plot_path) if plot_path else None,
+    }
+
+
+def recovery_after(tel: Telemetry, when: float) -> float | None:
+    """Seconds from `when` (a failure) to the first step the re-formed cluster completed after it."""
+    before = [r["epoch"] for r in tel.steps.values() if r["time"] <= when]
+    old_epoch = max(before, default=-1)
+    after = [r["time"] for r in tel.steps.values() if r["time"] > when and r["epoch"] > old_epoch]
+    return round(min(after) - when, 3) if after else None
+
+
+def _split(tel: Telemetry) -> dict[str, float] | None:
+    """Mean compute / communication / waiting seconds per step (as the workers measured them)."""
+    if not tel.steps:
+        return None
+    n = len(tel.steps)
+    return {
+        key: round(sum(float(r.get(f"{key}_s", 0.0)) for r in tel.steps.values()) / n, 4)
+        for key in ("compute", "comm", "wait")
+    }
+
+
+def write_plot(tel: Telemetry, path: Path, title: str) -> bool:
+    """Loss per step and test accuracy per evaluation as a PNG (matplotlib, Agg); False if no data."""
+    if not tel.steps:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted(tel.steps)
+    fig, ax_loss = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax_loss.plot(
+        steps, [tel.steps[s]["loss"] for s in steps], color="tab:blue", linewidth=1.0, label="train loss"
+    )
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("train loss", color="tab:blue")
+    ax_loss.set_yscale("log")
+    if tel.evals:
+        ax_acc = ax_loss.twinx()
+        evals = sorted(tel.evals)
+        ax_acc.plot(
+            evals,
+            [100 * tel.evals[s]["test_accuracy"] for s in evals],
+            "o-",
+            color="tab:red",
+            label="test accuracy",
+        )
+        ax_acc.set_ylabel("test accuracy (%)", color="tab:red")
+        ax_acc.set_ylim(0, 100)
+    ax_loss.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
