@@ -23,28 +23,28 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    job_id: str = Field("zerowire-job", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
-    model: str = Field("resnet8", min_length=1, max_length=64)
-    dataset: str = Field("digits", min_length=1, max_length=512)
-    steps: int = Field(300, ge=1, le=10_000_000)
-    global_batch: int = Field(64, ge=1, le=1_000_000)
+    job_id: str = Field(default="zerowire-job", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    model: str = Field(default="resnet8", min_length=1, max_length=64)
+    dataset: str = Field(default="digits", min_length=1, max_length=512)
+    steps: int = Field(default=300, ge=1, le=10_000_000)
+    global_batch: int = Field(default=64, ge=1, le=1_000_000)
     optimizer: Optimizer = "sgd"
-    lr: float = Field(0.1, gt=0.0, le=100.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    lr: float = Field(default=0.1, gt=0.0, le=100.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
-    weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
+    weight_decay: float = Field(default=5e-4, ge=0.0, le=1.0)
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: Schedule = "cosine"
-    warmup_steps: int = Field(10, ge=0)
-    step_size: int = Field(100, ge=1, description="for schedule=step: decay every N steps")
-    gamma: float = Field(0.1, gt=0.0, le=1.0, description="for schedule=step: decay factor")
-    grad_clip: float = Field(0.0, ge=0.0, description="clip by global norm; 0 disables")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    warmup_steps: int = Field(default=10, ge=0)
+    step_size: int = Field(default=100, ge=1, description="for schedule=step: decay every N steps")
+    gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="for schedule=step: decay factor")
+    grad_clip: float = Field(default=0.0, ge=0.0, description="clip by global norm; 0 disables")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
     compression: Compression = "none"
-    int8_block: int = Field(1024, ge=16, le=1 << 20)
-    eval_every: int = Field(0, ge=0, description="evaluate every N steps; 0 = only at the end")
-    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps; 0 disables")
-    min_workers: int = Field(1, ge=1, le=4096)
+    int8_block: int = Field(default=1024, ge=16, le=1 << 20)
+    eval_every: int = Field(default=0, ge=0, description="evaluate every N steps; 0 = only at the end")
+    checkpoint_every: int = Field(default=0, ge=0, description="checkpoint every N steps; 0 disables")
+    min_workers: int = Field(default=1, ge=1, le=4096)
 
     @model_validator(mode="after")
     def _check(self) -> JobSpec:
