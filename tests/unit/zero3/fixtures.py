@@ -1,0 +1,163 @@
+"""Small models, data and a plain PyTorch reference loop for the ZeRO-3 engine tests."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from communication.group import PeerGroup
+from communication.testing import FakeHub
+from worker.job import JobSpec
+from worker.zero3.optim import ShardedOptimizer
+from worker.zero3.schedule import lr_at
+from worker.zero3.sharded import ShardedModule
+from worker.zero3.state import full_parameters
+
+
+class Block(nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(ch)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + x)
+
+
+class TinyNet(nn.Module):
+    """stem, two residual blocks, head, plus a root-level scale parameter outside every unit."""
+
+    def __init__(self, ch: int = 6, classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch), nn.ReLU())
+        self.blocks = nn.ModuleList([Block(ch), Block(ch)])
+        self.head = nn.Linear(ch, classes)
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x * self.scale)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+UNITS = ["stem", "blocks.0", "blocks.1", "head"]
+
+
+def make_data(n: int = 96, classes: int = 5, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def batch_indices(step: int, n: int, batch: int, seed: int = 7) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1000 + step)
+    return torch.randperm(n, generator=g)[:batch]
+
+
+def rank_slices(batch: int, world: int) -> list[slice]:
+    base, extra = divmod(batch, world)
+    out, start = [], 0
+    for r in range(world):
+        size = base + (1 if r < extra else 0)
+        out.append(slice(start, start + size))
+        start += size
+    return out
+
+
+def reference_run(
+    make_model: Callable[[], nn.Module], job: JobSpec, world: int, data: tuple[torch.Tensor, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Plain PyTorch: N micro-batches per step, sum losses, backward each, sum grads in rank order, divide."""
+    x, y = data
+    torch.manual_seed(job.seed)
+    model = make_model()
+    opt = torch.optim.SGD(
+        model.parameters(), lr=job.lr, momentum=job.momentum, dampening=0.0,
+        weight_decay=job.weight_decay, nesterov=job.nesterov, foreach=False,
+    )  # fmt: skip
+    for step in range(job.steps):
+        idx = batch_indices(step, x.shape[0], job.global_batch)
+        opt.zero_grad(set_to_none=True)
+        for sl in rank_slices(job.global_batch, world):
+            F.cross_entropy(model(x[idx[sl]]), y[idx[sl]], reduction="sum").backward()
+        for p in model.parameters():
+            assert p.grad is not None
+            p.grad.div_(job.global_batch)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(job, step)
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def sharded_run(
+    make_model: Callable[[], nn.Module],
+    job: JobSpec,
+    world: int,
+    data: tuple[torch.Tensor, torch.Tensor],
+    units: list[str] | None = None,
+    probe: Callable[[int, ShardedModule], None] | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """The same training with ``world`` ranks as threads over a FakeHub; returns each rank's full params."""
+    from worker.zero3.plan import plan_model
+
+    x, y = data
+    hub = FakeHub(world)
+    init_lock = threading.Lock()
+    results: list[Any] = [None] * world
+    addresses = tuple(f"127.0.0.1:{9000 + r}" for r in range(world))
+
+    def worker(rank: int) -> None:
+        try:
+            group = PeerGroup("t", 0, rank, addresses)
+            backend = hub.backend(rank)
+            with init_lock:
+                torch.manual_seed(job.seed)
+                model = make_model()
+            engine = ShardedModule(model, group, backend, plan=plan_model(model, world, units), timeout=20.0)
+            opt = ShardedOptimizer(engine.shards, job)
+            sl = rank_slices(job.global_batch, world)[rank]
+            for step in range(job.steps):
+                idx = batch_indices(step, x.shape[0], job.global_batch)[sl]
+                engine.begin(step)
+                F.cross_entropy(engine(x[idx]), y[idx], reduction="sum").backward()
+                engine.finish_backward()
+                opt.step([g.div(job.global_batch) for g in engine.grad_shards], step)
+                backend.commit(group, step)
+                if probe is not None:
+                    probe(rank, engine)
+            results[rank] = full_parameters(engine, job.steps)
+            backend.close()
+        except BaseException as exc:
+            results[rank] = exc
+
+    threads = [threading.Thread(target=worker, args=(r,), daemon=True) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    assert all(isinstance(r, dict) for r in results), "a rank did not finish"
+    return results
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].shape == b[name].shape, name
+        assert torch.equal(bits(a[name]), bits(b[name])), (
+            f"{name} differs (max {float((a[name] - b[name]).abs().max())})"
+        )

@@ -1,0 +1,325 @@
+"""The step loop of one worker: ZeRO-3 sharded training of a job over a PeerGroup.
+
+Step ``s`` on rank ``r`` of ``N``: take rank r's contiguous slice of the global batch of ``s``, forward it
+through the sharded model, loss = SUM of per-sample cross-entropies, backward (gradients reduce-scattered
+to their owners, summed in rank order in fp32), divide the owned gradient shards by the global batch size,
+clip by global norm if asked, step the sharded optimizer on the owned shards. The reported loss is the
+global mean (per-rank sums all-gathered, added in rank order).
+
+Commit lags one step: ``commit(s - 1)`` is sent once the gradients of step ``s`` are reduced, because only
+then is every peer certainly done pulling what this rank serves for step ``s - 1`` (parameter shards and
+the small all-gathers of losses and norms). The backend therefore keeps at most two steps' shards.
+
+Evaluation, checkpoints and the saved model first average the BatchNorm running statistics over ranks
+(see ``worker.zero3.state``), so every rank reports the same evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from communication.backend import CollectiveBackend
+from communication.group import PeerGroup
+from worker.data import GlobalBatchSampler, load_dataset, rank_slice
+from worker.job import JobSpec
+from worker.models import build_model
+from worker.zero3 import snapshot
+from worker.zero3 import state as zstate
+from worker.zero3.optim import ShardedOptimizer, clip_coefficient, local_sq_norm
+from worker.zero3.sharded import ShardedModule
+
+logger = logging.getLogger(__name__)
+
+EVAL_BATCH = 512
+_INIT_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class StepReport:
+    step: int
+    loss: float
+    samples: int  # global batch size
+    world_size: int
+    step_time_s: float
+    compute_s: float  # step time not spent blocked on the network
+    comm_s: float  # summed in-flight time of the step's collectives (overlaps compute)
+    wait_s: float  # compute thread blocked on collectives
+    lr: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    step: int
+    test_loss: float
+    test_accuracy: float
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    steps_done: int
+    final_loss: float | None
+    test_accuracy: float | None
+    test_loss: float | None = None
+    resumed_from: int | None = None
+    stopped_early: bool = False
+    step_times_s: list[float] = field(default_factory=list)
+
+
+class Trainer:
+    """Trains ``job`` as rank ``group.rank`` of ``group`` over ``backend`` (every rank runs one)."""
+
+    def __init__(
+        self,
+        job: JobSpec,
+        group: PeerGroup,
+        backend: CollectiveBackend,
+        *,
+        device: torch.device,
+        data_dir: Path | None = None,
+        checkpoint_dir: Path | None = None,
+        collective_timeout: float = 30.0,
+    ) -> None:
+        if job.global_batch < group.world_size:
+            raise ValueError(
+                f"global_batch {job.global_batch} is smaller than the world size {group.world_size}"
+            )
+        self.job = job
+        self.group = group
+        self.backend = backend
+        self.device = device
+        self.checkpoint_dir = checkpoint_dir
+        self.data = load_dataset(job.dataset, data_dir, job.seed)
+        with _INIT_LOCK:  # the initialisation draws from torch's global RNG; ranks may be threads of a test
+            torch.manual_seed(job.seed)
+            model = build_model(job.model, self.data.num_classes, self.data.in_channels)
+        backend.set_group(group)
+        self.engine = ShardedModule(
+            model, group, backend, device=device, timeout=collective_timeout, wire_block=job.int8_block
+        )
+        self.optimizer = ShardedOptimizer(self.engine.shards, job)
+        self.sampler = GlobalBatchSampler(int(self.data.train_x.shape[0]), job.global_batch, job.seed)
+        self.steps_done = 0
+        self.resumed_from: int | None = None
+        self._buffers_synced_at: int | None = None
+        self._evaluated: dict[int, EvalReport] = {}
+        self._barriers: dict[int, int] = {}
+        if checkpoint_dir is not None:
+            self._resume(checkpoint_dir)
+
+    # -- public --------------------------------------------------------------------------------------------
+    def run(
+        self,
+        *,
+        on_step: Callable[[StepReport], None] | None = None,
+        on_eval: Callable[[EvalReport], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> TrainOutcome:
+        """Train from ``steps_done`` to ``job.steps``; raises EpochChanged / PeerLost / CollectiveTimeout if
+        the membership breaks (nothing of a failed step is applied on this rank)."""
+        job = self.job
+        last: StepReport | None = None
+        times: list[float] = []
+        stopped = False
+        while self.steps_done < job.steps:
+            if should_stop is not None and should_stop():
+                stopped = True
+                logger.info("%s: stopping before step %d", self.group.describe(), self.steps_done)
+                break
+            last = self.train_step(self.steps_done)
+            times.append(last.step_time_s)
+            if on_step is not None:
+                on_step(last)
+            done = self.steps_done
+            if job.checkpoint_every and done % job.checkpoint_every == 0 and done < job.steps:
+                self.checkpoint()
+            if job.eval_every and done % job.eval_every == 0 and done < job.steps:
+                report = self.evaluate()
+                if on_eval is not None:
+                    on_eval(report)
+        final: EvalReport | None = None
+        if not stopped:
+            final = self.evaluate()
+            if on_eval is not None:
+                on_eval(final)
+            if job.checkpoint_every:
+                self.checkpoint()
+            # A finished rank may close its backend after run(): make sure no peer still pulls from it.
+            # (After a stop request the ranks may stop at different steps; there is nothing to agree on.)
+            self._barrier()
+        return TrainOutcome(
+            steps_done=self.steps_done,
+            final_loss=None if last is None else last.loss,
+            test_accuracy=None if final is None else final.test_accuracy,
+            test_loss=None if final is None else final.test_loss,
+            resumed_from=self.resumed_from,
+            stopped_early=stopped,
+            step_times_s=times,
+        )
+
+    def train_step(self, step: int) -> StepReport:
+        if step != self.steps_done:
+            raise ValueError(f"next step is {self.steps_done}, not {step}")
+        job, group, engine = self.job, self.group, self.engine
+        t0 = time.perf_counter()
+        x, y = self._micro_batch(step)
+        engine.begin(step)
+        self._buffers_synced_at = None
+        with self._autocast():
+            out = engine(x)
+        loss = F.cross_entropy(out.float(), y, reduction="sum")
+        loss.backward()
+        engine.finish_backward()
+        if step > 0:
+            # Every peer has now contributed its gradients of `step`, so it is done with everything of
+            # `step - 1` (including pulling our small all-gathers of it): release what we serve for it.
+            self.backend.commit(group, step - 1)
+        loss_fut, loss_out, _ = zstate.allgather_values_async(engine, step, zstate.METRICS, loss.reshape(1))
+        grads = [g.div_(job.global_batch) for g in engine.grad_shards]
+        coef = 1.0
+        if job.grad_clip > 0:
+            parts = zstate.allgather_values(engine, step, zstate.GRAD_NORM, local_sq_norm(grads).reshape(1))
+            coef = clip_coefficient(float(zstate.rank_order_sum(parts)), job.grad_clip)
+        engine._wait(loss_fut)  # before the update: a step that fails anywhere changes nothing here
+        losses = zstate.decode_values(engine, loss_out, 1)
+        total_loss = float(zstate.rank_order_sum(losses)) / job.global_batch
+        lr = self.optimizer.step(grads, step, coef)
+        self.steps_done = step + 1
+        elapsed = time.perf_counter() - t0
+        stats = engine.stats
+        report = StepReport(
+            step=step,
+            loss=total_loss,
+            samples=job.global_batch,
+            world_size=group.world_size,
+            step_time_s=elapsed,
+            compute_s=max(0.0, elapsed - stats.wait_s),
+            comm_s=stats.comm_s,
+            wait_s=stats.wait_s,
+            lr=lr,
+        )
+        logger.debug(
+            "%s step=%d loss=%.4f time=%.3fs wait=%.3fs",
+            group.describe(),
+            step,
+            total_loss,
+            elapsed,
+            stats.wait_s,
+        )
+        return report
+
+    def evaluate(self) -> EvalReport:
+        """Test loss and accuracy of the current model (collective; every rank returns the same report)."""
+        key = self.steps_done
+        if key in self._evaluated:
+            return self._evaluated[key]
+        engine, group = self.engine, self.group
+        self._sync_buffers(key)
+        test_x, test_y = self.data.test_x, self.data.test_y
+        start, stop = rank_slice(int(test_x.shape[0]), group.world_size, group.rank)
+        longest = rank_slice(int(test_x.shape[0]), group.world_size, 0)
+        chunks = max(1, -(-(longest[1] - longest[0]) // EVAL_BATCH))  # same count on every rank
+        sums = torch.zeros(3, dtype=torch.float64)
+        engine.model.eval()
+        try:
+            engine.begin(key)
+            with torch.no_grad():
+                for idx in torch.arange(start, stop).tensor_split(chunks):
+                    x = self._to_device(test_x[idx])
+                    y = test_y[idx].to(self.device)
+                    with self._autocast():
+                        logits = engine(x).float()
+                    sums[0] += float(F.cross_entropy(logits, y, reduction="sum"))
+                    sums[1] += float((logits.argmax(dim=1) == y).sum())
+                    sums[2] += float(y.numel())
+        finally:
+            engine.model.train()
+        total = zstate.rank_order_sum(zstate.allgather_values(engine, key, zstate.EVAL, sums.float()))
+        count = max(1.0, float(total[2]))
+        report = EvalReport(
+            step=key, test_loss=float(total[0]) / count, test_accuracy=float(total[1]) / count
+        )
+        self._evaluated = {key: report}
+        logger.info(
+            "%s step=%d test_loss=%.4f test_accuracy=%.4f",
+            group.describe(),
+            key,
+            report.test_loss,
+            report.test_accuracy,
+        )
+        return report
+
+    def save_model(self, path: Path) -> None:
+        """Collective: every rank calls; rank 0 writes the full model (safetensors, state-dict names)."""
+        from safetensors.torch import save_file
+
+        key = self.steps_done
+        self._sync_buffers(key)
+        state = zstate.full_state_dict(self.engine, key, sync=False)
+        self._barrier()
+        if self.group.rank != 0:
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"model": self.job.model})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        logger.info("%s: saved model after %d steps to %s", self.group.describe(), key, path)
+
+    def checkpoint(self) -> None:
+        """Collective: write this rank's part of the checkpoint of the current step to ``checkpoint_dir``."""
+        if self.checkpoint_dir is None:
+            return
+        self._sync_buffers(self.steps_done)
+        snapshot.save(self.engine, self.optimizer, self.job, self.checkpoint_dir, self.steps_done)
+
+    # -- internals -----------------------------------------------------------------------------------------
+    def _resume(self, checkpoint_dir: Path) -> None:
+        step = snapshot.restore(self.engine, self.optimizer, self.job, checkpoint_dir)
+        if step is not None:
+            self.steps_done = step
+            self.resumed_from = step
+            self._buffers_synced_at = step  # the saved buffers were averaged
+            logger.info("%s: resumed from the checkpoint of step %d", self.group.describe(), step)
+
+    def _barrier(self) -> None:
+        """All ranks reach this point; afterwards no peer still pulls anything from this rank."""
+        key = self.steps_done
+        count = self._barriers.get(key, 0)
+        self._barriers = {key: count + 1}
+        zstate.barrier(self.engine, key, zstate.BARRIER + count)
+
+    def _sync_buffers(self, key: int) -> None:
+        if self._buffers_synced_at != key:
+            zstate.sync_buffers(self.engine, key)
+            self._buffers_synced_at = key
+
+    def _micro_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        group = self.group
+        idx = self.sampler.local_indices(step, group.world_size, group.rank)
+        x = self.data.train_x[idx]
+        if self.data.augment is not None:
+            offset = rank_slice(self.job.global_batch, group.world_size, group.rank)[0]
+            x = self.data.augment(x, step, offset)
+        return self._to_device(x), self.data.train_y[idx].to(self.device)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        return x.to(self.device)
+
+    def _autocast(self) -> AbstractContextManager[object]:
+        if self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return nullcontext()

@@ -1,0 +1,347 @@
+"""The ZeRO-3 sharded module: hooks that gather a unit's parameters just in time and reduce-scatter its
+gradient as soon as it is complete.
+
+Per training pass (``begin(step)``, forward, ``loss.backward()``, ``finish_backward()``):
+
+- forward: before unit k runs, its gather is waited (issued earlier as a prefetch, or now); then the gather
+  of the next unit in forward order is issued, or of the one after it when the next one is already
+  gathered. At most one gather is in flight, so at most two units plus one prefetch are held. After unit k
+  its full parameters are freed, except those of the last ``keep_last`` units (default 2), which backward
+  needs first: gathering them again would put the network on the critical path at the turn of the pass.
+- backward: a hook on unit k's outputs fires when their gradient is ready, i.e. just before unit k's
+  backward; it waits unit k's gather and prefetches the unit before it (or the one before that, as in
+  forward). When every parameter of unit k has its gradient accumulated, the gradient is flattened
+  (padded), handed to ``reduce_scatter`` and the full parameters are freed. Only ``finish_backward`` waits
+  for the reductions.
+- the root unit (parameters outside every unit) is gathered at the start of the forward pass and reduced at
+  the end of backward.
+
+Forward-only passes (``torch.no_grad()``) gather and free the same way and reduce nothing. The collective
+step key of a pass is the training step it belongs to; evaluation and state gathering after step ``s`` use
+key ``s + 1`` (the parameters are the ones step ``s + 1`` will gather), and a key is never all-gathered
+with two different values.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from communication.backend import CollectiveBackend
+from communication.errors import CollectiveTimeout
+from communication.group import PeerGroup
+from worker.zero3.flat_unit import FlatUnit, UnitState
+from worker.zero3.plan import PartitionPlan, plan_model
+
+logger = logging.getLogger(__name__)
+
+# Grace on top of the collective timeout before the compute thread gives up on a future itself.
+_WAIT_GRACE_S = 5.0
+
+
+@dataclass
+class PassStats:
+    """Timings of one pass (reset by ``begin``)."""
+
+    wait_s: float = 0.0  # compute thread blocked on futures
+    comm_s: float = 0.0  # summed in-flight time of the pass's collectives
+    gathers: int = 0
+    reductions: int = 0
+
+
+class ShardedModule:
+    """Wraps ``model`` in place: afterwards each rank holds only its shards; call it like the model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        group: PeerGroup,
+        backend: CollectiveBackend,
+        *,
+        device: torch.device | None = None,
+        plan: PartitionPlan | None = None,
+        timeout: float = 30.0,
+        keep_last: int = 2,
+        wire_block: int = 1024,
+    ) -> None:
+        if keep_last < 0:
+            raise ValueError(f"keep_last must be >= 0, got {keep_last}")
+        self.keep_last = keep_last
+        self.wire_block = wire_block  # the wire codec's block size (exact control values, see exact.py)
+        self.device = device or torch.device("cpu")
+        self.model = model.to(self.device)
+        self.group = group
+        self.backend = backend
+        self.timeout = timeout
+        self.plan = plan or plan_model(model, group.world_size)
+        if self.plan.world_size != group.world_size:
+            raise ValueError(f"plan is for {self.plan.world_size} ranks, group has {group.world_size}")
+        params = dict(model.named_parameters())
+        modules = dict(model.named_modules())
+        missing = set(params) - set(self.plan.param_names())
+        if missing:
+            raise ValueError(f"parameters outside the plan: {sorted(missing)[:5]}")
+        self.units = [
+            FlatUnit(u, [params[s.name] for s in u.params], group.rank, self.device) for u in self.plan.units
+        ]
+        self.root: FlatUnit | None = next((u for u in self.units if u.plan.is_root), None)
+        self._body = [u for u in self.units if not u.plan.is_root]
+        self._order: list[int] = [u.index for u in self._body]  # predicted forward order
+        self._seen: list[int] = []  # this pass's forward order
+        self._step: int | None = None
+        self._prefetching: FlatUnit | None = None
+        self._pending: list[tuple[Future[torch.Tensor], torch.Tensor, torch.Tensor, FlatUnit]] = []
+        self._callback_queued = False
+        self._full_bytes_now = 0
+        self.peak_full_bytes = 0
+        self.stats = PassStats()
+        self._handles: list[Any] = []
+        self._handles.append(model.register_forward_pre_hook(self._root_pre_forward))
+        self._handles.append(model.register_forward_hook(self._root_post_forward))
+        for unit in self._body:
+            module = modules[unit.plan.module]
+            self._handles.append(module.register_forward_pre_hook(self._unit_hook(self._pre_forward, unit)))
+            self._handles.append(module.register_forward_hook(self._unit_hook(self._post_forward, unit)))
+        for unit in self.units:
+            for p in unit.params:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(unit)))
+        logger.info("%s: sharded %s", group.describe(), self.plan.describe())
+
+    # -- public API ----------------------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    @property
+    def shards(self) -> list[torch.Tensor]:
+        return [u.shard for u in self.units]
+
+    @property
+    def grad_shards(self) -> list[torch.Tensor]:
+        return [u.grad_shard for u in self.units]
+
+    def begin(self, step: int) -> None:
+        """Start a pass whose collectives use step key ``step``; drops the leftovers of an aborted pass."""
+        self._abandon()
+        self._step = step
+        self.stats = PassStats()
+        for u in self.units:
+            u.reset_pass()
+            u.grad_shard.zero_()
+
+    def finish_backward(self) -> None:
+        """Wait for every unit's gradient reduction; ``grad_shards`` then hold the rank-order sums."""
+        if any(not u.reduced for u in self.units):
+            missing = [u.index for u in self.units if not u.reduced]
+            raise RuntimeError(f"{self._where()}: backward did not reduce units {missing}")
+        pending, self._pending = self._pending, []
+        for fut, _flat, target, unit in pending:
+            self._wait(fut)
+            if target is not unit.grad_shard:
+                unit.grad_shard.copy_(target)
+            self.stats.reductions += 1
+
+    def close(self) -> None:
+        self._abandon()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # -- gathering -----------------------------------------------------------------------------------------
+    def _where(self) -> str:
+        return f"{self.group.describe()} step={self._step}"
+
+    def _issue(self, unit: FlatUnit) -> None:
+        if self._step is None:
+            raise RuntimeError("call begin(step) before running the sharded model")
+        out = unit.gather_target()
+        self._account(unit.full_bytes)
+        fut = self.backend.all_gather(
+            self.group, self._step, unit.index, unit.shard_for_wire(), out, self.timeout
+        )
+        self._track(fut)
+        unit.future = fut
+        self.stats.gathers += 1
+
+    def _ensure_ready(self, unit: FlatUnit) -> None:
+        if unit.state is UnitState.FREE:
+            self._issue(unit)
+        if unit.state is UnitState.GATHERING:
+            assert unit.future is not None
+            self._wait(unit.future)
+            unit.mark_ready()
+            if self._prefetching is unit:
+                self._prefetching = None
+
+    def _in_flight(self, unit: FlatUnit) -> bool:
+        return unit.state is UnitState.GATHERING and unit.future is not None and not unit.future.done()
+
+    def _prefetch(self, unit: FlatUnit | None) -> None:
+        if unit is None or unit.state is not UnitState.FREE:
+            return
+        if self._prefetching is not None and self._in_flight(self._prefetching):
+            return
+        self._issue(unit)
+        self._prefetching = unit
+
+    def _prefetch_ahead(self, unit: FlatUnit, order: list[int], delta: int) -> None:
+        """Prefetch the next unit in ``order``; if it is already gathered (its gather finished during
+        earlier compute), the one after it, so big units get a head start. One gather in flight at most."""
+        nxt = self._next_in_order(unit, order, delta)
+        if nxt is not None and nxt.state is not UnitState.FREE and not self._in_flight(nxt):
+            nxt = self._next_in_order(nxt, order, delta)
+        self._prefetch(nxt)
+
+    def _free(self, unit: FlatUnit) -> None:
+        if unit.state is UnitState.GATHERING:
+            assert unit.future is not None
+            self._wait(unit.future)
+            if self._prefetching is unit:
+                self._prefetching = None
+        if unit.state is not UnitState.FREE:
+            unit.free()
+            self._account(-unit.full_bytes)
+
+    def _account(self, delta: int) -> None:
+        self._full_bytes_now += delta
+        self.peak_full_bytes = max(self.peak_full_bytes, self._full_bytes_now)
+
+    def _wait(self, fut: Future[torch.Tensor]) -> None:
+        t0 = time.perf_counter()
+        try:
+            fut.result(timeout=self.timeout + _WAIT_GRACE_S)
+        except FutureTimeout as exc:
+            raise CollectiveTimeout(f"{self._where()}: a collective outlived its timeout") from exc
+        finally:
+            self.stats.wait_s += time.perf_counter() - t0
+
+    def _track(self, fut: Future[torch.Tensor]) -> None:
+        t0 = time.perf_counter()
+        stats = self.stats
+
+        def done(_: Future[torch.Tensor]) -> None:
+            stats.comm_s += time.perf_counter() - t0
+
+        fut.add_done_callback(done)
+
+    def _abandon(self) -> None:
+        """Forget an unfinished pass: wait what is in flight (bounded by the timeout), free everything."""
+        for unit in self.units:
+            if unit.state is UnitState.GATHERING and unit.future is not None:
+                try:
+                    unit.future.result(timeout=self.timeout + _WAIT_GRACE_S)
+                except Exception:
+                    logger.debug("%s: dropped gather of unit %d", self._where(), unit.index)
+                unit.mark_ready()
+            if unit.state is not UnitState.FREE:
+                self._free(unit)
+            for p in unit.params:
+                p.grad = None
+        self._prefetching = None
+        self._pending = []
+        self._callback_queued = False
+
+    # -- hooks ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _unit_hook(fn: Callable[..., Any], unit: FlatUnit) -> Callable[..., Any]:
+        def hook(module: nn.Module, *args: Any) -> Any:
+            return fn(unit, *args)
+
+        return hook
+
+    def _next_in_order(self, unit: FlatUnit, order: list[int], delta: int) -> FlatUnit | None:
+        try:
+            pos = order.index(unit.index)
+        except ValueError:
+            return None
+        nxt = pos + delta
+        return self.units[order[nxt]] if 0 <= nxt < len(order) else None
+
+    def _root_pre_forward(self, module: nn.Module, args: Any) -> None:
+        self._seen = []
+        self._callback_queued = False
+        if self.root is not None:
+            self._ensure_ready(self.root)
+        if self._order:
+            self._prefetch(self.units[self._order[0]])
+
+    def _root_post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._seen:
+            self._order = list(self._seen)
+        if not torch.is_grad_enabled():
+            for unit in self.units:
+                self._free(unit)
+        elif self.root is not None:
+            self._register_pre_backward(self.root, output)
+
+    def _pre_forward(self, unit: FlatUnit, args: Any) -> None:
+        if unit.index in self._seen:
+            raise RuntimeError(f"unit {unit.plan.module!r} ran twice in one forward pass; it must run once")
+        self._seen.append(unit.index)
+        self._ensure_ready(unit)
+        self._prefetch_ahead(unit, self._order, +1)
+
+    def _post_forward(self, unit: FlatUnit, args: Any, output: Any) -> None:
+        if torch.is_grad_enabled() and self._register_pre_backward(unit, output):
+            if unit.index in self._order[-self.keep_last :]:
+                return  # backward starts with the last units: keep them gathered
+        self._free(unit)
+
+    def _register_pre_backward(self, unit: FlatUnit, output: Any) -> bool:
+        tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+        for t in tensors:
+            t.register_hook(self._pre_backward_hook(unit))
+        return bool(tensors)
+
+    def _pre_backward_hook(self, unit: FlatUnit) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            if unit.backward_started:
+                return
+            unit.backward_started = True
+            if not self._callback_queued:
+                self._callback_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._post_backward)
+            self._ensure_ready(unit)
+            if not unit.plan.is_root:
+                self._prefetch_ahead(unit, self._seen, -1)
+
+        return hook
+
+    def _grad_hook(self, unit: FlatUnit) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            unit.grads_done += 1
+            if unit.grads_done == len(unit.params):
+                self._reduce(unit)
+
+        return hook
+
+    def _reduce(self, unit: FlatUnit) -> None:
+        if unit.reduced:
+            raise RuntimeError(f"{self._where()}: unit {unit.index} reduced twice in one pass")
+        assert self._step is not None
+        flat = unit.flat_grad()
+        target = unit.grad_target()
+        fut = self.backend.reduce_scatter(self.group, self._step, unit.index, flat, target, self.timeout)
+        self._track(fut)
+        self._pending.append((fut, flat, target, unit))
+        unit.reduced = True
+        self._free(unit)
+
+    def _post_backward(self) -> None:
+        """End of backward: reduce units whose gradients never completed (unused parameters count as zero),
+        settle any unused prefetch, free everything."""
+        for unit in self.units:
+            if not unit.reduced:
+                self._reduce(unit)
+        for unit in self.units:
+            self._free(unit)
+        self._prefetching = None
+        self._callback_queued = False

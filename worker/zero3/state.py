@@ -1,0 +1,150 @@
+"""Whole-model state of a sharded module: gathering full parameters, loading them back into shards, the
+replicated buffers (BatchNorm running statistics) and small all-gathers of per-rank values.
+
+Running-statistics policy: every rank updates its BatchNorm buffers from its own micro-batches while
+training. Before evaluation, a checkpoint or saving the model, :func:`sync_buffers` replaces each rank's
+floating-point buffers with their mean over ranks (fp32 sum in rank order, divided by the world size), so
+every rank evaluates, checkpoints and saves the very same model. Integer buffers (``num_batches_tracked``)
+advance identically on every rank and are left alone.
+
+Collective unit ids beyond the plan's units: ``len(units) + k`` for the extra channels below.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future
+
+import torch
+
+from worker.zero3 import exact
+from worker.zero3.sharded import ShardedModule
+
+logger = logging.getLogger(__name__)
+
+BUFFERS = 0
+METRICS = 1
+GRAD_NORM = 2
+EVAL = 3
+RESUME = 4
+BARRIER = 8  # BARRIER + k: the k-th barrier of a step key
+
+
+def extra_unit(engine: ShardedModule, channel: int) -> int:
+    return len(engine.units) + channel
+
+
+def allgather_values(
+    engine: ShardedModule, step: int, channel: int, values: torch.Tensor
+) -> list[torch.Tensor]:
+    """Every rank's fp32 vector ``values`` (same length on every rank), in rank order, bit-exact whatever
+    the wire's codec (see ``worker.zero3.exact``)."""
+    fut, out, n = allgather_values_async(engine, step, channel, values)
+    engine._wait(fut)
+    return decode_values(engine, out, n)
+
+
+def allgather_values_async(
+    engine: ShardedModule, step: int, channel: int, values: torch.Tensor
+) -> tuple[Future[torch.Tensor], torch.Tensor, int]:
+    vec = values.detach().to(torch.float32).reshape(-1).cpu()
+    enc = exact.encode(vec, engine.wire_block)
+    out = torch.empty(enc.numel() * engine.group.world_size, dtype=torch.float32)
+    unit = extra_unit(engine, channel)
+    fut = engine.backend.all_gather(engine.group, step, unit, enc, out, engine.timeout)
+    return fut, out, vec.numel()
+
+
+def decode_values(engine: ShardedModule, out: torch.Tensor, n: int) -> list[torch.Tensor]:
+    parts = out.view(engine.group.world_size, -1).unbind(0)
+    return [exact.decode(p, n, engine.wire_block) for p in parts]
+
+
+def barrier(engine: ShardedModule, step: int, channel: int) -> None:
+    """Return once every rank has reached this point and received what this rank sends here.
+
+    A reduce-scatter of one value per rank: its future resolves only when this rank's contributions are
+    delivered and every peer's have arrived, so after it no peer still needs anything this rank served
+    before the barrier (used before a rank may close its backend).
+    """
+    world = engine.group.world_size
+    full = torch.zeros(world, dtype=torch.float32)
+    out = torch.zeros(1, dtype=torch.float32)
+    fut = engine.backend.reduce_scatter(
+        engine.group, step, extra_unit(engine, channel), full, out, engine.timeout
+    )
+    engine._wait(fut)
+
+
+def rank_order_sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    acc = parts[0].clone()
+    for p in parts[1:]:
+        acc.add_(p)
+    return acc
+
+
+def _float_buffers(engine: ShardedModule) -> list[tuple[str, torch.Tensor]]:
+    return [(n, b) for n, b in engine.model.named_buffers() if b.is_floating_point()]
+
+
+def sync_buffers(engine: ShardedModule, step: int) -> None:
+    """Replace floating buffers by their mean over ranks (collective, key ``step``)."""
+    buffers = _float_buffers(engine)
+    if not buffers or engine.group.world_size == 1:
+        return
+    flat = torch.cat([b.detach().reshape(-1).to(torch.float32).cpu() for _, b in buffers])
+    mean = rank_order_sum(allgather_values(engine, step, BUFFERS, flat)).div_(engine.group.world_size)
+    offset = 0
+    with torch.no_grad():
+        for _, b in buffers:
+            n = b.numel()
+            b.copy_(mean[offset : offset + n].view(b.shape))
+            offset += n
+    logger.debug("%s step=%d: averaged %d buffers", engine.group.describe(), step, len(buffers))
+
+
+def full_parameters(engine: ShardedModule, step: int) -> dict[str, torch.Tensor]:
+    """Every parameter in full (CPU copies), gathered unit by unit with key ``step`` (collective)."""
+    engine.begin(step)
+    out: dict[str, torch.Tensor] = {}
+    for unit in engine.units:
+        engine._ensure_ready(unit)
+        for slot, p in zip(unit.plan.params, unit.params, strict=True):
+            out[slot.name] = p.detach().to("cpu", copy=True)
+        engine._free(unit)
+    return out
+
+
+def full_state_dict(engine: ShardedModule, step: int, *, sync: bool = True) -> dict[str, torch.Tensor]:
+    """A state dict for the plain model class (parameters and buffers, averaged over ranks unless
+    ``sync`` is false because the caller just did; collective)."""
+    if sync:
+        sync_buffers(engine, step)
+    params = full_parameters(engine, step)
+    state: dict[str, torch.Tensor] = {}
+    for name, value in engine.model.state_dict(keep_vars=True).items():
+        state[name] = params[name] if name in params else value.detach().to("cpu", copy=True)
+    return state
+
+
+def load_full_parameters(engine: ShardedModule, tensors: dict[str, torch.Tensor]) -> None:
+    """Set this rank's shards from full parameters (e.g. a checkpoint written at another world size).
+
+    Every tensor is checked before anything changes; a missing, extra or misshapen one raises ValueError.
+    """
+    expected = {s.name: s.shape for u in engine.plan.units for s in u.params}
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(f"parameters do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"parameter {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+    rank = engine.group.rank
+    with torch.no_grad():
+        for unit in engine.units:
+            flat = torch.zeros(unit.plan.padded_numel, dtype=torch.float32)
+            for slot in unit.plan.params:
+                flat[slot.offset : slot.offset + slot.numel].copy_(tensors[slot.name].reshape(-1))
+            start, stop = unit.plan.shard_range(rank)
+            unit.shard.copy_(flat[start:stop])

@@ -1,0 +1,201 @@
+"""Worker processes of `zerowire bench step` (one function per contender); each returns rank 0's timings."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    runners: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+        "zerowire": _zerowire,
+        "fsdp2": _fsdp2,
+        "ddp": _ddp,
+        "floor": _floor,
+    }
+    return runners[a.worker](a)
+
+
+def _model(name: str) -> nn.Module:
+    from worker.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(name, 10, 3)
+
+
+def _batch(batch: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + rank)
+    return torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
+
+
+class Turns:
+    """Chunks of steps run only while the shared turn file names this contender and round."""
+
+    def __init__(self, a: argparse.Namespace, timeout: float = 1800.0) -> None:
+        self.kind = a.worker
+        self.rank = a.rank
+        self.dir: Path = a.dir
+        self.turn_file: Path = a.turn_file
+        self.timeout = timeout
+
+    def _wait(self, value: str) -> None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                if self.turn_file.read_text() == value:
+                    return
+            except FileNotFoundError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.kind} rank {self.rank}: no turn {value!r}")
+            time.sleep(0.002)
+
+    def ready(self) -> None:
+        (self.dir / f"ready-{self.rank}").touch()
+
+    def start(self, rnd: int) -> None:
+        self._wait(f"{self.kind} {rnd}")
+
+    def done(self, rnd: int) -> None:
+        (self.dir / f"done{rnd}-{self.rank}").touch()
+
+    def exit(self) -> None:
+        self._wait("exit")
+
+
+def _timed(step: Callable[[], None], a: argparse.Namespace) -> list[float]:
+    """Warm-up steps (untimed) then ``rounds`` timed chunks, each in this contender's turn."""
+    turns = Turns(a)
+    turns.ready()
+    times: list[float] = []
+    for rnd in range(a.rounds):
+        turns.start(rnd)
+        for _ in range(a.warmup if rnd == 0 else 0):
+            step()
+        for _ in range(a.chunk):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        turns.done(rnd)
+    turns.exit()
+    return times
+
+
+def _ready_barrier(directory: Path, rank: int, world: int, timeout: float = 120.0) -> None:
+    """Every rank's wire server is up before the first collective (the daemon uses the coordinator)."""
+    (directory / f"up-{rank}").touch()
+    deadline = time.monotonic() + timeout
+    while not all((directory / f"up-{r}").exists() for r in range(world)):
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark peers did not start")
+        time.sleep(0.02)
+
+
+def _zerowire(a: argparse.Namespace) -> dict[str, Any]:
+    from communication.group import PeerGroup
+    from communication.grpc_backend import GrpcBackend
+    from worker.job import JobSpec
+    from worker.trainer import StepReport, Trainer
+
+    ports = [int(p) for p in a.ports.split(",")]
+    job = JobSpec.model_validate(
+        dict(
+            job_id="bench", model=a.model, dataset=f"synthetic:3x32x32:{max(256, a.batch * a.world)}",
+            steps=a.warmup + a.rounds * a.chunk, global_batch=a.batch * a.world, lr=0.01, momentum=0.9,
+            schedule="constant", warmup_steps=0, compression=a.compression,
+        )
+    )  # fmt: skip
+    backend = GrpcBackend(token="bench", compression=a.compression)
+    backend.start(f"127.0.0.1:{ports[a.rank]}")
+    try:
+        _ready_barrier(a.dir, a.rank, a.world)
+        group = PeerGroup(job.job_id, 0, a.rank, tuple(f"127.0.0.1:{p}" for p in ports))
+        trainer = Trainer(job, group, backend, device=torch.device("cpu"), collective_timeout=600.0)
+        turns = Turns(a)
+        reports: list[StepReport] = []
+        ends = {a.warmup + (rnd + 1) * a.chunk: rnd for rnd in range(a.rounds)}
+
+        def on_step(report: StepReport) -> None:
+            reports.append(report)
+            rnd = ends.get(report.step + 1)
+            if rnd is not None:
+                turns.done(rnd)
+                if rnd + 1 < a.rounds:
+                    turns.start(rnd + 1)
+                else:
+                    turns.exit()
+
+        turns.ready()
+        turns.start(0)
+        trainer.run(on_step=on_step)
+        measured = reports[a.warmup :]
+        return {
+            "step_times_s": [r.step_time_s for r in measured],
+            "wait_times_s": [r.wait_s for r in measured],
+            "bytes_sent": backend.stats().bytes_sent,
+            "peak_full_bytes": trainer.engine.peak_full_bytes,
+        }
+    finally:
+        backend.close()
+
+
+def _dist_init(a: argparse.Namespace) -> None:
+    import torch.distributed as dist
+
+    port = int(a.ports.split(",")[0])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=a.rank, world_size=a.world)
+
+
+def _train_loop(model: nn.Module, a: argparse.Namespace) -> list[float]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = _batch(a.batch, a.rank)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        opt.step()
+
+    return _timed(step, a)
+
+
+def _fsdp2(a: argparse.Namespace) -> dict[str, Any]:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from worker.models import units
+
+    _dist_init(a)
+    try:
+        model = _model(a.model)
+        for unit in units(model):
+            fully_shard(unit)
+        fully_shard(model)
+        dist.barrier()
+        return {"step_times_s": _train_loop(model, a)}
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp(a: argparse.Namespace) -> dict[str, Any]:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    _dist_init(a)
+    try:
+        model = DistributedDataParallel(_model(a.model))
+        dist.barrier()
+        return {"step_times_s": _train_loop(model, a)}
+    finally:
+        dist.destroy_process_group()
+
+
+def _floor(a: argparse.Namespace) -> dict[str, Any]:
+    return {"step_times_s": _train_loop(_model(a.model), a)}
