@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import threading
 import time
 from collections.abc import Callable, Coroutine
 from functools import partial
@@ -22,77 +21,42 @@ import httpx
 from communication.errors import CommError, Unauthenticated
 from communication.group import PeerGroup
 from worker.coordinator_client import CoordinatorClient, CoordinatorError, MustRegister
+from worker.formation import (
+    EXIT_CONFIG,
+    EXIT_JOB_MISMATCH,
+    EXIT_OK,
+    EXIT_TRAINING_FAILED,
+    BarrierTimeout,
+    ConfigError,
+    JobMismatch,
+    Stopped,
+    TooManyReforms,
+    group_from_ready,
+)
 from worker.heartbeat import Heartbeat, LeaseLost, Telemetry, run_tied
 from worker.identity import (
     WorkerConfig,
     advertised_address,
     describe_device,
-    format_address,
     parse_job_answer,
 )
 from worker.job import JobSpec
-from worker.session import TrainerFactory, TrainingSession, default_trainer_factory, outcome_dict
+from worker.session import (
+    TrainerFactory,
+    TrainingSession,
+    default_trainer_factory,
+    in_thread,
+    outcome_dict,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-EXIT_OK = 0
-EXIT_TRAINING_FAILED = 1
-EXIT_CONFIG = 2
-EXIT_JOB_MISMATCH = 3
-
-
-class JobMismatch(Exception):
-    """The job the coordinator serves is not the one this worker agreed to train."""
-
-
-class ConfigError(Exception):
-    """The worker's settings do not fit the coordinator's (for example timeouts that do not nest)."""
-
-
-class BarrierTimeout(Exception):
-    """No epoch with this worker in it became ready within the barrier timeout."""
-
-
-class Stopped(Exception):
-    """A stop was requested (signal or coordinator) while waiting."""
-
-
-class TooManyReforms(Exception):
-    """The cluster keeps re-forming without a single step of progress."""
 
 
 def default_backend_factory(job: JobSpec, token: str) -> Any:
     from communication.grpc_backend import GrpcBackend
 
     return GrpcBackend(token, compression=job.compression, int8_block=job.int8_block)
-
-
-async def in_thread(fn: Callable[[], Any], name: str) -> Any:
-    """Run `fn` on a daemon thread (the process may exit even if it is stuck) and await its result."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
-
-    def settle(result: Any, exc: BaseException | None) -> None:
-        if future.done():
-            return
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-
-    def target() -> None:
-        try:
-            outcome: tuple[Any, BaseException | None] = (fn(), None)
-        except BaseException as exc:
-            outcome = (None, exc)
-        try:
-            loop.call_soon_threadsafe(settle, *outcome)
-        except RuntimeError:  # the loop is closed: nobody waits for this result any more
-            log.debug("thread %s ended after its event loop: %s", name, outcome[1])
-
-    threading.Thread(target=target, name=name, daemon=True).start()
-    return await future
 
 
 class WorkerDaemon:
@@ -383,19 +347,8 @@ class WorkerDaemon:
         )
 
     def _group_from(self, ready: dict[str, Any], job: JobSpec) -> PeerGroup:
-        members = sorted(ready["workers"], key=lambda w: int(w["rank"]))
-        self.members = tuple(str(w["worker_id"]) for w in members)
-        ranks = [int(w["rank"]) for w in members]
-        if ranks != list(range(len(members))):
-            raise RuntimeError(f"barrier answered non-dense ranks {ranks}")
-        rank = next(int(w["rank"]) for w in members if w["worker_id"] == self.worker_id)
-        return PeerGroup(
-            job_id=job.job_id,
-            epoch=int(ready["epoch"]),
-            rank=rank,
-            addresses=tuple(format_address(str(w["ip_address"]), int(w["port"])) for w in members),
-            host_ids=tuple(str(w.get("host_id") or "") for w in members),
-        )
+        group, self.members = group_from_ready(ready, job, self.worker_id)
+        return group
 
 
 def run_worker(cfg: WorkerConfig) -> int:
@@ -427,3 +380,16 @@ def run_worker(cfg: WorkerConfig) -> int:
     except Exception:
         log.exception("worker %s: training failed", daemon.worker_id)
         return EXIT_TRAINING_FAILED
+
+
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_JOB_MISMATCH",
+    "EXIT_OK",
+    "EXIT_TRAINING_FAILED",
+    "ConfigError",
+    "JobMismatch",
+    "WorkerDaemon",
+    "in_thread",
+    "run_worker",
+]

@@ -4,6 +4,7 @@ steps, and save the model at the end."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -19,6 +20,34 @@ from worker.identity import WorkerConfig, describe_device
 from worker.job import JobSpec
 
 log = logging.getLogger(__name__)
+
+
+async def in_thread(fn: Callable[[], Any], name: str) -> Any:
+    """Run `fn` on a daemon thread (the process may exit even if it is stuck) and await its result."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (fn(), None)
+        except BaseException as exc:
+            outcome = (None, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop is closed: nobody waits for this result any more
+            log.debug("thread %s ended after its event loop: %s", name, outcome[1])
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return await future
+
 
 TrainerFactory = Callable[..., Any]
 

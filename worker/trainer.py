@@ -17,7 +17,6 @@ Evaluation, checkpoints and the saved model first average the BatchNorm running 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from communication.backend import CollectiveBackend
 from communication.group import PeerGroup
 from worker.data import GlobalBatchSampler, load_dataset, rank_slice
+from worker.durable import write_atomic
 from worker.job import JobSpec
 from worker.models import build_model
 from worker.zero3 import snapshot
@@ -260,7 +260,7 @@ class Trainer:
 
     def save_model(self, path: Path) -> None:
         """Collective: every rank calls; rank 0 writes the full model (safetensors, state-dict names)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         key = self.steps_done
         self._sync_buffers(key)
@@ -270,11 +270,8 @@ class Trainer:
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"model": self.job.model})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        write_atomic(path, save(tensors, metadata={"model": self.job.model}))
         logger.info("%s: saved model after %d steps to %s", self.group.describe(), key, path)
 
     def checkpoint(self) -> None:

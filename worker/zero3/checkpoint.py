@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -33,6 +32,8 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
+
+from worker.durable import fsync_dir, sha256_file, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -72,29 +73,6 @@ def step_dir(directory: Path | str, step: int) -> Path:
 
 def part_name(rank: int, world_size: int) -> str:
     return f"rank-{rank:05d}-of-{world_size:05d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via tmp + fsync + rename + directory fsync."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _check_sharded(name: str, t: torch.Tensor, unit_numels: list[int], world_size: int) -> None:
@@ -149,9 +127,9 @@ def save_shards(
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     if created:
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     base = part_name(rank, world_size)
-    _write_atomic(out / f"{base}.safetensors", data)
+    write_atomic(out / f"{base}.safetensors", data)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -168,7 +146,7 @@ def save_shards(
         "extra": extra_json,
     }
     manifest_path = out / f"{base}.json"
-    _write_atomic(manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    write_atomic(manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
     logger.info("checkpoint step %d: rank %d/%d wrote %d bytes to %s", step, rank, world_size, len(data), out)
     return manifest_path
 
@@ -181,14 +159,6 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
         raise CheckpointError(f"{path}: not a {FORMAT} v{VERSION} manifest")
     return m
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _verify_parts(directory: Path, world_size: int, check_data: bool) -> CheckpointInfo:
@@ -214,7 +184,7 @@ def _verify_parts(directory: Path, world_size: int, check_data: bool) -> Checkpo
                 raise CheckpointError(
                     f"{directory}: tensor file of part {rank} is missing ({data_path.name})"
                 )
-            if _sha256_file(data_path) != m.get("sha256"):
+            if sha256_file(data_path) != m.get("sha256"):
                 raise CheckpointError(f"{data_path}: sha256 mismatch (corrupt or partially written)")
     return CheckpointInfo(
         path=directory,
@@ -398,7 +368,7 @@ def prune(directory: Path | str, keep: int = 2) -> list[Path]:
         shutil.rmtree(path)
         removed.append(path)
     if removed:
-        _fsync_dir(Path(directory))
+        fsync_dir(Path(directory))
         logger.info(
             "pruned %d checkpoint directories under %s (kept steps %s)", len(removed), directory, kept
         )

@@ -1,0 +1,57 @@
+"""Forming an epoch: the worker's failure kinds and exit codes, and the pure step from the barrier's
+answer to the epoch's PeerGroup."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from communication.group import PeerGroup
+from worker.identity import format_address
+from worker.job import JobSpec
+
+EXIT_OK = 0
+EXIT_TRAINING_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_JOB_MISMATCH = 3
+
+
+class JobMismatch(Exception):
+    """The job the coordinator serves is not the one this worker agreed to train."""
+
+
+class ConfigError(Exception):
+    """The worker's settings do not fit the coordinator's (for example timeouts that do not nest)."""
+
+
+class BarrierTimeout(Exception):
+    """No epoch with this worker in it became ready within the barrier timeout."""
+
+
+class Stopped(Exception):
+    """A stop was requested (signal or coordinator) while waiting."""
+
+
+class TooManyReforms(Exception):
+    """The cluster keeps re-forming without a single step of progress."""
+
+
+def group_from_ready(
+    ready: dict[str, Any], job: JobSpec, worker_id: str
+) -> tuple[PeerGroup, tuple[str, ...]]:
+    """The PeerGroup of the epoch the barrier announced, as seen by `worker_id`, and its members' ids in
+    rank order. Ranks must be dense and this worker a member."""
+    members = sorted(ready["workers"], key=lambda w: int(w["rank"]))
+    ids = tuple(str(w["worker_id"]) for w in members)
+    ranks = [int(w["rank"]) for w in members]
+    if ranks != list(range(len(members))):
+        raise RuntimeError(f"barrier answered non-dense ranks {ranks}")
+    if worker_id not in ids:
+        raise RuntimeError(f"worker {worker_id} is not a member of epoch {ready['epoch']}")
+    group = PeerGroup(
+        job_id=job.job_id,
+        epoch=int(ready["epoch"]),
+        rank=ids.index(worker_id),
+        addresses=tuple(format_address(str(w["ip_address"]), int(w["port"])) for w in members),
+        host_ids=tuple(str(w.get("host_id") or "") for w in members),
+    )
+    return group, ids
