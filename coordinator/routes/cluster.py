@@ -1,0 +1,46 @@
+"""Cluster routes: status and the membership event history."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
+
+from coordinator.deps import ClockDep, ServiceDep
+from coordinator.schemas import ClusterStatus, EventsResponse, EventView
+from coordinator.views import listing_order, worker_dict
+
+router = APIRouter(tags=["cluster"])
+
+
+@router.get("/cluster/status", response_model=ClusterStatus)
+async def cluster_status(service: ServiceDep, clock: ClockDep) -> JSONResponse:
+    now = clock.monotonic()
+    state = service.state
+    workers = sorted(state.workers.values(), key=listing_order)
+    alive_steps = [w.step for w in workers if w.status == "alive"]
+    body = {
+        "state": service.phase(),
+        "epoch": state.epoch,
+        "world_size": service.world_size,
+        "step": max(alive_steps, default=0),
+        "workers": [worker_dict(w, now) for w in workers],
+        "job": service.job.model_dump(mode="json"),
+        "job_hash": service.job_hash,
+        "started_at": service.started_wall,
+        "uptime_s": round(now - service.started_mono, 3),
+    }
+    return JSONResponse(body)
+
+
+@router.get("/events", response_model=EventsResponse)
+async def events(
+    service: ServiceDep,
+    after: Annotated[int, Query(ge=0, le=1 << 62)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 500,
+) -> EventsResponse:
+    rows = service.store.events(after, limit)
+    return EventsResponse(
+        events=[EventView.model_validate(r) for r in rows], last_id=rows[-1].id if rows else after
+    )

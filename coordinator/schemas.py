@@ -1,0 +1,138 @@
+"""Pydantic models of the REST API (request bodies are validated here; bad input answers 422)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+WORKER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+HOST_PATTERN = r"^[A-Za-z0-9.:\-\[\]%_]+$"
+WorkerStateLit = Literal["starting", "waiting", "training", "finished", "failed"]
+
+
+class RegisterRequest(BaseModel):
+    worker_id: str | None = Field(None, pattern=WORKER_ID_PATTERN, description="omit to get a generated id")
+    host: str = Field(min_length=1, max_length=253, pattern=HOST_PATTERN, description="advertised gRPC host")
+    port: int = Field(ge=1, le=65535, description="advertised gRPC port")
+    host_id: str = Field(min_length=1, max_length=128, description="identifies the machine (co-location)")
+    device: str = Field(min_length=1, max_length=64)
+    device_name: str | None = Field(None, max_length=256)
+    memory_bytes: int | None = Field(None, ge=0, le=1 << 60)
+    version: str | None = Field(None, max_length=64)
+
+
+class RegisterResponse(BaseModel):
+    worker_id: str
+    epoch: int
+    heartbeat_interval_s: float
+    heartbeat_timeout_s: float
+    rank: int
+    world_size: int
+
+
+class HeartbeatRequest(BaseModel):
+    epoch: int = Field(ge=0, le=1 << 62)
+    step: int = Field(0, ge=0, le=1 << 62)
+    loss: float | None = None
+    samples_per_s: float | None = Field(None, ge=0.0)
+    bytes_sent: int | None = Field(None, ge=0, le=1 << 62)
+    bytes_received: int | None = Field(None, ge=0, le=1 << 62)
+    state: WorkerStateLit | None = None
+
+    @field_validator("loss", "samples_per_s")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
+class HeartbeatResponse(BaseModel):
+    epoch: int
+    action: Literal["continue", "reform", "stop"]
+    rank: int | None
+    world_size: int
+    cluster_state: str
+
+
+class WorkerView(BaseModel):
+    worker_id: str
+    rank: int | None
+    state: Literal["alive", "dead", "left"]
+    worker_state: WorkerStateLit
+    last_heartbeat_age_s: float
+    step: int
+    loss: float | None
+    samples_per_s: float | None
+    bytes_sent: int
+    bytes_received: int
+    epoch_seen: int
+    host: str
+    port: int
+    host_id: str
+    device: str
+    device_name: str | None
+    memory_bytes: int | None
+    version: str | None
+    joined_at: float
+
+
+class WorkersResponse(BaseModel):
+    epoch: int
+    workers: list[WorkerView]
+
+
+class RankedWorkerView(BaseModel):
+    worker_id: str
+    ip_address: str
+    port: int
+    rank: int
+    host_id: str
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    epoch: int
+    active_workers: int
+    min_workers: int
+    job_hash: str
+    workers: list[RankedWorkerView]
+
+
+class JobResponse(BaseModel):
+    job: dict[str, Any]
+    job_hash: str
+
+
+class ClusterStatus(BaseModel):
+    state: Literal["waiting", "training", "reforming", "finished", "failed"]
+    epoch: int
+    world_size: int
+    step: int
+    workers: list[WorkerView]
+    job: dict[str, Any]
+    job_hash: str
+    started_at: float
+    uptime_s: float
+
+
+class EventView(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    time: float
+    kind: str
+    worker_id: str | None
+    epoch: int
+    reason: str
+
+
+class EventsResponse(BaseModel):
+    events: list[EventView]
+    last_id: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"

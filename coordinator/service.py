@@ -1,0 +1,182 @@
+"""The thin async layer: applies membership decisions to the in-memory state (authoritative), persists
+them, wakes barrier waiters, and serves views. Heartbeats touch memory only; their fields reach SQLite
+in coalesced batches, while membership changes are written before the request is answered."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections import Counter
+from typing import cast
+
+from coordinator import membership as m
+from coordinator.barrier import ChangeSignal, ReadyAnswer, ready_answer
+from coordinator.clock import Clock
+from coordinator.settings import CoordinatorSettings
+from coordinator.store import Store, heartbeat_row
+from coordinator.telemetry import Metrics
+from worker.job import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+class CoordinatorService:
+    def __init__(self, settings: CoordinatorSettings, store: Store, clock: Clock, metrics: Metrics) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.metrics = metrics
+        self.state = m.ClusterState()
+        self.signal = ChangeSignal()
+        self.job = JobSpec.model_validate({})
+        self.job_hash = self.job.hash
+        self.started_wall = clock.wall()
+        self.started_mono = clock.monotonic()
+        self._dirty: set[str] = set()
+        self._flags_dirty = False
+        self._world_size = 0
+        self._counts = m.PhaseCounts()  # kept current per heartbeat: the phase is O(1) on the hot path
+        # One membership change at a time, and a yield after each: a flood of registrations queues on this
+        # lock instead of in the event loop's ready queue, so a heartbeat waits behind at most one change.
+        self._changes = asyncio.Lock()
+        self._worker_gauges = {status: metrics.workers.labels(status) for status in ("alive", "dead", "left")}
+
+    # -- start-up ------------------------------------------------------------------------------------
+    async def start(self, configured_job: JobSpec | None) -> None:
+        loaded = self.store.open()
+        stored_job = JobSpec.model_validate_json(loaded.job_json) if loaded.job_json else None
+        if configured_job is not None and stored_job is not None and configured_job.hash != stored_job.hash:
+            raise ValueError(
+                f"the database {self.store.path} holds job {stored_job.job_id!r} "
+                f"(hash {stored_job.hash[:12]}), which differs from the configured job "
+                f"{configured_job.job_id!r} (hash {configured_job.hash[:12]}); "
+                "start with the same job, without job options, or with a new --db"
+            )
+        self.job = configured_job or stored_job or JobSpec.model_validate({})
+        self.job_hash = self.job.hash
+        if stored_job is None:
+            self.store.save_job(self.job.canonical_json())
+        self.state = loaded.state
+        if loaded.state.epoch > 0 or loaded.state.workers:
+            now = self.clock.monotonic()
+            self._apply(m.restart(loaded.state, now, self.clock.wall(), self.settings.grace_s))
+        self._refresh_gauges()
+        log.info("job %s (hash %s), epoch %d", self.job.job_id, self.job_hash[:12], self.state.epoch)
+
+    # -- membership changes (persisted before answering) ----------------------------------------------
+    def _apply(self, decision: m.Decision) -> None:
+        self.store.commit(decision.state, decision.changed, decision.events)  # written before it is served
+        self.state = decision.state
+        self._counts = m.phase_counts(decision.state)
+        self._world_size = decision.world_size
+        self._dirty.difference_update(decision.changed)
+        for ev in decision.events:
+            self.metrics.membership_changes.labels(ev.kind).inc()
+        self.signal.notify()
+        self._refresh_gauges()
+        log.info("epoch %d: %s", decision.state.epoch, decision.reason)
+
+    async def register(self, worker_id: str | None, info: m.WorkerInfo, clock: Clock) -> m.WorkerRecord:
+        wid = worker_id or f"w-{secrets.token_hex(6)}"
+        async with self._changes:
+            decision = m.register(
+                self.state, wid, info, clock.monotonic(), clock.wall(), self.settings.max_workers
+            )
+            self._apply(decision)
+            await asyncio.sleep(0)
+        return decision.state.workers[wid]
+
+    async def leave(self, worker_id: str, clock: Clock) -> None:
+        async with self._changes:
+            decision = m.leave(self.state, worker_id, clock.wall())
+            if decision is not None:
+                self._apply(decision)
+                await asyncio.sleep(0)
+
+    def absorb_stall(self, stall_s: float) -> None:
+        """Called by the reaper when it woke `stall_s` late: the coordinator, not the workers, was slow."""
+        before = self.state.grace_until
+        now = self.clock.monotonic()
+        self.state = m.absorb_stall(self.state, now, stall_s, self.settings.heartbeat_timeout)
+        if self.state.grace_until != before:
+            self.metrics.stalls.inc()
+            log.warning(
+                "epoch %d: coordinator stalled for %.2f s; no worker expires during the next %.2f s",
+                self.state.epoch,
+                stall_s,
+                stall_s,
+            )
+
+    async def expire(self) -> bool:
+        async with self._changes:
+            now = self.clock.monotonic()
+            decision = m.expire(self.state, now, self.clock.wall(), self.settings.heartbeat_timeout)
+            if decision is None:
+                return False
+            self._apply(decision)
+        return True
+
+    # -- heartbeats (memory only) ----------------------------------------------------------------------
+    def heartbeat(self, worker_id: str, hb: m.Heartbeat, clock: Clock) -> tuple[m.Action, m.WorkerRecord]:
+        try:
+            out = m.heartbeat(self.state, worker_id, hb, clock.monotonic(), clock.wall())
+        except m.Rejected as exc:
+            self.metrics.heartbeats.labels(str(exc.status)).inc()
+            raise
+        if out.member:
+            workers = cast(dict[str, m.WorkerRecord], self.state.workers)
+            self._counts = self._counts.moved(workers[worker_id], out.record, self.state.epoch)
+            workers[worker_id] = out.record
+            self._dirty.add(worker_id)
+            progressed = m.note_progress(self.state, out.record)
+            if progressed is not self.state:
+                self.state = progressed
+                self._flags_dirty = True
+        action = m.heartbeat_action(self.phase(), out.member, hb.epoch, self.state.epoch)
+        self.metrics.heartbeats.labels(action).inc()
+        return action, out.record
+
+    def flush_heartbeats(self, max_rows: int | None = None) -> int:
+        """Write one transaction with the heartbeats received since the last flush (at most `max_rows`
+        workers; the rest stay pending). Returns the rows written."""
+        if not self._dirty and not self._flags_dirty:
+            return 0
+        if max_rows is None or len(self._dirty) <= max_rows:
+            ids, self._dirty = self._dirty, set()
+        else:
+            ids = {self._dirty.pop() for _ in range(max_rows)}
+        workers = self.state.workers
+        rows = [heartbeat_row(workers[wid]) for wid in ids if wid in workers]
+        meta = {
+            "trained": "1" if self.state.trained else "0",
+            "finished": "1" if self.state.finished else "0",
+        }
+        self._flags_dirty = False
+        self.store.write_heartbeats(rows, meta)
+        return len(rows)
+
+    @property
+    def pending_heartbeats(self) -> int:
+        return len(self._dirty)
+
+    # -- views -------------------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    def phase(self) -> m.ClusterPhase:
+        return m.phase_from_counts(self._counts, self.state.finished, self.state.trained)
+
+    def ready(self, min_workers: int) -> ReadyAnswer:
+        return ready_answer(self.state, min_workers, self.job_hash)
+
+    def _refresh_gauges(self) -> None:
+        counts = Counter(w.status for w in self.state.workers.values())
+        for status in ("alive", "dead", "left"):
+            self._worker_gauges[status].set(counts[status])
+        self.metrics.epoch.set(self.state.epoch)
+
+    def close(self) -> None:
+        self.flush_heartbeats()
+        self.store.close()

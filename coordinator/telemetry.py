@@ -1,0 +1,39 @@
+"""Prometheus metrics of one coordinator app, in its own registry (never the process-global one)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.workers = Gauge("zerowire_workers", "Worker records by state", ["state"], registry=r)
+        self.epoch = Gauge("zerowire_epoch", "Current membership epoch", registry=r)
+        self.heartbeats = Counter(
+            "zerowire_heartbeats", "Heartbeats received, by result", ["result"], registry=r
+        )
+        self.membership_changes = Counter(
+            "zerowire_membership_changes", "Membership changes, by kind", ["kind"], registry=r
+        )
+        self.stalls = Counter(
+            "zerowire_coordinator_stalls",
+            "Reaper wake-ups late by more than a tick (expiry paused)",
+            registry=r,
+        )
+        self.barrier_wait = Histogram(
+            "zerowire_barrier_wait_seconds",
+            "Time /training/ready callers waited",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "zerowire_request_latency_seconds",
+            "HTTP request latency by route template",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )

@@ -1,0 +1,177 @@
+"""`zerowire coordinator`: serve the control plane (membership, ranks, epochs, the job) over REST.
+
+Every option can also come from the environment: ZEROWIRE_<OPTION> with dashes as underscores (for example
+ZEROWIRE_TOKEN, ZEROWIRE_HEARTBEAT_TIMEOUT, ZEROWIRE_JOB for the job file, ZEROWIRE_MODEL for --model).
+Command-line values win over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+# (flag, settings field, type, help)
+SERVER_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
+    ("--host", "host", str, "bind address (default 127.0.0.1)"),
+    ("--port", "port", int, "bind port (default 8765)"),
+    ("--db", "db", str, "SQLite state file (default ./zerowire-coordinator.db)"),
+    ("--token", "token", str, "cluster bearer token (or ZEROWIRE_TOKEN; prefer the environment)"),
+    ("--heartbeat-interval", "heartbeat_interval", float, "seconds between worker heartbeats (default 0.5)"),
+    ("--heartbeat-timeout", "heartbeat_timeout", float, "silence after which a worker is dead (default 2)"),
+    ("--collective-timeout", "collective_timeout", float, "workers' collective timeout (default 30)"),
+    ("--barrier-timeout", "barrier_timeout", float, "workers' ready-barrier timeout (default 600)"),
+    ("--restart-grace", "restart_grace", float, "extra seconds for live workers after a restart"),
+    ("--max-workers", "max_workers", int, "most live workers accepted (default 1024)"),
+    ("--max-body-bytes", "max_body_bytes", int, "largest request body (default 65536)"),
+    ("--ready-wait-cap", "ready_wait_cap", float, "longest /training/ready long poll (default 30)"),
+)
+# job flags: (flag, JobSpec field, help); values are validated by JobSpec
+JOB_OPTIONS: tuple[tuple[str, str, str], ...] = (
+    ("--job-id", "job_id", "job name"),
+    ("--model", "model", "model name (resnet8, resnet18, ...)"),
+    ("--dataset", "dataset", "dataset spec (digits, ...)"),
+    ("--steps", "steps", "optimizer steps"),
+    ("--global-batch", "global_batch", "samples per step over all workers"),
+    ("--optimizer", "optimizer", "sgd | adamw"),
+    ("--lr", "lr", "learning rate"),
+    ("--momentum", "momentum", "SGD momentum"),
+    ("--nesterov", "nesterov", "true | false"),
+    ("--weight-decay", "weight_decay", "weight decay"),
+    ("--betas", "betas", "AdamW betas as B1,B2"),
+    ("--schedule", "schedule", "constant | cosine | step"),
+    ("--warmup-steps", "warmup_steps", "linear warm-up steps"),
+    ("--step-size", "step_size", "schedule=step: decay every N steps"),
+    ("--gamma", "gamma", "schedule=step: decay factor"),
+    ("--grad-clip", "grad_clip", "clip by global norm (0 disables)"),
+    ("--seed", "seed", "data and init seed"),
+    ("--compression", "compression", "none | int8"),
+    ("--int8-block", "int8_block", "int8 block size"),
+    ("--eval-every", "eval_every", "evaluate every N steps (0: at the end)"),
+    ("--checkpoint-every", "checkpoint_every", "checkpoint every N steps (0: never)"),
+    ("--min-workers", "min_workers", "workers needed before training starts"),
+)
+
+INSECURE_BANNER = """
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!!  WARNING: --insecure-no-auth: the coordinator accepts requests WITHOUT a   !!
+!!  token. Anyone who can reach {addr:<44} can     !!
+!!  join, evict and stop this cluster. Use it only on a trusted loopback.    !!
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "coordinator",
+        help="run the coordinator (REST control plane, SQLite state)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for flag, field, typ, text in SERVER_OPTIONS:
+        p.add_argument(flag, dest=field, type=typ, default=None, metavar=field.upper(), help=text)
+    p.add_argument(
+        "--insecure-no-auth", action="store_true", default=None, help="serve without a token (loudly warned)"
+    )
+    jobs = p.add_argument_group("job", "the job to serve: a TOML file and/or flags (flags win)")
+    jobs.add_argument("--job", dest="job_file", default=None, metavar="FILE.toml", help="job TOML file")
+    for flag, field, text in JOB_OPTIONS:
+        jobs.add_argument(flag, dest=f"job_{field}", default=None, metavar=field.upper(), help=text)
+    p.set_defaults(handler=run)
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(f"ZEROWIRE_{name.upper()}")
+    return value if value not in (None, "") else None
+
+
+def job_values(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The job fields given by file, environment or flags; None when none was given."""
+    from worker.job import load_job_file
+
+    values: dict[str, Any] = {}
+    job_file = args.job_file or _env("job")
+    if job_file:
+        values.update(load_job_file(job_file))
+    for _flag, field, _text in JOB_OPTIONS:
+        raw = getattr(args, f"job_{field}")
+        if raw is None:
+            raw = _env(field)
+        if raw is None:
+            continue
+        if field == "betas":
+            parts = [x.strip() for x in str(raw).split(",")]
+            if len(parts) != 2:
+                raise ValueError(f"--betas takes two numbers B1,B2, got {raw!r}")
+            values[field] = (float(parts[0]), float(parts[1]))
+        else:
+            values[field] = raw
+    return values or None
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from coordinator.settings import CoordinatorSettings
+    from worker.job import JobSpec
+
+    log = logging.getLogger("zerowire.coordinator")
+    given = {
+        field: getattr(args, field)
+        for _f, field, _t, _h in SERVER_OPTIONS
+        if getattr(args, field) is not None
+    }
+    if args.insecure_no_auth:
+        given["insecure_no_auth"] = True
+    try:
+        settings = CoordinatorSettings(**given)
+        values = job_values(args)
+        job = JobSpec.model_validate(values) if values is not None else None
+    except ValidationError as exc:
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err["loc"]) or "settings"
+            print(f"zerowire coordinator: invalid {where}: {err['msg']}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        print(f"zerowire coordinator: {exc}", file=sys.stderr)
+        return 2
+    if job is not None:
+        from coordinator.store import read_stored_job
+
+        stored = read_stored_job(settings.db)
+        if stored is not None and JobSpec.model_validate_json(stored).hash != job.hash:
+            old = JobSpec.model_validate_json(stored)
+            print(
+                f"zerowire coordinator: {settings.db} holds job {old.job_id!r} (hash {old.hash[:12]}), "
+                f"not the configured {job.job_id!r} (hash {job.hash[:12]}); start without job options "
+                "to keep it, or use a new --db",
+                file=sys.stderr,
+            )
+            return 2
+    if settings.insecure_no_auth:
+        print(INSECURE_BANNER.format(addr=f"{settings.host}:{settings.port}"), file=sys.stderr, flush=True)
+    return serve(settings, job, log)
+
+
+def serve(settings: Any, job: Any, log: logging.Logger) -> int:
+    import uvicorn
+
+    from coordinator.app import create_app
+
+    app = create_app(settings, job)
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=level if level in ("debug", "info", "warning", "error", "critical") else "info",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    log.info("coordinator on http://%s:%d (db %s)", settings.host, settings.port, settings.db)
+    server.run()
+    return 0 if server.started else 1
