@@ -54,6 +54,9 @@ class WorkerRecord:
     bytes_sent: int = 0
     bytes_received: int = 0
     state: WorkerState = "starting"
+    # Optional per-step telemetry (compute/comm/wait seconds, evaluation); memory only, refreshed by
+    # every heartbeat, so a restarted coordinator shows it again after one beat.
+    telemetry: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +98,7 @@ class Heartbeat:
     bytes_sent: int | None = None
     bytes_received: int | None = None
     state: WorkerState | None = None
+    telemetry: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +278,7 @@ def heartbeat(
         bytes_sent=old.bytes_sent if hb.bytes_sent is None else hb.bytes_sent,
         bytes_received=old.bytes_received if hb.bytes_received is None else hb.bytes_received,
         state=new_state,
+        telemetry=hb.telemetry,
     )
     return HeartbeatOutcome(record, True, "ok")
 

@@ -40,13 +40,21 @@ class HeartbeatRequest(BaseModel):
     bytes_sent: int | None = Field(None, ge=0, le=1 << 62)
     bytes_received: int | None = Field(None, ge=0, le=1 << 62)
     state: WorkerStateLit | None = None
+    compute_s: float | None = Field(None, ge=0.0, description="last step: seconds computing")
+    comm_s: float | None = Field(None, ge=0.0, description="last step: seconds with collectives in flight")
+    wait_s: float | None = Field(None, ge=0.0, description="last step: seconds blocked on the network")
+    test_loss: float | None = Field(None, ge=0.0, description="latest evaluation loss")
+    test_accuracy: float | None = Field(None, ge=0.0, le=1.0, description="latest evaluation accuracy")
 
-    @field_validator("loss", "samples_per_s")
+    @field_validator("loss", "samples_per_s", "compute_s", "comm_s", "wait_s", "test_loss")
     @classmethod
     def _finite(cls, v: float | None) -> float | None:
         if v is not None and not math.isfinite(v):
             raise ValueError("must be a finite number")
         return v
+
+
+TELEMETRY_FIELDS = ("compute_s", "comm_s", "wait_s", "test_loss", "test_accuracy")
 
 
 class HeartbeatResponse(BaseModel):
@@ -69,6 +77,11 @@ class WorkerView(BaseModel):
     bytes_sent: int
     bytes_received: int
     epoch_seen: int
+    compute_s: float | None = None
+    comm_s: float | None = None
+    wait_s: float | None = None
+    test_loss: float | None = None
+    test_accuracy: float | None = None
     host: str
     port: int
     host_id: str

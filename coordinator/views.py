@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from coordinator.membership import WorkerRecord
+from coordinator.schemas import TELEMETRY_FIELDS
 
 
 def worker_dict(w: WorkerRecord, now: float) -> dict[str, Any]:
@@ -25,6 +26,7 @@ def worker_dict(w: WorkerRecord, now: float) -> dict[str, Any]:
         "bytes_sent": w.bytes_sent,
         "bytes_received": w.bytes_received,
         "epoch_seen": w.epoch_seen,
+        **{k: w.telemetry.get(k) for k in TELEMETRY_FIELDS},
         "host": i.host,
         "port": i.port,
         "host_id": i.host_id,

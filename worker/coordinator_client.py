@@ -1,9 +1,9 @@
 """HTTP client of the coordinator's REST API: bearer token, per-call timeouts, bounded retries.
 
 Connection errors and 5xx answers are retried with exponential backoff (bounded attempts); a 401
-(wrong token), a 404/410 (this worker must register again) and other 4xx answers raise at once, each
-as its own exception so the daemon can act on it. Used from the worker's asyncio loop
-(`CoordinatorClient`) and from the CLI (`SyncCoordinatorClient`).
+(wrong token), a 404/410 or a 409 on a heartbeat (this worker must register again) and other 4xx
+answers raise at once, each as its own exception so the daemon can act on it. Used from the worker's
+asyncio loop (`CoordinatorClient`) and from the CLI (`SyncCoordinatorClient`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ class Unauthorized(CoordinatorError):
 
 
 class MustRegister(CoordinatorError):
-    """The coordinator does not know this worker (404) or declared it dead (410)."""
+    """The coordinator does not know this worker (404), declared it dead (410), or is at an older epoch than
+    the one this worker reports (409: its state was replaced); either way, register again."""
 
 
 class CoordinatorUnreachable(CoordinatorError):
@@ -73,7 +74,8 @@ def check_response(response: httpx.Response) -> None:
         return
     if status == 401:
         raise Unauthorized("the coordinator rejected the cluster token (401): check --token / ZEROWIRE_TOKEN")
-    if status in (404, 410):
+    stale_epoch = status == 409 and response.request.url.path.endswith("/heartbeat")
+    if status in (404, 410) or stale_epoch:
         raise MustRegister(
             f"{response.request.method} {response.request.url.path}: {status} {_detail(response)}"
         )

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from coordinator import membership as m
 from coordinator.deps import ClockDep, ServiceDep
 from coordinator.schemas import (
+    TELEMETRY_FIELDS,
     WORKER_ID_PATTERN,
     HeartbeatRequest,
     HeartbeatResponse,
@@ -49,8 +50,16 @@ async def heartbeat(
     worker_id: WorkerIdPath, body: HeartbeatRequest, service: ServiceDep, clock: ClockDep
 ) -> JSONResponse:
     """The hot path: memory only, answered without re-validating the response model."""
+    telemetry = {k: v for k in TELEMETRY_FIELDS if (v := getattr(body, k)) is not None}
     hb = m.Heartbeat(
-        body.epoch, body.step, body.loss, body.samples_per_s, body.bytes_sent, body.bytes_received, body.state
+        body.epoch,
+        body.step,
+        body.loss,
+        body.samples_per_s,
+        body.bytes_sent,
+        body.bytes_received,
+        body.state,
+        telemetry,
     )
     try:
         action, record = service.heartbeat(worker_id, hb, clock)

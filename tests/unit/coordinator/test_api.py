@@ -148,3 +148,23 @@ async def test_metrics_are_prometheus_text(api: Api) -> None:
 async def test_healthz_is_open(api: Api) -> None:
     r = await api.client.get("/healthz", headers={"Authorization": ""})
     assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+async def test_heartbeat_telemetry_reaches_status_and_bad_values_change_nothing(api: Api) -> None:
+    await api.register("a")
+    ok = await api.heartbeat(
+        "a", 1, step=7, state="training", compute_s=0.5, comm_s=0.25, wait_s=0.125, test_accuracy=0.96875
+    )
+    assert ok.status_code == 200
+    view = (await api.client.get("/cluster/status")).json()["workers"][0]
+    assert (view["compute_s"], view["comm_s"], view["wait_s"]) == (0.5, 0.25, 0.125)
+    assert view["test_accuracy"] == 0.96875 and view["test_loss"] is None
+    for bad in ({"test_accuracy": 1.5}, {"wait_s": -1.0}, {"compute_s": "fast"}):
+        r = await api.heartbeat("a", 1, step=8, **bad)
+        assert r.status_code == 422, bad
+    view = (await api.client.get("/cluster/status")).json()["workers"][0]
+    assert view["step"] == 7 and view["test_accuracy"] == 0.96875
+    # A beat without telemetry clears it: the figures always describe the latest step.
+    await api.heartbeat("a", 1, step=9)
+    view = (await api.client.get("/cluster/status")).json()["workers"][0]
+    assert view["step"] == 9 and view["compute_s"] is None
