@@ -1,0 +1,33 @@
+"""The `zerowire` front: every command is registered, and building the parser stays light (no torch,
+no grpc), so `zerowire status` and `--help` answer at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from zerowire.cli import COMMAND_MODULES, build_parser
+
+
+def test_every_command_and_benchmark_is_registered() -> None:
+    parser = build_parser()
+    for name in COMMAND_MODULES:
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args([name, "--help"])
+        assert exc.value.code == 0
+    for bench in ("coordinator", "comm", "step"):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(["bench", bench, "--help"])
+        assert exc.value.code == 0
+
+
+def test_building_the_parser_imports_neither_torch_nor_grpc() -> None:
+    code = (
+        "import sys; from zerowire.cli import build_parser; build_parser(); "
+        "heavy = sorted(m for m in ('torch', 'grpc', 'numpy') if m in sys.modules); "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == ""
