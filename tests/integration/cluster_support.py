@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -137,3 +138,18 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def start_run(reaper: ProcessReaper, tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """Start `zerowire run --output TMP/run ARGS` with its output in TMP/run.log; return the process, the
+    coordinator URL it announced, and the log's path."""
+    log_path = tmp_path / "run.log"
+    with open(log_path, "wb") as log:
+        command = zw("run", "--output", str(tmp_path / "run"), *args)
+        run = reaper.spawn(command, env=env(), stdout=log, stderr=subprocess.STDOUT)
+    url = wait_for(
+        lambda: (m := re.search(r"coordinator at (http://\S+)", log_path.read_text())) and m.group(1),
+        60,
+        "the coordinator URL",
+    )
+    return run, url, log_path

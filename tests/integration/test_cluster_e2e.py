@@ -4,8 +4,6 @@ default job, cut to 150 steps to keep the suite fast; the default 300 reach abou
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ProcessReaper
-from tests.integration.cluster_support import env, get, processes_mentioning, wait_for, zw
+from tests.integration.cluster_support import get, processes_mentioning, start_run, wait_for
 from worker.data import load_dataset
 from worker.models import build_model
 
@@ -22,28 +20,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 def test_three_workers_train_digits_to_95_percent(reaper: ProcessReaper, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    log_path = tmp_path / "run.log"
-    with open(log_path, "wb") as log:
-        run = reaper.spawn(
-            zw("run", "--workers", "3", "--output", str(out), "--steps", "150"),
-            env=env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        url = wait_for(
-            lambda: (m := re.search(r"coordinator at (http://\S+)", log_path.read_text())) and m.group(1),
-            60,
-            "the coordinator URL",
-        )
-        # During training, /cluster/status shows the three workers alive and training.
-        seen = wait_for(
-            lambda: (s := get(url, "/cluster/status"))["state"] == "training" and s["step"] > 0 and s,
-            120,
-            "training",
-        )
-        assert [w["state"] for w in seen["workers"]] == ["alive"] * 3
-        assert seen["world_size"] == 3
-        assert run.wait(200) == 0, log_path.read_text()[-4000:]
+    run, url, log_path = start_run(reaper, tmp_path, "--workers", "3", "--steps", "150")
+    # During training, /cluster/status shows the three workers alive and training.
+    seen = wait_for(
+        lambda: (s := get(url, "/cluster/status"))["state"] == "training" and s["step"] > 0 and s,
+        120,
+        "training",
+    )
+    assert [w["state"] for w in seen["workers"]] == ["alive"] * 3
+    assert seen["world_size"] == 3
+    assert run.wait(200) == 0, log_path.read_text()[-4000:]
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["completed"] and summary["cluster_state"] == "finished"
