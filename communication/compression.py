@@ -204,7 +204,7 @@ class ErrorFeedback:
             except InvalidMessage:
                 res.zero_()
                 raise
-            decoded = torch.empty_like(res)
+            decoded = _workspace.get(flat.numel())  # encode_into is done with the scratch buffer
             codec.decode_into(payload, self.block, decoded)
             res.sub_(decoded)
         return payload

@@ -7,6 +7,10 @@ schedule the collective on the loop and return a concurrent Future.
 
 Every in-flight collective is registered under its epoch; `set_epoch`/`set_group` with a newer
 epoch cancels all older ones at once and their futures fail with EpochChanged.
+
+By default a payload travels over one stream per peer and is copied and checksummed on the loop
+thread: on a CPU-bound worker, parallel stripes and copy threads cost more CPU (extra connections,
+a thread hop per chunk) than they gain; both remain options.
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ class GrpcBackend:
         window: int = 2,
         max_pending_bytes: int = 4 << 30,
         idle_timeout: float = 30.0,
-        copy_threads: int = 2,
-        stripes: int = 2,
+        copy_threads: int = 0,
+        stripes: int = 1,
         stripe_min_bytes: int = 4 << 20,
     ) -> None:
         if not token:

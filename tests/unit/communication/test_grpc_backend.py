@@ -19,9 +19,11 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture
 def pair() -> Iterator[tuple[list[GrpcBackend], list[PeerGroup]]]:
-    # tiny stripes: every fetch is split into 3 parallel range streams
+    # tiny stripes: every fetch is split into 3 parallel range streams, received by copy threads
     backends = [
-        GrpcBackend("tok", compression="int8", int8_block=256, stripes=3, stripe_min_bytes=1024)
+        GrpcBackend(
+            "tok", compression="int8", int8_block=256, stripes=3, stripe_min_bytes=1024, copy_threads=2
+        )
         for _ in range(2)
     ]
     try:
