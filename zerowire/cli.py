@@ -1,5 +1,6 @@
 """The `zerowire` command: a thin front. Each subcommand lives in zerowire/commands/<name>.py and
-exposes `add_parser(subparsers)` that sets `handler`. Command modules import only the standard
+exposes `add_parser(subparsers)` that sets `handler`; a handler's CommandError becomes one line on
+stderr and its exit code. Command modules import only the standard
 library at top level (heavy imports go inside handlers), so `zerowire status` never loads torch."""
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+
+from zerowire.commands import CommandError
 
 COMMAND_MODULES = ("coordinator", "worker", "run", "status", "bench")
 
@@ -29,7 +32,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    rc: int = args.handler(args)
+    try:
+        rc: int = args.handler(args)
+    except CommandError as exc:
+        prog = " ".join(x for x in ("zerowire", args.command, getattr(args, "bench", None)) if x)
+        print(f"{prog}: {exc}", file=sys.stderr, flush=True)
+        return exc.code
     return rc
 
 

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from zerowire.commands import CommandError
+
 GOALS = {
     "all_gather_vs_gloo": ("<=", 0.6),
     "reduce_scatter_vs_gloo": ("<=", 0.6),
@@ -64,8 +66,7 @@ def _write(path: Path, data: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.size_mb <= 0 or args.repeats < 1:
-        print("--size-mb must be > 0 and --repeats >= 1", file=sys.stderr)
-        return 2
+        raise CommandError("--size-mb must be > 0 and --repeats >= 1")
     with tempfile.TemporaryDirectory(prefix="zerowire-bench-") as tmp:
         directory = Path(tmp)
         cmd = [sys.executable, "-m", "zerowire.bench.comm", "--peer"]
@@ -83,8 +84,7 @@ def run(args: argparse.Namespace) -> int:
             for proc in procs:
                 rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
                 if rc != 0:
-                    print(f"bench peer failed with exit code {rc}", file=sys.stderr)
-                    return 1
+                    raise CommandError(f"bench peer failed with exit code {rc}", 1)
         finally:
             for proc in procs:
                 if proc.poll() is None:

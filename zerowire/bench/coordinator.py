@@ -19,6 +19,8 @@ import tempfile
 import time
 from typing import Any
 
+from zerowire.commands import CommandError
+
 REPORT = (
     "workers {workers} at {rate_hz} Hz for {duration_s} s (+ warm-up); client: {client}\n"
     "registering all workers took {register_all_s:.2f} s; heartbeats meanwhile: {flood_heartbeats}, "
@@ -126,11 +128,9 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would swamp the output
 
     if args.workers < 2 or args.rate <= 0 or args.duration <= 0:
-        print("zerowire bench coordinator: need --workers >= 2, --rate > 0, --duration > 0", file=sys.stderr)
-        return 2
+        raise CommandError("need --workers >= 2, --rate > 0, --duration > 0")
     if 1.0 / args.rate >= args.heartbeat_timeout:
-        print("zerowire bench coordinator: 1/rate must be shorter than --heartbeat-timeout", file=sys.stderr)
-        return 2
+        raise CommandError("1/rate must be shorter than --heartbeat-timeout")
     probe = _cpu_probe()
     port = _free_port()
     token = secrets.token_hex(16)

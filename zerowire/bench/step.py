@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from zerowire.commands import CommandError
+
 CONTENDERS = ("fsdp2", "ddp")
 
 
@@ -155,8 +157,7 @@ def handle(args: argparse.Namespace) -> int:
     unknown = [v for v in vs if v not in CONTENDERS]
     if unknown or min(args.steps, args.rounds, args.workers, args.batch) < 1 or args.warmup < 0:
         msg = f"unknown contenders {unknown} (known: {', '.join(CONTENDERS)})" if unknown else "bad counts"
-        print(f"zerowire bench step: {msg}", file=sys.stderr)
-        return 2
+        raise CommandError(msg)
     results = _measure(["zerowire", *vs, "floor"], args)
     medians = {k: statistics.median(r["step_times_s"]) for k, r in results.items()}
     ratios = {f"zerowire/{k}": medians["zerowire"] / medians[k] for k in medians if k != "zerowire"}

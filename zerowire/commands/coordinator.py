@@ -13,6 +13,8 @@ import os
 import sys
 from typing import Any
 
+from zerowire.commands import CommandError
+
 # (flag, settings field, type, help)
 SERVER_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
     ("--host", "host", str, "bind address (default 127.0.0.1)"),
@@ -130,26 +132,24 @@ def run(args: argparse.Namespace) -> int:
         values = job_values(args)
         job = JobSpec.model_validate(values) if values is not None else None
     except ValidationError as exc:
+        problems = []
         for err in exc.errors():
             where = ".".join(str(x) for x in err["loc"]) or "settings"
-            print(f"zerowire coordinator: invalid {where}: {err['msg']}", file=sys.stderr)
-        return 2
+            problems.append(f"invalid {where}: {err['msg']}")
+        raise CommandError("; ".join(problems)) from None
     except (ValueError, OSError) as exc:
-        print(f"zerowire coordinator: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(str(exc)) from None
     if job is not None:
         from coordinator.store import read_stored_job
 
         stored = read_stored_job(settings.db)
         if stored is not None and JobSpec.model_validate_json(stored).hash != job.hash:
             old = JobSpec.model_validate_json(stored)
-            print(
-                f"zerowire coordinator: {settings.db} holds job {old.job_id!r} (hash {old.hash[:12]}), "
+            raise CommandError(
+                f"{settings.db} holds job {old.job_id!r} (hash {old.hash[:12]}), "
                 f"not the configured {job.job_id!r} (hash {job.hash[:12]}); start without job options "
-                "to keep it, or use a new --db",
-                file=sys.stderr,
+                "to keep it, or use a new --db"
             )
-            return 2
     if settings.insecure_no_auth:
         print(INSECURE_BANNER.format(addr=f"{settings.host}:{settings.port}"), file=sys.stderr, flush=True)
     return serve(settings, job, log)

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from zerowire.commands import CommandError
+
 # Job flags, the same as `zerowire coordinator` takes: (flag, type, help). None means the job default.
 JOB_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("job-id", str, "job name"),
@@ -149,21 +151,17 @@ def handle(args: argparse.Namespace) -> int:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per status poll is noise
     if not 1 <= args.workers <= 64:
-        print("zerowire run: --workers must be between 1 and 64", file=sys.stderr)
-        return 2
+        raise CommandError("--workers must be between 1 and 64")
     try:
         job = JobSpec(**_job_values(args))
     except (ValidationError, ValueError, OSError) as exc:
-        print(f"zerowire run: invalid job: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(f"invalid job: {exc}") from None
     if job.min_workers > args.workers:
-        print(f"zerowire run: min_workers {job.min_workers} > --workers {args.workers}", file=sys.stderr)
-        return 2
+        raise CommandError(f"min_workers {job.min_workers} > --workers {args.workers}")
     try:
         devices = _devices(args.device)
     except ValueError as exc:
-        print(f"zerowire run: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(str(exc)) from None
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     _clean(output)
@@ -192,8 +190,7 @@ def handle(args: argparse.Namespace) -> int:
         print("\nzerowire run: interrupted; every process was stopped", file=sys.stderr)
         return 130
     except (RuntimeError, CoordinatorError) as exc:
-        print(f"zerowire run: {exc}", file=sys.stderr)
-        return 1
+        raise CommandError(str(exc), 1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
 

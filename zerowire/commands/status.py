@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Any
 
+from zerowire.commands import CommandError
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("status", help="show the cluster: state, epoch, workers")
@@ -100,8 +102,7 @@ def handle(args: argparse.Namespace) -> int:
             try:
                 status = client.cluster_status()
             except CoordinatorError as exc:
-                print(f"zerowire status: {exc}", file=sys.stderr)
-                return 2
+                raise CommandError(str(exc)) from None
             if args.json:
                 print(json.dumps(status, indent=None if args.watch else 2), flush=True)
             else:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
+
+from zerowire.commands import CommandError
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -75,28 +76,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def handle(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from worker.daemon import EXIT_CONFIG, run_worker
+    from worker.daemon import run_worker
     from worker.identity import WorkerConfig, default_host_id
 
     if not args.coordinator:
-        print("zerowire worker: --coordinator URL (or ZEROWIRE_COORDINATOR) is required", file=sys.stderr)
-        return EXIT_CONFIG
+        raise CommandError("--coordinator URL (or ZEROWIRE_COORDINATOR) is required")
     if not args.token:
-        print("zerowire worker: no cluster token: pass --token or set ZEROWIRE_TOKEN", file=sys.stderr)
-        return EXIT_CONFIG
+        raise CommandError("no cluster token: pass --token or set ZEROWIRE_TOKEN")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
-        print(
-            f"zerowire worker: --device must be auto, cpu, cuda or cuda:i, not {args.device!r}",
-            file=sys.stderr,
-        )
-        return EXIT_CONFIG
+        raise CommandError(f"--device must be auto, cpu, cuda or cuda:i, not {args.device!r}")
     if not 0 < args.collective_timeout < args.barrier_timeout:
-        print(
-            f"zerowire worker: timeouts must nest: collective timeout ({args.collective_timeout:g} s) < "
-            f"barrier timeout ({args.barrier_timeout:g} s)",
-            file=sys.stderr,
+        raise CommandError(
+            f"timeouts must nest: collective timeout ({args.collective_timeout:g} s) < "
+            f"barrier timeout ({args.barrier_timeout:g} s)"
         )
-        return EXIT_CONFIG
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     if args.save_model:
         save_model = Path(args.save_model)

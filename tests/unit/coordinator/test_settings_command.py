@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.settings import CoordinatorSettings
+from zerowire.cli import main
 from zerowire.commands import coordinator as cmd
 
 
@@ -73,17 +74,18 @@ def test_every_jobspec_field_has_a_flag() -> None:
 
 def test_bad_options_exit_2_with_a_message(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     db = str(tmp_path / "c.db")
-    assert cmd.run(parse("--db", db, "--token", "t", "--heartbeat-timeout", "0.2")) == 2
-    assert "must be shorter than" in capsys.readouterr().err
-    assert cmd.run(parse("--db", db)) == 2
+    assert main(["coordinator", "--db", db, "--token", "t", "--heartbeat-timeout", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zerowire coordinator: ") and "must be shorter than" in err
+    assert main(["coordinator", "--db", db]) == 2
     assert "token is required" in capsys.readouterr().err
-    assert cmd.run(parse("--db", db, "--token", "t", "--steps", "abc")) == 2
+    assert main(["coordinator", "--db", db, "--token", "t", "--steps", "abc"]) == 2
     assert "invalid steps" in capsys.readouterr().err
-    assert cmd.run(parse("--db", db, "--token", "t", "--optimizer", "lion")) == 2
+    assert main(["coordinator", "--db", db, "--token", "t", "--optimizer", "lion"]) == 2
     assert "invalid optimizer" in capsys.readouterr().err
-    assert cmd.run(parse("--db", db, "--token", "t", "--port", "70000")) == 2
+    assert main(["coordinator", "--db", db, "--token", "t", "--port", "70000"]) == 2
     assert "invalid port" in capsys.readouterr().err
-    assert cmd.run(parse("--db", db, "--token", "t", "--job", str(tmp_path / "missing.toml"))) == 2
+    assert main(["coordinator", "--db", db, "--token", "t", "--job", str(tmp_path / "missing.toml")]) == 2
     assert "missing.toml" in capsys.readouterr().err
     assert not (tmp_path / "c.db").exists()  # nothing started, nothing written
 
@@ -101,7 +103,7 @@ def test_a_different_job_on_an_existing_db_is_refused_before_serving(
     store.open()
     store.save_job(JobSpec.model_validate({"job_id": "first"}).canonical_json())
     store.close()
-    assert cmd.run(parse("--db", str(db), "--token", "t", "--job-id", "second")) == 2
+    assert main(["coordinator", "--db", str(db), "--token", "t", "--job-id", "second"]) == 2
     err = capsys.readouterr().err
     assert "holds job 'first'" in err and "'second'" in err
     assert sqlite3.connect(db).execute("SELECT count(*) FROM events").fetchone() == (0,)
