@@ -5,7 +5,6 @@ it, raw float32 and int8."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,28 +15,11 @@ import pytest
 from communication.group import PeerGroup
 from communication.testing import FakeHub
 from tests.conftest import ProcessReaper
-from tests.integration.wire_harness import check_results, run_cases
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.integration.wire_harness import check_results, run_cases, spawn_peers
 
 
 def run_peers(reaper: ProcessReaper, tmp_path: Path, world: int, scenario: str, *extra: str) -> list[Any]:
-    procs = [
-        reaper.spawn(
-            [
-                sys.executable,
-                "-m",
-                "tests.integration.wire_peer",
-                str(tmp_path),
-                str(r),
-                str(world),
-                scenario,
-                *extra,
-            ],
-            cwd=REPO,
-        )
-        for r in range(world)
-    ]
+    procs = spawn_peers(reaper, tmp_path, world, scenario, *extra)
     deadline = time.monotonic() + 90
     for proc in procs:
         assert proc.wait(timeout=max(1.0, deadline - time.monotonic())) == 0

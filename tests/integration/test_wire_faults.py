@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import ProcessReaper
+from tests.integration.wire_harness import spawn_peers
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 
@@ -33,22 +32,7 @@ def _wait_files(paths: list[Path], procs: list[subprocess.Popen[bytes]], limit: 
 def _run(
     reaper: ProcessReaper, tmp_path: Path, world: int, scenario: str, timeout: float, tell_epoch: bool
 ) -> list[dict[str, Any]]:
-    procs = [
-        reaper.spawn(
-            [
-                sys.executable,
-                "-m",
-                "tests.integration.wire_peer",
-                str(tmp_path),
-                str(r),
-                str(world),
-                scenario,
-                str(timeout),
-            ],
-            cwd=REPO,
-        )
-        for r in range(world)
-    ]
+    procs = spawn_peers(reaper, tmp_path, world, scenario, str(timeout))
     survivors = list(range(world - 1))
     _wait_files([tmp_path / f"ready.{r}" for r in range(world)], procs, 60)
     _wait_files([tmp_path / f"waiting.{r}" for r in survivors], procs, 30)

@@ -8,15 +8,29 @@ Each rank calls `run_cases` with its backend and group; the data of every rank i
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from communication.backend import CollectiveBackend
 from communication.group import PeerGroup
+from tests.conftest import ProcessReaper
 
 CHUNK = 1 << 20
+REPO = Path(__file__).resolve().parents[2]
+
+
+def spawn_peers(
+    reaper: ProcessReaper, tmp_path: Path, world: int, scenario: str, *extra: str
+) -> list[subprocess.Popen[bytes]]:
+    """Start one `tests.integration.wire_peer` process per rank of `world`, each running `scenario`; they
+    meet through files in `tmp_path` and are killed by the reaper at teardown."""
+    peer = [sys.executable, "-m", "tests.integration.wire_peer", str(tmp_path)]
+    return [reaper.spawn([*peer, str(r), str(world), scenario, *extra], cwd=REPO) for r in range(world)]
 
 
 def int8_boundary_numel(block: int, extra: int = 0) -> int:
