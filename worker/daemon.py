@@ -359,13 +359,7 @@ def run_worker(cfg: WorkerConfig) -> int:
     daemon = WorkerDaemon(cfg)
     try:
         return asyncio.run(daemon.run())
-    except Unauthorized as exc:
-        log.error("worker: %s", exc)
-        return EXIT_CONFIG
-    except CoordinatorUnreachable as exc:
-        log.error("worker: %s", exc)
-        return EXIT_CONFIG
-    except ConfigError as exc:
+    except (Unauthorized, CoordinatorUnreachable, ConfigError) as exc:
         log.error("worker: %s", exc)
         return EXIT_CONFIG
     except (Rejected, MustRegister) as exc:
