@@ -109,44 +109,55 @@ def sharded_run(
     from worker.zero3.plan import plan_model
 
     x, y = data
-    hub = FakeHub(world)
     init_lock = threading.Lock()
+
+    def worker(rank: int, hub: FakeHub, group: PeerGroup) -> dict[str, torch.Tensor]:
+        backend = hub.backend(rank)
+        with init_lock:
+            torch.manual_seed(job.seed)
+            model = make_model()
+        engine = ShardedModule(model, group, backend, plan=plan_model(model, world, units), timeout=20.0)
+        opt = ShardedOptimizer(engine.shards, job)
+        sl = rank_slices(job.global_batch, world)[rank]
+        for step in range(job.steps):
+            idx = batch_indices(step, x.shape[0], job.global_batch)[sl]
+            engine.begin(step)
+            F.cross_entropy(engine(x[idx]), y[idx], reduction="sum").backward()
+            engine.finish_backward()
+            opt.step([g.div(job.global_batch) for g in engine.grad_shards], step)
+            backend.commit(group, step)
+            if probe is not None:
+                probe(rank, engine)
+        params = full_parameters(engine, job.steps)
+        backend.close()
+        return params
+
+    results = run_ranks(world, worker)
+    assert all(isinstance(r, dict) for r in results), "a rank did not finish"
+    return results
+
+
+def run_ranks(world: int, body: Callable[[int, FakeHub, PeerGroup], Any], timeout: float = 90.0) -> list[Any]:
+    """Run `body(rank, hub, group)` for every rank of `world` as threads over one FakeHub (epoch 0); return
+    the results in rank order, re-raising the first rank's exception."""
+    hub = FakeHub(world)
     results: list[Any] = [None] * world
     addresses = tuple(f"127.0.0.1:{9000 + r}" for r in range(world))
 
-    def worker(rank: int) -> None:
+    def target(rank: int) -> None:
         try:
-            group = PeerGroup("t", 0, rank, addresses)
-            backend = hub.backend(rank)
-            with init_lock:
-                torch.manual_seed(job.seed)
-                model = make_model()
-            engine = ShardedModule(model, group, backend, plan=plan_model(model, world, units), timeout=20.0)
-            opt = ShardedOptimizer(engine.shards, job)
-            sl = rank_slices(job.global_batch, world)[rank]
-            for step in range(job.steps):
-                idx = batch_indices(step, x.shape[0], job.global_batch)[sl]
-                engine.begin(step)
-                F.cross_entropy(engine(x[idx]), y[idx], reduction="sum").backward()
-                engine.finish_backward()
-                opt.step([g.div(job.global_batch) for g in engine.grad_shards], step)
-                backend.commit(group, step)
-                if probe is not None:
-                    probe(rank, engine)
-            results[rank] = full_parameters(engine, job.steps)
-            backend.close()
+            results[rank] = body(rank, hub, PeerGroup("job", 0, rank, addresses))
         except BaseException as exc:
             results[rank] = exc
 
-    threads = [threading.Thread(target=worker, args=(r,), daemon=True) for r in range(world)]
+    threads = [threading.Thread(target=target, args=(r,), daemon=True) for r in range(world)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=90)
+        t.join(timeout=timeout)
     for r in results:
         if isinstance(r, BaseException):
             raise r
-    assert all(isinstance(r, dict) for r in results), "a rank did not finish"
     return results
 
 

@@ -4,7 +4,6 @@ identical evaluation on every rank, the saved model loads into the plain class."
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from safetensors.torch import load_file
 
 from communication.group import PeerGroup
 from communication.testing import FakeHub
-from tests.unit.zero3.fixtures import assert_bit_identical
+from tests.unit.zero3.fixtures import assert_bit_identical, run_ranks
 from tests.unit.zero3.reference import plain_reference
 from worker.job import JobSpec
 from worker.models import build_model
@@ -26,28 +25,6 @@ pytestmark = pytest.mark.timeout(90)
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     torch.set_num_threads(1)
-
-
-def run_ranks(world: int, body: Callable[[int, FakeHub, PeerGroup], Any]) -> list[Any]:
-    hub = FakeHub(world)
-    results: list[Any] = [None] * world
-
-    def target(rank: int) -> None:
-        group = PeerGroup("job", 0, rank, tuple(f"127.0.0.1:{7000 + r}" for r in range(world)))
-        try:
-            results[rank] = body(rank, hub, group)
-        except BaseException as exc:
-            results[rank] = exc
-
-    threads = [threading.Thread(target=target, args=(r,), daemon=True) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=80)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    return results
 
 
 JOB = JobSpec.model_validate(
