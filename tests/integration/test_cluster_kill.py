@@ -1,5 +1,6 @@
 """The point of the product: a worker SIGKILLed mid-training, and the survivors re-form from the last
-checkpoint and finish the job."""
+checkpoint and finish the job. Its accuracy bar (0.9) is a smoke bar: correct runs of 40 steps already measure
+0.96-0.97 on digits, so it only catches a run that stopped learning."""
 
 from __future__ import annotations
 

@@ -37,11 +37,15 @@ def worker_main(argv: list[str]) -> int:
     parser.add_argument("--ports", required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--job", required=True)
+    parser.add_argument("--degrade-codec", type=int, default=0, help="negative control, see degrade_codec")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    if args.degrade_codec:
+        degrade_codec(args.degrade_codec)
     ports = [int(p) for p in args.ports.split(",")]
     job = JobSpec.model_validate(json.loads(args.job))
-    backend = GrpcBackend(token="bar-token", compression=job.compression)
+    backend = GrpcBackend(token="bar-token", compression=job.compression, int8_block=job.int8_block)
     backend.start(f"127.0.0.1:{ports[args.rank]}")
     try:
         # Start-up barrier of the harness (the daemon uses the coordinator's ready barrier instead).
@@ -54,13 +58,18 @@ def worker_main(argv: list[str]) -> int:
         group = PeerGroup(job.job_id, 0, args.rank, tuple(f"127.0.0.1:{p}" for p in ports))
         trainer = Trainer(job, group, backend, device=torch.device("cpu"), collective_timeout=20.0)
         evals: list[float] = []
-        outcome = trainer.run(on_eval=lambda e: evals.append(e.test_accuracy))
+        losses: list[float] = []
+        outcome = trainer.run(
+            on_step=lambda r: losses.append(r.loss), on_eval=lambda e: evals.append(e.test_accuracy)
+        )
         trainer.save_model(args.out / "model.safetensors")
         summary = {
             "steps_done": outcome.steps_done,
             "final_loss": outcome.final_loss,
             "test_accuracy": outcome.test_accuracy,
+            "test_loss": outcome.test_loss,
             "evals": evals,
+            "losses": losses,
         }
         (args.out / f"rank-{args.rank}.json").write_text(json.dumps(summary))
     finally:
@@ -68,16 +77,38 @@ def worker_main(argv: list[str]) -> int:
     return 0
 
 
-def run_cluster(reaper: object, world: int, out: Path, job: dict[str, object]) -> list[dict[str, object]]:
+def degrade_codec(levels: int) -> None:
+    """A deliberately worse gradient codec, for negative controls: each block of a pushed gradient keeps only
+    ``levels`` steps each side of zero (int8 keeps 127), and the sender keeps no error-feedback residual.
+    Parameter gathers and control values are left alone."""
+    import torch
+
+    from communication import compression
+
+    def encode(self: compression.ErrorFeedback, unit: int, dest: int, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1).float()
+        pad = -flat.numel() % self.block
+        blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, self.block)
+        scale = blocks.abs().amax(dim=1, keepdim=True) / levels
+        coarse = torch.where(scale > 0, (blocks / scale).round() * scale, blocks)
+        return compression.encode(coarse.reshape(-1)[: flat.numel()], self.codec_id, self.block)
+
+    compression.ErrorFeedback.encode = encode  # type: ignore[method-assign]
+
+
+def run_cluster(
+    reaper: object, world: int, out: Path, job: dict[str, object], *, degrade_codec: int = 0, threads: int = 1
+) -> list[dict[str, object]]:
     from tests.conftest import free_port
 
     out.mkdir(parents=True)
     ports = ",".join(str(free_port()) for _ in range(world))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     procs = []
     for r in range(world):
         cmd = [sys.executable, "-m", "tests.integration.test_zero3_grpc", "--rank", str(r), "--ports", ports]
-        cmd += ["--out", str(out), "--job", json.dumps(job)]
+        cmd += ["--out", str(out), "--job", json.dumps(job), "--degrade-codec", str(degrade_codec)]
+        cmd += ["--threads", str(threads)]
         procs.append(
             reaper.spawn(  # type: ignore[attr-defined]
                 cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT

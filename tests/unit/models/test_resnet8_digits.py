@@ -1,4 +1,8 @@
-"""ResNet-8 learns the real digits dataset: >= 95% test accuracy after 200 SGD steps of batch 64."""
+"""ResNet-8 learns the real digits dataset: >= 95% test accuracy after 200 SGD steps of batch 64.
+
+A smoke bar, not a comparison: over seeds 0-4 with 1 and 2 threads this loop measured 0.986-0.997 (1 to 5 of
+the 359 test images wrong). The bar, 18 images wrong, is 13 images below the worst of those runs, so kernel
+noise on another CPU cannot move the verdict; a model that does not learn (chance is 0.10) fails it."""
 
 from __future__ import annotations
 
