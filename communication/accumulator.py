@@ -2,9 +2,16 @@
 
 Keyed by (epoch, step, unit, shard). Each member contributes once per key (a second contribution is
 rejected, never added twice). Anything of another job or epoch, an already committed step, a step
-beyond a small window ahead, a non-member sender, the wrong dtype, numel, codec or payload length is
-rejected before its payload is read; checksum mismatches are rejected after; non-finite values are
-reported to the waiting owner and never applied. Pending memory is bounded.
+outside the window, a non-member sender, the wrong dtype, numel, codec or payload length is rejected
+before its payload is read; checksum mismatches are rejected after; non-finite values are reported to
+the waiting owner and never applied. Pending memory is bounded, in all and per sender.
+
+The step window: a peer can push its gradient of (step s, unit u) only after it gathered unit u at
+step s, so only after this rank published its own shard of it. A push is accepted for steps
+committed+1 .. base+window, where base is the highest step this rank has published, started reducing
+or committed in the current epoch; before any of that, every push is rejected. With a declared
+partition plan (`set_plan`) a push must also name a planned unit with its planned numel, in the
+backend's codec and block, and one sender's reservations stay within `window + 1` steps of the plan.
 
 Contributions are kept (decoded, float32) until all arrived; then they are added in rank order
 0..N-1 into the owner's output, so the sum does not depend on arrival order. Receive buffers are
@@ -29,6 +36,8 @@ from communication.errors import (
     StaleMessage,
 )
 from communication.group import PeerGroup
+from communication.tensor_stream import add_into, all_finite
+from communication.wire_plan import WirePlan
 from protos import zerowire_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -52,8 +61,10 @@ class _Entry:
 
 class GradientAccumulator:
     def __init__(
-        self, *, window: int = 2, max_pending_bytes: int = 4 << 30, max_pending_keys: int = 4096
+        self, *, window: int = 1, max_pending_bytes: int = 4 << 30, max_pending_keys: int = 4096
     ) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
         self.window = window
         self.max_pending_bytes = max_pending_bytes
         self.max_pending_keys = max_pending_keys
@@ -61,6 +72,8 @@ class GradientAccumulator:
         self.committed: int | None = None  # highest committed step of the current epoch
         self.latest_local: int | None = None  # highest step this rank has reduced in the current epoch
         self.pending_bytes = 0
+        self.plan: WirePlan | None = None  # the declared plan of the installed epoch
+        self.sender_bytes: dict[int, int] = {}  # bytes reserved per sender rank
         self._entries: dict[AccKey, _Entry] = {}
         self._pool: dict[PoolKey, list[torch.Tensor]] = {}
 
@@ -77,7 +90,17 @@ class GradientAccumulator:
         self.group = group
         self.committed = None
         self.latest_local = None
+        if self.plan is not None and self.plan.epoch != group.epoch:
+            self.plan = None
         self._fail_older(group.epoch)
+
+    def set_plan(self, plan: WirePlan) -> None:
+        """The partition plan of the installed epoch (a plan of another epoch is ignored)."""
+        if self.group is not None and plan.epoch == self.group.epoch:
+            self.plan = plan
+
+    def _plan(self, epoch: int) -> WirePlan | None:
+        return self.plan if self.plan is not None and self.plan.epoch == epoch else None
 
     def set_epoch(self, epoch: int) -> None:
         self._fail_older(epoch)
@@ -95,22 +118,33 @@ class GradientAccumulator:
             raise StaleMessage("no membership epoch installed yet")
         return self.group
 
-    def _check_step(self, epoch: int, step: int) -> None:
+    def _check_step(self, epoch: int, step: int, published: int | None, *, remote: bool) -> None:
         group = self._group()
         if epoch != group.epoch:
             raise StaleMessage(f"epoch {epoch} is not the installed epoch {group.epoch} ({group.describe()})")
         if self.committed is not None and step <= self.committed:
             raise StaleMessage(f"step {step} is already committed (last {self.committed})")
-        base = max((s for s in (self.committed, self.latest_local) if s is not None), default=None)
+        known = (self.committed, self.latest_local, published)
+        base = max((s for s in known if s is not None), default=None)
+        if base is None and remote:
+            raise StaleMessage(
+                f"step {step}: this rank has published nothing in epoch {epoch} yet, so no peer can push"
+            )
         if base is not None and step > base + self.window:
             raise StaleMessage(f"step {step} is more than {self.window} steps ahead of {base}")
 
-    def reserve(self, h: pb.TensorHeader) -> torch.Tensor:
-        """Validate a contribution's header and reserve a receive buffer for its payload."""
+    def reserve(self, h: pb.TensorHeader, published: int | None = None) -> torch.Tensor:
+        """Validate a contribution's header and reserve a receive buffer for its payload.
+
+        `published`: the highest step this rank has published a shard for in the header's epoch.
+        """
         group = self._group()
         if h.job_id != group.job_id:
             raise InvalidMessage(f"job {h.job_id!r} is not {group.job_id!r}")
-        self._check_step(h.epoch, h.step)
+        self._check_step(h.epoch, h.step, published, remote=True)
+        plan = self._plan(h.epoch)
+        if plan is not None:
+            plan.check_push(h)
         if h.shard != group.rank:
             raise InvalidMessage(f"shard {h.shard} sent to rank {group.rank}")
         if not 0 <= h.sender < group.world_size or h.sender == group.rank:
@@ -135,6 +169,12 @@ class GradientAccumulator:
         need = h.payload_bytes + (0 if h.codec == pb.CODEC_NONE else 4 * h.numel)
         if self.pending_bytes + need > self.max_pending_bytes:
             raise ResourceExhausted(f"pending gradients would exceed {self.max_pending_bytes} bytes")
+        held = self.sender_bytes.get(h.sender, 0)
+        if plan is not None and held + need > (self.window + 1) * plan.step_bytes:
+            raise ResourceExhausted(
+                f"rank {h.sender} would hold {held + need} bytes reserved, more than {self.window + 1} "
+                f"steps of the plan ({plan.step_bytes} bytes each)"
+            )
         if entry is None:
             if len(self._entries) >= self.max_pending_keys:
                 raise ResourceExhausted(f"more than {self.max_pending_keys} pending reductions")
@@ -143,6 +183,7 @@ class GradientAccumulator:
         entry.seen.add(h.sender)
         entry.reserved[h.sender] = need
         self.pending_bytes += need
+        self.sender_bytes[h.sender] = held + need
         return self._take(entry, h.sender, (h.unit, h.sender, 0, h.payload_bytes), torch.uint8)
 
     def _take(self, entry: _Entry, sender: int, pool_key: PoolKey, dtype: torch.dtype) -> torch.Tensor:
@@ -162,7 +203,7 @@ class GradientAccumulator:
         if entry is None or h.sender in entry.parts:
             return
         entry.seen.discard(h.sender)
-        self.pending_bytes -= entry.reserved.pop(h.sender, 0)
+        self._unreserve(h.sender, entry.reserved.pop(h.sender, 0))
         for pool_key, buf in entry.buffers.pop(h.sender, []):
             self._give_back(pool_key, buf)
         if not entry.seen and entry.error is None:  # nothing left of it: as if it never came
@@ -177,7 +218,7 @@ class GradientAccumulator:
         entry = self._entries.get(key)
         if entry is None or h.sender not in entry.seen:
             raise StaleMessage(f"no reservation for rank {h.sender} at {key}")
-        if not (bool(torch.isfinite(part.amax())) and bool(torch.isfinite(part.amin()))):
+        if not all_finite(part):
             err = InvalidMessage(f"rank {h.sender} sent non-finite gradient values for {key}; not applied")
             log.warning("%s", err)
             entry.error = entry.error or err
@@ -191,7 +232,10 @@ class GradientAccumulator:
     def contribute_local(self, epoch: int, step: int, unit: int, part: torch.Tensor) -> None:
         """This rank's own slice (kept by reference until the sum is done)."""
         group = self._group()
-        self._check_step(epoch, step)
+        self._check_step(epoch, step, None, remote=False)
+        plan = self._plan(epoch)
+        if plan is not None:
+            plan.check_local(unit, part.numel(), "this rank's gradient")
         self.latest_local = step if self.latest_local is None else max(self.latest_local, step)
         key = (epoch, step, unit)
         entry = self._entries.setdefault(key, _Entry())
@@ -235,9 +279,9 @@ class GradientAccumulator:
         if world == 1:
             flat.copy_(entry.parts[0])
         else:  # ((p0 + p1) + p2) + ... : rank order, float32, one pass per part
-            torch.add(entry.parts[0], entry.parts[1], out=flat)
+            add_into(flat, entry.parts[0], entry.parts[1])
             for r in range(2, world):
-                flat.add_(entry.parts[r])
+                add_into(flat, flat, entry.parts[r])
         entry.done = True
         self._release(entry)
         return out
@@ -251,8 +295,17 @@ class GradientAccumulator:
             entry = self._entries.pop(key)
             self._release(entry)
 
+    def _unreserve(self, sender: int, nbytes: int) -> None:
+        self.pending_bytes -= nbytes
+        left = self.sender_bytes.get(sender, 0) - nbytes
+        if left > 0:
+            self.sender_bytes[sender] = left
+        else:
+            self.sender_bytes.pop(sender, None)
+
     def _release(self, entry: _Entry) -> None:
-        self.pending_bytes -= sum(entry.reserved.values())
+        for sender, nbytes in entry.reserved.items():
+            self._unreserve(sender, nbytes)
         entry.reserved.clear()
         for sender, bufs in entry.buffers.items():
             # a buffer whose stream is still arriving may yet be written to: never reuse it

@@ -6,6 +6,7 @@ while the current one computes. Every call names its PeerGroup (job, epoch, memb
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
@@ -46,6 +47,16 @@ class CollectiveBackend(Protocol):
     def set_group(self, group: PeerGroup) -> None:
         """Install the membership of an epoch before its first step, so messages from its members are
         accepted (and those of any other epoch rejected). A newer epoch cancels older in-flight calls."""
+        ...
+
+    def set_plan(self, group: PeerGroup, shard_numels: Mapping[int, int]) -> None:
+        """Declare the partition plan of `group`'s epoch: for each unit id that travels (parameter units
+        and control channels alike), the numel of every rank's shard (float32). Called after
+        partitioning, before the epoch's first collective, and again for every new epoch.
+
+        A call of this rank that does not follow the plan fails with InvalidMessage; a peer's message
+        that does not (unit, numel, dtype, codec, block, byte range) is rejected before anything is
+        allocated for it. ValueError on a malformed plan."""
         ...
 
     def set_epoch(self, epoch: int) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 
 from communication.tensor_stream import MAX_MESSAGE_BYTES
+from communication.tls import TlsConfig, secure_channel
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -26,17 +27,18 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 
 
 class ChannelCache:
-    """Channels by "host:port". Use from the event loop that owns them."""
+    """Channels by "host:port" (TLS with `tls`, plaintext without). Use from the event loop that owns them."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TlsConfig | None = None) -> None:
         self._channels: dict[tuple[str, int], grpc.aio.Channel] = {}
+        self._tls = tls
 
     def get(self, address: str, lane: int = 0) -> grpc.aio.Channel:
         """The channel of `lane` to `address`: each lane is its own TCP connection (parallel streams)."""
         channel = self._channels.get((address, lane))
         if channel is None:
             options = [*CHANNEL_OPTIONS, ("zerowire.lane", lane)]
-            channel = self._channels[(address, lane)] = grpc.aio.insecure_channel(address, options=options)
+            channel = self._channels[(address, lane)] = secure_channel(address, options, self._tls)
         return channel
 
     async def close(self) -> None:

@@ -20,6 +20,7 @@ from typing import Any, cast
 import grpc
 import torch
 
+from communication import peer_auth
 from communication.accumulator import GradientAccumulator
 from communication.channels import ChannelCache
 from communication.compression import get_codec
@@ -38,12 +39,14 @@ from communication.shard_store import Published
 from communication.tensor_stream import (
     PayloadReceiver,
     checksum,
+    copy_into,
     dtype_id,
     parse_chunk,
     range_header,
     split_ranges,
     stream_tensor,
 )
+from communication.tls import connect_hint
 from protos import zerowire_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -60,7 +63,7 @@ _ERRORS: dict[grpc.StatusCode, type[CommError]] = {
 def comm_error(exc: grpc.aio.AioRpcError, what: str) -> CommError:
     """A failed call as a domain error; anything but a clear rejection means the peer is lost."""
     cls = _ERRORS.get(exc.code(), PeerLost)
-    return cls(f"{what}: {exc.code().name}: {exc.details()}")
+    return cls(f"{what}: {exc.code().name}: {exc.details()}{connect_hint(exc.details())}")
 
 
 def _identity(b: bytes) -> bytes:
@@ -209,11 +212,13 @@ async def _fetch_range(
         length=length,
     )
     call = wire.channels.get(group.addresses[peer], lane).unary_stream(
-        FETCH_METHOD, request_serializer=pb.FetchRequest.SerializeToString, response_deserializer=_identity
+        FETCH_METHOD, request_serializer=_identity, response_deserializer=_identity
     )
+    raw = req.SerializeToString()  # the MAC covers these very bytes
+    metadata = (*wire.metadata, *peer_auth.mac_metadata(group, peer, FETCH_METHOD, raw))
     receiver: PayloadReceiver | None = None
     try:
-        stream = call(req, timeout=time_limit, metadata=wire.metadata)
+        stream = call(raw, timeout=time_limit, metadata=metadata)
         async for message in stream:
             header, data = parse_chunk(message)
             if receiver is None:
@@ -267,8 +272,9 @@ async def all_gather(
     n = own.numel()
     flat = out.view(-1)
     mine = flat[group.rank * n : (group.rank + 1) * n]
-    if codec == pb.CODEC_NONE:
-        mine.copy_(own.reshape(-1))
+    local: asyncio.Future[None] | None = None
+    if codec == pb.CODEC_NONE:  # copied off the loop while the fetches run
+        local = asyncio.get_running_loop().run_in_executor(wire.copier(), copy_into, mine, own.reshape(-1))
     else:  # every rank computes with the same (decoded) values of every shard, this one included
         get_codec(codec).decode_into(pub.payload, block, mine)
     fetches = [
@@ -276,7 +282,13 @@ async def all_gather(
         for p in group.peers()
         if p != group.rank
     ]
-    await run_all(fetches, time_limit, f"{group.describe()} all_gather step={step} unit={unit}")
+    try:
+        await run_all(fetches, time_limit, f"{group.describe()} all_gather step={step} unit={unit}")
+    finally:
+        if local is not None:  # nothing may write into `out` once this returns
+            await asyncio.wait([local])
+    if local is not None:
+        local.result()
     return out
 
 
@@ -292,8 +304,9 @@ async def push(
         crc = await asyncio.get_running_loop().run_in_executor(wire.copier(), checksum, payload)
         header = range_header(header, 0, payload.numel(), crc)
     chunks: Iterator[bytes] = stream_tensor(header, payload)
+    mac = peer_auth.mac_metadata(group, dest, PUSH_METHOD, peer_auth.push_message(header))
     try:
-        ack = await call(chunks, timeout=time_limit, metadata=wire.metadata)
+        ack = await call(chunks, timeout=time_limit, metadata=(*wire.metadata, *mac))
     except grpc.aio.AioRpcError as exc:
         raise comm_error(exc, what) from None
     if ack.received_bytes != payload.numel():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -11,6 +11,8 @@ class PeerGroup:
 
     `addresses[r]` is rank r's advertised gRPC address ("host:port"); `host_ids[r]` names its machine
     (equal host ids mean co-located workers, which may use the torch.distributed fast path).
+    `peer_keys[r]` is this rank's data-plane key with rank r in this epoch (from the coordinator's barrier
+    answer; empty when it handed out none). Secret: left out of repr and comparisons.
     """
 
     job_id: str
@@ -18,6 +20,7 @@ class PeerGroup:
     rank: int
     addresses: tuple[str, ...]
     host_ids: tuple[str, ...] = ()
+    peer_keys: dict[int, bytes] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.job_id:

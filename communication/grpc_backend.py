@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -34,14 +34,16 @@ from communication.compression import (
     MAX_INT8_BLOCK,
     ErrorFeedback,
     codec_id_for,
-    get_codec,
 )
 from communication.errors import CommError, EpochChanged
 from communication.group import PeerGroup
+from communication.peer_limits import STREAMS_PER_PEER
 from communication.server import create_server, token_metadata
-from communication.servicer import WireCounters, WireServicer
-from communication.shard_store import Published, ShardStore
+from communication.servicer import IDLE_TIMEOUT_S, STREAM_TIMEOUT_S, WireCounters, WireServicer
+from communication.shard_store import Published, ShardStore, encode_shard
 from communication.tensor_stream import Key, make_header
+from communication.tls import TlsConfig
+from communication.wire_plan import WirePlan
 from protos import zerowire_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -55,12 +57,14 @@ class GrpcBackend:
         compression: str = "none",
         int8_block: int = DEFAULT_INT8_BLOCK,
         *,
-        window: int = 2,
+        window: int = 1,
         max_pending_bytes: int = 4 << 30,
-        idle_timeout: float = 30.0,
+        idle_timeout: float = IDLE_TIMEOUT_S,
+        stream_timeout: float = STREAM_TIMEOUT_S,
         copy_threads: int = 0,
         stripes: int = 1,
         stripe_min_bytes: int = 4 << 20,
+        tls: TlsConfig | None = None,
     ) -> None:
         if not token:
             raise ValueError("GrpcBackend needs the cluster token")
@@ -72,11 +76,15 @@ class GrpcBackend:
         self._window = window
         self._max_pending_bytes = max_pending_bytes
         self._idle_timeout = idle_timeout
+        self._stream_timeout = stream_timeout  # longest push or fetch served; >= the collective timeout
+        if not 0 < idle_timeout <= stream_timeout:
+            raise ValueError(f"need 0 < idle_timeout ({idle_timeout:g}) <= stream_timeout ({stream_timeout})")
         self._copy_threads = copy_threads
         if stripes < 1:
             raise ValueError(f"stripes must be >= 1, got {stripes}")
         self._stripes = stripes
         self._stripe_min_bytes = stripe_min_bytes
+        self._tls = tls  # TLS for the server and the channels to peers (mutual with a CA); None: plaintext
         self._feedback = ErrorFeedback(self.codec, int8_block)
         self._epoch = -1
         self._groups: dict[int, PeerGroup] = {}
@@ -105,7 +113,7 @@ class GrpcBackend:
         self._store = ShardStore()
         accumulator = GradientAccumulator(window=self._window, max_pending_bytes=self._max_pending_bytes)
         self._wire = collectives.Wire(
-            ChannelCache(),
+            ChannelCache(self._tls),
             accumulator,
             self._counters,
             token_metadata(self._token),
@@ -119,9 +127,11 @@ class GrpcBackend:
             accumulator,
             self._counters,
             idle_timeout=self._idle_timeout,
+            stream_timeout=self._stream_timeout,
+            streams_per_peer=STREAMS_PER_PEER * self._stripes,  # a striped fetch is several streams
             copier=self._wire.copier,
         )
-        self._server, port = create_server(bind, servicer, self._token)
+        self._server, port = create_server(bind, servicer, self._token, self._tls)
         await self._server.start()
         return port
 
@@ -242,6 +252,18 @@ class GrpcBackend:
         self._on_loop(install)
         log.info("installed %s", group.describe())
 
+    def set_plan(self, group: PeerGroup, shard_numels: Mapping[int, int]) -> None:
+        """See CollectiveBackend: the plan of `group`'s epoch, in this backend's codec and block."""
+        plan = WirePlan.build(group.epoch, shard_numels, self.codec, self.block)
+        self._check_group(group)
+
+        def install() -> None:
+            assert self._store is not None and self._wire is not None
+            self._store.set_plan(plan)
+            self._wire.accumulator.set_plan(plan)
+
+        self._on_loop(install)
+
     def set_epoch(self, epoch: int) -> None:
         self._require_loop()
         if epoch <= self._epoch:
@@ -253,27 +275,7 @@ class GrpcBackend:
     def _encode_shard(self, group: PeerGroup, step: int, unit: int, flat: torch.Tensor) -> Published:
         assert self._store is not None
         pub = self._store.lookup((group.epoch, step, unit), flat)
-        if pub is not None:
-            return pub
-        codec = get_codec(self.codec)
-        if self.codec == pb.CODEC_NONE:
-            payload = flat.view(torch.uint8)  # served from the shard's own memory
-        else:
-            payload = torch.empty(
-                codec.payload_bytes(flat.numel(), flat.dtype, self.block), dtype=torch.uint8
-            )
-            codec.encode_into(flat, self.block, payload)
-        header = make_header(
-            Key(group.job_id, group.epoch, step, unit, group.rank),
-            group.rank,
-            flat.dtype,
-            flat.numel(),
-            self.codec,
-            self.block,
-            payload,
-            with_checksum=False,
-        )
-        return Published(header, payload)
+        return pub if pub is not None else encode_shard(group, step, unit, flat, self.codec, self.block)
 
     @staticmethod
     def _flat(t: torch.Tensor) -> torch.Tensor:

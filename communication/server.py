@@ -14,6 +14,7 @@ from grpc_health.v1._async import HealthServicer
 
 from communication.servicer import WireServicer
 from communication.tensor_stream import MAX_MESSAGE_BYTES
+from communication.tls import TlsConfig, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,9 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.so_reuseport", 0),
 ]
+# Calls served at once, all peers together (beyond: RESOURCE_EXHAUSTED). Each peer holds at most its
+# share of streams (communication.peer_limits), so this bounds only what a flood of callers can hold.
+MAX_CONCURRENT_RPCS = 2048
 
 
 def token_metadata(token: str) -> tuple[tuple[str, str], ...]:
@@ -75,13 +79,24 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-def create_server(bind: str, servicer: WireServicer, token: str) -> tuple[grpc.aio.Server, int]:
-    """Build (not start) the server on `bind` ("host:port", port 0 picks a free one)."""
-    server = grpc.aio.server(interceptors=[TokenInterceptor(token)], options=SERVER_OPTIONS)
+def create_server(
+    bind: str,
+    servicer: WireServicer,
+    token: str,
+    tls: TlsConfig | None = None,
+    max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS,
+) -> tuple[grpc.aio.Server, int]:
+    """Build (not start) the server on `bind` ("host:port", port 0 picks a free one); TLS with `tls`
+    (mutual when it has a CA), plaintext without."""
+    server = grpc.aio.server(
+        interceptors=[TokenInterceptor(token)],
+        options=SERVER_OPTIONS,
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
+    )
     server.add_generic_rpc_handlers((servicer.handler(),))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = server.add_insecure_port(bind)
+    port = server.add_secure_port(bind, server_credentials(tls)) if tls else server.add_insecure_port(bind)
     if port == 0:
         raise OSError(f"cannot bind the wire server to {bind}")
     return server, port

@@ -3,6 +3,14 @@ gradient contribution into the accumulator).
 
 Messages are (de)serialized by communication.tensor_stream (see there why). Every domain error is
 mapped to one gRPC status code; a rejected message changes nothing.
+
+Admission of a call, in order, before anything is allocated or waited on for it: the job and epoch it
+names are the installed ones (a fetch for a newer epoch waits for it, in a bounded pool), the sender is
+another member, its MAC proves it is that member (communication.peer_auth, when the group has keys),
+it holds at most its share of concurrent streams (communication.peer_limits), and the unit, numel,
+codec, block and byte range match the declared partition plan (communication.wire_plan). A push must
+finish within the call's deadline and `stream_timeout`, with no gap over `idle_timeout` between
+messages; a stream that does not loses its reservation.
 """
 
 from __future__ import annotations
@@ -11,11 +19,13 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import grpc
 import torch
 
+from communication import peer_auth
 from communication.accumulator import GradientAccumulator
 from communication.compression import get_codec
 from communication.errors import (
@@ -28,7 +38,9 @@ from communication.errors import (
     StaleMessage,
     Unauthenticated,
 )
-from communication.shard_store import ShardStore
+from communication.group import PeerGroup
+from communication.peer_limits import STREAMS_PER_PEER, StreamLimits
+from communication.shard_store import Published, ShardStore
 from communication.tensor_stream import (
     PayloadReceiver,
     as_memoryview,
@@ -44,6 +56,8 @@ log = logging.getLogger(__name__)
 SERVICE = "zerowire.v1.Wire"
 FETCH_METHOD = f"/{SERVICE}/FetchShard"
 PUSH_METHOD = f"/{SERVICE}/PushGradient"
+IDLE_TIMEOUT_S = 10.0  # longest gap between two messages of a push
+STREAM_TIMEOUT_S = 120.0  # longest push or fetch, whatever deadline its caller set
 
 STATUS_FOR: dict[type[CommError], grpc.StatusCode] = {
     InvalidMessage: grpc.StatusCode.INVALID_ARGUMENT,
@@ -81,15 +95,24 @@ class WireServicer:
         counters: WireCounters,
         *,
         max_wait: float = 600.0,
-        idle_timeout: float = 30.0,
+        idle_timeout: float = IDLE_TIMEOUT_S,
+        stream_timeout: float = STREAM_TIMEOUT_S,
+        streams_per_peer: int = STREAMS_PER_PEER,
         copier: Callable[[], Executor | None] | None = None,
     ) -> None:
+        if not 0 < idle_timeout <= stream_timeout:
+            raise ValueError(
+                f"timeouts must nest: 0 < idle timeout ({idle_timeout:g} s) <= stream timeout "
+                f"({stream_timeout:g} s)"
+            )
         self.copier = copier
         self.store = store
         self.accumulator = accumulator
         self.counters = counters
         self.max_wait = max_wait
         self.idle_timeout = idle_timeout
+        self.stream_timeout = stream_timeout
+        self.limits = StreamLimits(streams_per_peer)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -106,38 +129,90 @@ class WireServicer:
             },
         )
 
-    async def fetch_shard(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    @staticmethod
+    def _time_left(context: grpc.aio.ServicerContext, cap: float) -> float:
+        remaining = context.time_remaining()
+        return cap if remaining is None else min(remaining, cap)
+
+    def _admit(
+        self,
+        group: PeerGroup,
+        job_id: str,
+        epoch: int,
+        sender: int,
+        method: str,
+        message: bytes,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """The call names the installed job and epoch, another member as sender, and proves it is that
+        member (when the group has keys)."""
+        if job_id != group.job_id:
+            raise InvalidMessage(f"job {job_id!r} is not {group.job_id!r}")
+        if epoch != group.epoch:
+            raise StaleMessage(f"epoch {epoch} is not the installed epoch {group.epoch} ({group.describe()})")
+        if not 0 <= sender < group.world_size or sender == group.rank:
+            raise InvalidMessage(f"sender {sender} is not a peer in {group.describe()}")
+        presented = peer_auth.presented_mac(context.invocation_metadata())
+        peer_auth.verify(group, sender, method, message, presented)
+
+    async def _installed(self, epoch: int, time_limit: float) -> PeerGroup:
+        """The installed group of `epoch`; a newer epoch is waited for (its keys are not known before)."""
+        group = self.store.group
+        if group is not None and group.epoch == epoch:
+            return group
+        if epoch < self.store.epoch:
+            raise StaleMessage(f"epoch {epoch} is over (now {self.store.epoch})")
+        with self.limits.waiting():
+            return await self.store.wait_group(epoch, time_limit)
+
+    async def _prepare_fetch(
+        self, request: bytes, context: grpc.aio.ServicerContext, held: ExitStack, deadline: float
+    ) -> tuple[Published, int, int, int]:
         try:
+            req = pb.FetchRequest.FromString(request)
+        except Exception as exc:
+            raise InvalidMessage(f"malformed FetchRequest: {exc}") from None
+        loop = asyncio.get_running_loop()
+        installed = self.store.group
+        if installed is not None and req.job_id != installed.job_id:
+            raise InvalidMessage(f"job {req.job_id!r} is not {installed.job_id!r}")
+        get_codec(req.codec)
+        group = await self._installed(req.epoch, deadline - loop.time())
+        self._admit(group, req.job_id, req.epoch, req.sender, FETCH_METHOD, request, context)
+        if req.shard != group.rank:
+            raise InvalidMessage(f"asked rank {group.rank} for the shard of rank {req.shard}")
+        held.enter_context(self.limits.slot("FetchShard", req.sender))
+        self.store.check_fetch(req)
+        pub = await self.store.wait(
+            (req.epoch, req.step, req.unit), req.codec, req.block_size, deadline - loop.time()
+        )
+        total = pub.payload.numel()
+        offset, length = req.offset, (req.length or total - req.offset)
+        if offset + length > total or length <= 0:
+            raise InvalidMessage(f"range [{offset}, +{length}) outside the payload of {total} bytes")
+        crc = await pub.range_checksum(offset, length, self.copier() if self.copier else None)
+        return pub, offset, length, crc
+
+    async def fetch_shard(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._time_left(context, self.max_wait)
+        with ExitStack() as held:  # this sender's stream slot, until the last chunk is out
             try:
-                req = pb.FetchRequest.FromString(request)
-            except Exception as exc:
-                raise InvalidMessage(f"malformed FetchRequest: {exc}") from None
-            group = self.store.group
-            if group is not None and req.job_id != group.job_id:
-                raise InvalidMessage(f"job {req.job_id!r} is not {group.job_id!r}")
-            get_codec(req.codec)
-            remaining = context.time_remaining()
-            timeout = self.max_wait if remaining is None else min(remaining, self.max_wait)
-            pub = await self.store.wait((req.epoch, req.step, req.unit), req.codec, req.block_size, timeout)
-            group = self.store.group
-            assert group is not None and group.epoch == req.epoch
-            if req.shard != group.rank:
-                raise InvalidMessage(f"asked rank {group.rank} for the shard of rank {req.shard}")
-            if not 0 <= req.sender < group.world_size or req.sender == group.rank:
-                raise InvalidMessage(f"sender {req.sender} is not a peer in {group.describe()}")
-            total = pub.payload.numel()
-            offset, length = req.offset, (req.length or total - req.offset)
-            if offset + length > total or length <= 0:
-                raise InvalidMessage(f"range [{offset}, +{length}) outside the payload of {total} bytes")
-            crc = await pub.range_checksum(offset, length, self.copier() if self.copier else None)
-        except CommError as exc:
-            log.info("FetchShard rejected: %s", exc)
-            await context.abort(status_for(exc), str(exc))
-            return
-        yield header_chunk(range_header(pub.header, offset, length, crc))
-        for chunk in data_chunks(as_memoryview(pub.payload[offset : offset + length])):
-            yield chunk
-        self.counters.bytes_sent += length
+                pub, offset, length, crc = await self._prepare_fetch(request, context, held, deadline)
+            except CommError as exc:
+                log.info("FetchShard rejected: %s", exc)
+                await context.abort(status_for(exc), str(exc))
+                return
+            serve_until = loop.time() + self._time_left(context, self.stream_timeout)
+            yield header_chunk(range_header(pub.header, offset, length, crc))
+            for chunk in data_chunks(as_memoryview(pub.payload[offset : offset + length])):
+                if loop.time() > serve_until:
+                    await context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"the fetch was not read within {self.stream_timeout:.1f}s",
+                    )
+                yield chunk
+            self.counters.bytes_sent += length
 
     async def push_gradient(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -145,20 +220,28 @@ class WireServicer:
         header: pb.TensorHeader | None = None
         receiver: PayloadReceiver | None = None
         reserved = False
+        deadline = asyncio.get_running_loop().time() + self._time_left(context, self.stream_timeout)
+        held = ExitStack()  # this sender's stream slot, until the stream is settled
         try:
             it = requests.__aiter__()
-            first = await self._next(it)
+            first = await self._next(it, deadline)
             if first is None:
                 raise InvalidMessage("empty stream: the first message must carry a header")
             header, data = parse_chunk(first)
             if header is None:
                 raise InvalidMessage("the first message of a stream must carry a header")
-            buffer = self.accumulator.reserve(header)
+            group = self.accumulator.group
+            if group is None:
+                raise StaleMessage("no membership epoch installed yet")
+            message = peer_auth.push_message(header)
+            self._admit(group, header.job_id, header.epoch, header.sender, PUSH_METHOD, message, context)
+            held.enter_context(self.limits.slot("PushGradient", header.sender, self._push_limit()))
+            buffer = self.accumulator.reserve(header, self.store.published(header.epoch))
             reserved = True
             receiver = PayloadReceiver(header, buffer, self.copier() if self.copier else None)
             if len(data):
                 receiver.add(data)
-            while (msg := await self._next(it)) is not None:
+            while (msg := await self._next(it, deadline)) is not None:
                 again, data = parse_chunk(msg)
                 if again is not None:
                     raise InvalidMessage("a header in the middle of a stream")
@@ -176,12 +259,21 @@ class WireServicer:
             return pb.PushAck(received_bytes=payload.numel())
         except CommError as exc:
             self._release(header if reserved else None, receiver)
+            held.close()
             log.info("PushGradient rejected: %s", exc)
             await context.abort(status_for(exc), str(exc))
             raise AssertionError("unreachable") from None
         except BaseException:
             self._release(header if reserved else None, receiver)
             raise
+        finally:
+            held.close()
+
+    def _push_limit(self) -> int:
+        """Concurrent pushes one sender may have: streams_per_peer, or one per planned unit if more
+        (a peer may push every unit of a step at once)."""
+        plan = self.accumulator.plan
+        return max(self.limits.per_peer, len(plan) if plan is not None else 0)
 
     def _release(self, header: pb.TensorHeader | None, receiver: PayloadReceiver | None) -> None:
         """Free a failed contribution's slot, once no copy into its buffer is pending."""
@@ -190,10 +282,17 @@ class WireServicer:
         if header is not None:
             self.accumulator.abandon(header)
 
-    async def _next(self, it: AsyncIterator[bytes]) -> bytes | None:
+    async def _next(self, it: AsyncIterator[bytes], deadline: float) -> bytes | None:
+        """The next message, within the idle timeout and the stream's deadline (loop time)."""
+        left = deadline - asyncio.get_running_loop().time()
+        wait = min(self.idle_timeout, left)
         try:
-            return await asyncio.wait_for(it.__anext__(), self.idle_timeout)
+            if wait <= 0:
+                raise TimeoutError
+            return await asyncio.wait_for(it.__anext__(), wait)
         except StopAsyncIteration:
             return None
         except TimeoutError:
+            if wait < self.idle_timeout:
+                raise CollectiveTimeout("the stream did not finish within its time limit") from None
             raise CollectiveTimeout(f"stream idle for {self.idle_timeout:.1f}s") from None

@@ -2,22 +2,25 @@
 
 `FakeHub(world_size)` is shared by the ranks (threads of one process); `hub.backend(rank)` gives each
 rank a CollectiveBackend with the same semantics as the gRPC one: rank-order fp32 reduction on the
-owner, epoch fencing, timeouts. A deterministic `FaultInjector` keyed by (rank, step) makes a rank
-fail as if it had died.
+owner, epoch fencing, timeouts, and calls checked against the declared partition plan. A deterministic
+`FaultInjector` keyed by (rank, step) makes a rank fail as if it had died.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from communication.backend import WireStats
-from communication.errors import CollectiveTimeout, EpochChanged, PeerLost
+from communication.errors import CollectiveTimeout, EpochChanged, InvalidMessage, PeerLost
 from communication.group import PeerGroup
+from communication.wire_plan import WirePlan
+from protos import zerowire_pb2 as pb
 
 
 @dataclass
@@ -70,12 +73,26 @@ class FakeBackend:
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"fake-r{rank}")
         self._sent = 0
         self._received = 0
+        self._plan: WirePlan | None = None
 
     def _check(self, group: PeerGroup, step: int) -> None:
         if group.rank != self.rank or group.world_size != self.hub.world_size:
             raise ValueError(f"group {group.describe()} does not match fake rank {self.rank}")
         if self.hub.faults.is_dead(self.rank, step):
             raise PeerLost(f"rank {self.rank} is dead at step {step} (injected)")
+
+    def _off_plan(self, group: PeerGroup, unit: int, numel: int, what: str) -> Future[torch.Tensor] | None:
+        """A failed future if the declared plan of the group's epoch does not have this call."""
+        plan = self._plan
+        if plan is None or plan.epoch != group.epoch:
+            return None
+        try:
+            plan.check_local(unit, numel, what)
+        except InvalidMessage as exc:
+            failed: Future[torch.Tensor] = Future()
+            failed.set_exception(exc)
+            return failed
+        return None
 
     def all_gather(
         self, group: PeerGroup, step: int, unit: int, shard: torch.Tensor, out: torch.Tensor, timeout: float
@@ -84,6 +101,8 @@ class FakeBackend:
         n = shard.numel()
         if out.numel() != n * group.world_size:
             raise ValueError(f"out has {out.numel()} elements, expected {n * group.world_size}")
+        if (failed := self._off_plan(group, unit, n, "this rank's shard")) is not None:
+            return failed
         hub = self.hub
         with hub._cond:
             hub._shards[(group.epoch, step, unit, self.rank)] = shard.detach().clone()
@@ -112,6 +131,8 @@ class FakeBackend:
         n = out.numel()
         if full.numel() != n * group.world_size:
             raise ValueError(f"full has {full.numel()} elements, expected {n * group.world_size}")
+        if (failed := self._off_plan(group, unit, n, "this rank's gradient")) is not None:
+            return failed
         hub = self.hub
         flat = full.detach().reshape(-1)
         with hub._cond:
@@ -142,6 +163,9 @@ class FakeBackend:
 
     def set_group(self, group: PeerGroup) -> None:
         self.hub.set_epoch(group.epoch)
+
+    def set_plan(self, group: PeerGroup, shard_numels: Mapping[int, int]) -> None:
+        self._plan = WirePlan.build(group.epoch, shard_numels, pb.CODEC_NONE, 0)
 
     def set_epoch(self, epoch: int) -> None:
         self.hub.set_epoch(epoch)

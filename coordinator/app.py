@@ -6,14 +6,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
-from coordinator.auth import BEARER_SCHEME, require_token
+from coordinator import openapi as api_docs
 from coordinator.clock import Clock, SystemClock
 from coordinator.middleware import BodyLimitMiddleware, LatencyMiddleware
 from coordinator.reaper import start_background, stop_background
@@ -54,35 +52,23 @@ def create_app(
     app = FastAPI(
         title="zerowire coordinator",
         description=(
-            "Membership, ranks, epochs and the job of a zerowire cluster. "
-            "Bearer token on every route but /healthz."
+            "Membership, ranks, epochs and the job of a zerowire cluster. Every route but /healthz needs a "
+            "bearer credential: the cluster token admits a worker (registration, the job), a worker's own "
+            "secret covers its heartbeats, leave and the barrier, and operators use a read-only or an "
+            "admin token. Each operation lists the credentials it admits."
         ),
         version="0.1.0",
         lifespan=lifespan,
+        openapi_url=None,  # served by coordinator.openapi, behind the read-only (or admin) token
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.service = service
     app.state.clock = clock
-    secured = [Depends(require_token)]
     for module in (workers, training, cluster, metrics):
-        app.include_router(module.router, dependencies=secured)
-
-    def openapi() -> dict[str, Any]:
-        """The schema, with the bearer scheme declared on every operation but /healthz (the check itself is
-        one plain dependency, cheaper on the heartbeat path than a security sub-dependency)."""
-        if app.openapi_schema is None:
-            schema = get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes
-            )
-            schema.setdefault("components", {})["securitySchemes"] = {"bearerAuth": BEARER_SCHEME}
-            for path, operations in schema["paths"].items():
-                if path != "/healthz":
-                    for operation in operations.values():
-                        operation["security"] = [{"bearerAuth": []}]
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+        app.include_router(module.router)
+    api_docs.install(app)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -104,4 +90,12 @@ def create_app(
             "AUTHENTICATION DISABLED (--insecure-no-auth): "
             "anyone who can reach this port controls the cluster"
         )
+    else:
+        if settings.read_token is None and settings.admin_token is None:
+            log.warning(
+                "no --read-token or --admin-token: status, events, metrics and /docs answer no one "
+                "(the cluster token admits workers only)"
+            )
+        if settings.admin_token is None:
+            log.info("no --admin-token: evicting workers is disabled")
     return app

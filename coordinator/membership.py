@@ -7,6 +7,7 @@ Nothing here does I/O or reads a clock: the service layer passes `now` (monotoni
 from __future__ import annotations
 
 import dataclasses
+import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -15,7 +16,7 @@ WorkerStatus = Literal["alive", "dead", "left"]
 WorkerState = Literal["starting", "waiting", "training", "finished", "failed"]
 ClusterPhase = Literal["waiting", "training", "reforming", "finished", "failed"]
 Action = Literal["continue", "reform", "stop"]
-EventKind = Literal["joined", "rejoined", "left", "died", "epoch", "coordinator_restarted"]
+EventKind = Literal["joined", "rejoined", "left", "evicted", "died", "epoch", "coordinator_restarted"]
 
 
 class Rejected(Exception):
@@ -57,6 +58,9 @@ class WorkerRecord:
     # Optional per-step telemetry (compute/comm/wait seconds, evaluation); memory only, refreshed by
     # every heartbeat, so a restarted coordinator shows it again after one beat.
     telemetry: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    # sha256 of the worker's secret (b"": none on record, so no secret matches)
+    secret_digest: bytes = dataclasses.field(default=b"", repr=False)
+    ended_wall: float | None = None  # unix seconds when it died or left (purged after the retention)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,11 +166,39 @@ def _bump(
     return Decision(new_state, tuple(events), reason, tuple(sorted(changed | reranked)), n)
 
 
+def proves(record: WorkerRecord | None, proof: bytes | None) -> bool:
+    """Whether `proof` (the sha256 of a presented secret) is the digest of `record`'s secret."""
+    if record is None or proof is None or not record.secret_digest:
+        return False
+    return hmac.compare_digest(record.secret_digest, proof)
+
+
 def register(
-    state: ClusterState, worker_id: str, info: WorkerInfo, now: float, wall: float, max_workers: int
+    state: ClusterState,
+    worker_id: str,
+    info: WorkerInfo,
+    now: float,
+    wall: float,
+    max_workers: int,
+    *,
+    fresh_digest: bytes,
+    proof: bytes | None = None,
 ) -> Decision:
-    """A join, or a rejoin when the id is known (whatever its status): always a new epoch."""
+    """A join, or a rejoin when the id is known (whatever its status): always a new epoch.
+
+    A live id may be registered again only with its secret (`proof`, the digest of the presented secret):
+    a live worker's address never changes without it (403 otherwise). The record keeps its secret when the
+    proof matches; otherwise (a new id, or a dead or left one whose secret was not presented) it takes
+    `fresh_digest`, the digest of a newly issued secret."""
     old = state.workers.get(worker_id)
+    proven = proves(old, proof)
+    if old is not None and old.status == "alive" and not proven:
+        raise Rejected(
+            403,
+            f"worker id {worker_id!r} is held by a live worker; registering it again needs that worker's "
+            "secret (X-Worker-Secret). A worker that lost its secret registers under another id, or "
+            "after this one is declared dead",
+        )
     n_alive = sum(1 for w in state.workers.values() if w.status == "alive")
     if (old is None or old.status != "alive") and n_alive >= max_workers:
         raise Rejected(409, f"cluster is full: {n_alive} live workers, max_workers={max_workers}")
@@ -185,23 +217,27 @@ def register(
         last_heartbeat=now,
         last_heartbeat_wall=wall,
         epoch_seen=state.epoch + 1,
+        secret_digest=old.secret_digest if old is not None and proven else fresh_digest,
     )
     workers = dict(state.workers)
     workers[worker_id] = record
     return _bump(state, workers, [Event(kind, worker_id, 0, reason, wall)], {worker_id}, reason, wall)
 
 
-def leave(state: ClusterState, worker_id: str, wall: float) -> Decision | None:
-    """A graceful leave. Unknown id: Rejected(404). Already gone: None (nothing changes)."""
+def leave(state: ClusterState, worker_id: str, wall: float, *, evicted: bool = False) -> Decision | None:
+    """A graceful leave, or an operator's eviction (`evicted`). Unknown id: Rejected(404). Already gone:
+    None (nothing changes). Either way the record is `left`: its heartbeats are answered `stop`."""
     old = state.workers.get(worker_id)
     if old is None:
         raise Rejected(404, f"unknown worker {worker_id!r}")
     if old.status != "alive":
         return None
-    reason = f"worker {worker_id} left gracefully (rank {old.rank})"
+    kind: EventKind = "evicted" if evicted else "left"
+    how = "was evicted by an operator" if evicted else "left gracefully"
+    reason = f"worker {worker_id} {how} (rank {old.rank})"
     workers = dict(state.workers)
-    workers[worker_id] = dataclasses.replace(old, status="left", rank=None)
-    return _bump(state, workers, [Event("left", worker_id, 0, reason, wall)], {worker_id}, reason, wall)
+    workers[worker_id] = dataclasses.replace(old, status="left", rank=None, ended_wall=wall)
+    return _bump(state, workers, [Event(kind, worker_id, 0, reason, wall)], {worker_id}, reason, wall)
 
 
 def expiry_deadline(record: WorkerRecord, state: ClusterState, timeout: float) -> float:
@@ -222,7 +258,7 @@ def expire(state: ClusterState, now: float, wall: float, timeout: float) -> Deci
         why = f"worker {w.worker_id} (rank {w.rank}) silent for {silent:.2f} s"
         why += f" > heartbeat timeout {timeout:g} s"
         events.append(Event("died", w.worker_id, 0, why, wall))
-        workers[w.worker_id] = dataclasses.replace(w, status="dead", rank=None)
+        workers[w.worker_id] = dataclasses.replace(w, status="dead", rank=None, ended_wall=wall)
     reason = f"{len(dead)} worker(s) missed the heartbeat timeout: " + ", ".join(
         sorted(w.worker_id for w in dead)
     )
@@ -240,6 +276,25 @@ def restart(state: ClusterState, now: float, wall: float, grace: float) -> Decis
     new_state = dataclasses.replace(state, workers=workers, grace_until=now + grace)
     event = Event("coordinator_restarted", None, state.epoch, reason, wall)
     return Decision(new_state, (event,), reason, (), n)
+
+
+def purge(state: ClusterState, wall: float, retention: float) -> tuple[ClusterState, tuple[str, ...]]:
+    """Forget the records of workers dead or left for longer than `retention` seconds (events stay).
+    Members are never purged, so the epoch does not move. Returns the new state and the purged ids."""
+    gone = tuple(
+        sorted(
+            wid for wid, w in state.workers.items() if w.status != "alive" and wall - _ended(w) > retention
+        )
+    )
+    if not gone:
+        return state, ()
+    dropped = set(gone)
+    workers = {wid: w for wid, w in state.workers.items() if wid not in dropped}
+    return dataclasses.replace(state, workers=workers), gone
+
+
+def _ended(w: WorkerRecord) -> float:
+    return w.last_heartbeat_wall if w.ended_wall is None else w.ended_wall
 
 
 def absorb_stall(state: ClusterState, now: float, stall: float, timeout: float) -> ClusterState:

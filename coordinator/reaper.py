@@ -1,4 +1,5 @@
-"""Background tasks of the coordinator: heartbeat expiry (the reaper) and the heartbeat flusher."""
+"""Background tasks of the coordinator: heartbeat expiry (the reaper), the heartbeat flusher, and the purge
+of old dead and left worker records."""
 
 from __future__ import annotations
 
@@ -44,11 +45,22 @@ async def run_flusher(service: CoordinatorService, period_s: float) -> None:
             log.exception("heartbeat flush failed at epoch %d", service.state.epoch)
 
 
+async def run_purger(service: CoordinatorService, period_s: float) -> None:
+    """Forgets dead and left worker records older than the retention, once per period."""
+    while True:
+        await asyncio.sleep(period_s)
+        try:
+            service.purge()
+        except Exception:
+            log.exception("purging old worker records failed at epoch %d", service.state.epoch)
+
+
 def start_background(service: CoordinatorService) -> list[asyncio.Task[None]]:
     s = service.settings
     return [
         asyncio.create_task(run_reaper(service, s.reaper_tick_s), name="zerowire-reaper"),
         asyncio.create_task(run_flusher(service, s.heartbeat_flush_interval), name="zerowire-flusher"),
+        asyncio.create_task(run_purger(service, s.purge_every_s), name="zerowire-purger"),
     ]
 
 

@@ -30,6 +30,10 @@ class RegisterResponse(BaseModel):
     heartbeat_timeout_s: float
     rank: int
     world_size: int
+    worker_secret: str = Field(
+        description="this worker's secret: the bearer credential of its heartbeats, leave and barrier calls, "
+        "and the X-Worker-Secret of a re-registration. Shown once; the coordinator keeps only its sha256"
+    )
 
 
 class HeartbeatRequest(BaseModel):
@@ -112,6 +116,11 @@ class ReadyResponse(BaseModel):
     min_workers: int
     job_hash: str
     workers: list[RankedWorkerView]
+    peer_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="for a caller that is a member of this epoch: every other member's worker_id -> the hex "
+        "data-plane key of that pair in this epoch (empty otherwise)",
+    )
 
 
 class JobResponse(BaseModel):
@@ -149,3 +158,17 @@ class EventsResponse(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorBody(BaseModel):
+    detail: list[ValidationIssue]

@@ -1,6 +1,7 @@
 """The thin async layer: applies membership decisions to the in-memory state (authoritative), persists
 them, wakes barrier waiters, and serves views. Heartbeats touch memory only; their fields reach SQLite
-in coalesced batches, while membership changes are written before the request is answered."""
+in coalesced batches, while membership changes are written before the request is answered. It also holds
+the credentials: operator tokens, an index of worker-secret digests, and the data-plane master key."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import cast
 from coordinator import membership as m
 from coordinator.barrier import ChangeSignal, ReadyAnswer, ready_answer
 from coordinator.clock import Clock
+from coordinator.credentials import OperatorTokens, Principal, digest, new_secret, pair_key, same_digest
+from coordinator.ratelimit import RegistrationLimiter
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import Store, heartbeat_row
 from coordinator.telemetry import Metrics
@@ -41,6 +44,17 @@ class CoordinatorService:
         # lock instead of in the event loop's ready queue, so a heartbeat waits behind at most one change.
         self._changes = asyncio.Lock()
         self._worker_gauges = {status: metrics.workers.labels(status) for status in ("alive", "dead", "left")}
+        self.tokens = OperatorTokens(
+            settings.secret("token"), settings.secret("read_token"), settings.secret("admin_token")
+        )
+        self.master_key = b""  # loaded (or created) with the store; never served
+        self._by_digest: dict[bytes, str] = {}  # worker-secret digest -> worker id
+        self.limiter = RegistrationLimiter(
+            settings.register_rate,
+            settings.register_burst,
+            settings.register_rate_global,
+            settings.register_burst_global,
+        )
 
     # -- start-up ------------------------------------------------------------------------------------
     async def start(self, configured_job: JobSpec | None) -> None:
@@ -58,6 +72,8 @@ class CoordinatorService:
         if stored_job is None:
             self.store.save_job(self.job.canonical_json())
         self.state = loaded.state
+        self.master_key = loaded.master_key
+        self._by_digest = {w.secret_digest: wid for wid, w in loaded.state.workers.items() if w.secret_digest}
         if loaded.state.epoch > 0 or loaded.state.workers:
             now = self.clock.monotonic()
             self._apply(m.restart(loaded.state, now, self.clock.wall(), self.settings.grace_s))
@@ -67,6 +83,8 @@ class CoordinatorService:
     # -- membership changes (persisted before answering) ----------------------------------------------
     def _apply(self, decision: m.Decision) -> None:
         self.store.commit(decision.state, decision.changed, decision.events)  # written before it is served
+        for wid in decision.changed:
+            self._index(self.state.workers.get(wid), decision.state.workers.get(wid))
         self.state = decision.state
         self._counts = m.phase_counts(decision.state)
         self._world_size = decision.world_size
@@ -77,22 +95,68 @@ class CoordinatorService:
         self._refresh_gauges()
         log.info("epoch %d: %s", decision.state.epoch, decision.reason)
 
-    async def register(self, worker_id: str | None, info: m.WorkerInfo, clock: Clock) -> m.WorkerRecord:
+    def _index(self, old: m.WorkerRecord | None, new: m.WorkerRecord | None) -> None:
+        if old is not None and old.secret_digest and old.secret_digest != getattr(new, "secret_digest", b""):
+            self._by_digest.pop(old.secret_digest, None)
+        if new is not None and new.secret_digest:
+            self._by_digest[new.secret_digest] = new.worker_id
+
+    def worker_by_digest(self, secret_digest: bytes) -> str | None:
+        return self._by_digest.get(secret_digest)
+
+    async def register(
+        self, worker_id: str | None, info: m.WorkerInfo, clock: Clock, presented_secret: str | None = None
+    ) -> tuple[m.WorkerRecord, str]:
+        """Returns the record and the worker's secret: the presented one when it proved the id (it stays
+        valid), else a fresh one (any older secret of the id stops working)."""
         wid = worker_id or f"w-{secrets.token_hex(6)}"
+        fresh = new_secret()
+        fresh_digest = digest(fresh)
+        proof = digest(presented_secret) if presented_secret else None
         async with self._changes:
             decision = m.register(
-                self.state, wid, info, clock.monotonic(), clock.wall(), self.settings.max_workers
+                self.state,
+                wid,
+                info,
+                clock.monotonic(),
+                clock.wall(),
+                self.settings.max_workers,
+                fresh_digest=fresh_digest,
+                proof=proof,
             )
             self._apply(decision)
             await asyncio.sleep(0)
-        return decision.state.workers[wid]
+        record = decision.state.workers[wid]
+        kept = presented_secret is not None and record.secret_digest != fresh_digest
+        return record, presented_secret if kept and presented_secret is not None else fresh
 
-    async def leave(self, worker_id: str, clock: Clock) -> None:
+    async def leave(self, worker_id: str, clock: Clock, by: Principal) -> None:
+        """The worker's own leave, or an eviction when `by` is the admin. The secret is checked again under
+        the lock: the record may have been registered anew since the request's gate."""
         async with self._changes:
-            decision = m.leave(self.state, worker_id, clock.wall())
+            record = self.state.workers.get(worker_id)
+            if by.kind == "worker" and record is not None and not same_digest(record.secret_digest, by.proof):
+                raise m.Rejected(403, f"not the secret of worker {worker_id!r}")
+            decision = m.leave(self.state, worker_id, clock.wall(), evicted=by.kind == "admin")
             if decision is not None:
                 self._apply(decision)
                 await asyncio.sleep(0)
+
+    def purge(self) -> tuple[str, ...]:
+        """Forget dead and left records older than the retention (events stay). Returns the purged ids."""
+        state, gone = m.purge(self.state, self.clock.wall(), self.settings.record_retention_s)
+        if not gone:
+            return ()
+        self.store.delete_workers(gone)
+        for wid in gone:
+            self._index(self.state.workers[wid], None)
+        self._dirty.difference_update(gone)
+        self.state = state
+        self._refresh_gauges()
+        log.info(
+            "purged %d worker record(s) ended more than %g s ago", len(gone), self.settings.record_retention_s
+        )
+        return gone
 
     def absorb_stall(self, stall_s: float) -> None:
         """Called by the reaper when it woke `stall_s` late: the coordinator, not the workers, was slow."""
@@ -170,6 +234,15 @@ class CoordinatorService:
 
     def ready(self, min_workers: int) -> ReadyAnswer:
         return ready_answer(self.state, min_workers, self.job_hash)
+
+    def peer_keys(self, answer: ReadyAnswer, caller: str | None) -> dict[str, str]:
+        """The caller's data-plane key with every other member of the answered epoch (hex), or {} when the
+        caller is not a member."""
+        ids = [w.worker_id for w in answer.workers]
+        if caller is None or caller not in ids:
+            return {}
+        job_id, epoch, master = self.job.job_id, answer.epoch, self.master_key
+        return {wid: pair_key(master, job_id, epoch, caller, wid).hex() for wid in ids if wid != caller}
 
     def _refresh_gauges(self) -> None:
         counts = Counter(w.status for w in self.state.workers.values())

@@ -1,4 +1,5 @@
-"""SQLite persistence (WAL): workers, the membership epoch, events and the job."""
+"""SQLite persistence (WAL): workers (with the digests of their secrets, never the secrets), the membership
+epoch, events, the job and the data-plane master key."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from coordinator.credentials import new_master_key
 from coordinator.membership import ClusterState, Event, WorkerInfo, WorkerRecord
 
 log = logging.getLogger(__name__)
@@ -20,7 +22,8 @@ CREATE TABLE IF NOT EXISTS workers (
     device TEXT NOT NULL, device_name TEXT, memory_bytes INTEGER, version TEXT,
     status TEXT NOT NULL, rank INTEGER, joined_wall REAL NOT NULL, last_heartbeat_wall REAL NOT NULL,
     epoch_seen INTEGER NOT NULL, step INTEGER NOT NULL, loss REAL, samples_per_s REAL,
-    bytes_sent INTEGER NOT NULL, bytes_received INTEGER NOT NULL, state TEXT NOT NULL
+    bytes_sent INTEGER NOT NULL, bytes_received INTEGER NOT NULL, state TEXT NOT NULL,
+    secret_digest BLOB, ended_wall REAL
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, kind TEXT NOT NULL, worker_id TEXT,
@@ -28,11 +31,14 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
+# columns added after the first release: a file written by an older coordinator gains them on open
+ADDED_COLUMNS = (("secret_digest", "BLOB"), ("ended_wall", "REAL"))
 WORKER_COLUMNS = (
     "worker_id, host, port, host_id, device, device_name, memory_bytes, version, status, rank, joined_wall,"
-    " last_heartbeat_wall, epoch_seen, step, loss, samples_per_s, bytes_sent, bytes_received, state"
+    " last_heartbeat_wall, epoch_seen, step, loss, samples_per_s, bytes_sent, bytes_received, state,"
+    " secret_digest, ended_wall"
 )
-UPSERT_WORKER = f"INSERT OR REPLACE INTO workers ({WORKER_COLUMNS}) VALUES ({', '.join('?' * 19)})"
+UPSERT_WORKER = f"INSERT OR REPLACE INTO workers ({WORKER_COLUMNS}) VALUES ({', '.join('?' * 21)})"
 UPDATE_HEARTBEAT = (
     "UPDATE workers SET last_heartbeat_wall=?, epoch_seen=?, step=?, loss=?, samples_per_s=?, bytes_sent=?,"
     " bytes_received=?, state=? WHERE worker_id=?"
@@ -43,6 +49,7 @@ UPDATE_HEARTBEAT = (
 class Loaded:
     state: ClusterState
     job_json: str | None
+    master_key: bytes
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,7 @@ def worker_row(w: WorkerRecord) -> tuple[Any, ...]:
     return (
         w.worker_id, i.host, i.port, i.host_id, i.device, i.device_name, i.memory_bytes, i.version, w.status,
         w.rank, w.joined_wall, w.last_heartbeat_wall, w.epoch_seen, w.step, w.loss, w.samples_per_s,
-        w.bytes_sent, w.bytes_received, w.state,
+        w.bytes_sent, w.bytes_received, w.state, w.secret_digest or None, w.ended_wall,
     )  # fmt: skip
 
 
@@ -81,6 +88,7 @@ def _record_from_row(row: sqlite3.Row) -> WorkerRecord:
         joined_wall=row["joined_wall"], last_heartbeat=0.0, last_heartbeat_wall=row["last_heartbeat_wall"],
         epoch_seen=row["epoch_seen"], step=row["step"], loss=row["loss"], samples_per_s=row["samples_per_s"],
         bytes_sent=row["bytes_sent"], bytes_received=row["bytes_received"], state=row["state"],
+        secret_digest=bytes(row["secret_digest"] or b""), ended_wall=row["ended_wall"],
     )  # fmt: skip
 
 
@@ -109,8 +117,16 @@ class Store:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(SCHEMA)
+        have = {r["name"] for r in conn.execute("PRAGMA table_info(workers)")}
+        for name, kind in ADDED_COLUMNS:
+            if name not in have:
+                conn.execute(f"ALTER TABLE workers ADD COLUMN {name} {kind}")
         self._conn = conn
         meta = {r["key"]: r["value"] for r in conn.execute("SELECT key, value FROM meta")}
+        if "master_key" not in meta:  # generated once, kept for the life of the file, never served
+            meta["master_key"] = new_master_key().hex()
+            with _transaction(conn):
+                conn.execute("INSERT INTO meta (key, value) VALUES ('master_key', ?)", (meta["master_key"],))
         rows = conn.execute(f"SELECT {WORKER_COLUMNS} FROM workers")
         workers = {r["worker_id"]: _record_from_row(r) for r in rows}
         state = ClusterState(
@@ -120,7 +136,7 @@ class Store:
             trained=meta.get("trained") == "1",
         )
         log.info("opened %s: epoch %d, %d worker record(s)", self.path, state.epoch, len(workers))
-        return Loaded(state, meta.get("job"))
+        return Loaded(state, meta.get("job"), bytes.fromhex(meta["master_key"]))
 
     def close(self) -> None:
         if self._conn is not None:
@@ -146,6 +162,12 @@ class Store:
             db.executemany(
                 "INSERT INTO events (time, kind, worker_id, epoch, reason) VALUES (?, ?, ?, ?, ?)", ev_rows
             )
+
+    def delete_workers(self, worker_ids: Sequence[str]) -> None:
+        """Forget purged worker records (their events stay)."""
+        db = self._db()
+        with _transaction(db):
+            db.executemany("DELETE FROM workers WHERE worker_id = ?", [(wid,) for wid in worker_ids])
 
     def write_heartbeats(self, rows: list[tuple[Any, ...]], meta: dict[str, str]) -> None:
         """Coalesced heartbeat fields (many heartbeats, one transaction) and the sticky job flags."""

@@ -20,6 +20,7 @@ import httpx
 
 from communication.errors import CommError, Unauthenticated
 from communication.group import PeerGroup
+from communication.tls import TlsConfig, client_ssl_context, describe_tls
 from worker.coordinator_client import CoordinatorClient, CoordinatorError, MustRegister
 from worker.formation import (
     EXIT_CONFIG,
@@ -40,7 +41,7 @@ from worker.identity import (
     describe_device,
     parse_job_answer,
 )
-from worker.job import JobSpec
+from worker.job import JobSpec, check_nested_timeouts
 from worker.session import (
     TrainerFactory,
     TrainingSession,
@@ -53,10 +54,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def default_backend_factory(job: JobSpec, token: str) -> Any:
+def default_backend_factory(job: JobSpec, token: str, tls: TlsConfig | None = None) -> Any:
     from communication.grpc_backend import GrpcBackend
 
-    return GrpcBackend(token, compression=job.compression, int8_block=job.int8_block)
+    return GrpcBackend(token, compression=job.compression, int8_block=job.int8_block, tls=tls)
 
 
 class WorkerDaemon:
@@ -65,13 +66,15 @@ class WorkerDaemon:
         cfg: WorkerConfig,
         *,
         trainer_factory: TrainerFactory = default_trainer_factory,
-        backend_factory: Callable[[JobSpec, str], Any] = default_backend_factory,
+        backend_factory: Callable[[JobSpec, str], Any] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.cfg = cfg
         self.trainer_factory = trainer_factory
-        self.backend_factory = backend_factory
-        self.client = CoordinatorClient(cfg.coordinator, cfg.token, transport=transport)
+        self.backend_factory = backend_factory or partial(default_backend_factory, tls=cfg.tls)
+        self.client = CoordinatorClient(
+            cfg.coordinator, cfg.token, transport=transport, verify=client_ssl_context(cfg.tls)
+        )
         self.worker_id = cfg.worker_id or ""
         self.t = Telemetry(worker_id=self.worker_id)
         self.backend: Any = None
@@ -139,15 +142,20 @@ class WorkerDaemon:
         self.t.update(worker_id=self.worker_id, known_epoch=int(answer.get("epoch", 0)))
         self.interval_s = float(answer.get("heartbeat_interval_s", self.interval_s))
         self.timeout_s = float(answer.get("heartbeat_timeout_s", self.timeout_s))
-        log.info("worker %s: registered as %s:%d (gRPC bound on %s)", self.worker_id, host, adv_port, port)
-        hb, hb_timeout = self.interval_s, self.timeout_s
-        coll, barrier = self.cfg.collective_timeout_s, self.cfg.barrier_timeout_s
-        if not hb < hb_timeout < coll < barrier:
-            await self.client.leave(self.worker_id)
-            raise ConfigError(
-                f"timeouts must nest: heartbeat interval ({hb:g} s) < heartbeat timeout ({hb_timeout:g} s) "
-                f"< collective timeout ({coll:g} s) < barrier timeout ({barrier:g} s)"
+        tls = describe_tls(self.cfg.tls)
+        log.info("worker %s: registered as %s:%d (gRPC on %s, %s)", self.worker_id, host, adv_port, port, tls)
+        try:
+            check_nested_timeouts(
+                [
+                    ("heartbeat interval", self.interval_s),
+                    ("heartbeat timeout", self.timeout_s),
+                    ("collective timeout", self.cfg.collective_timeout_s),
+                    ("barrier timeout", self.cfg.barrier_timeout_s),
+                ]
             )
+        except ValueError as exc:
+            await self.client.leave(self.worker_id)
+            raise ConfigError(str(exc)) from None
         self.session = TrainingSession(self.cfg, self.t, self.backend, self.trainer_factory)
         self.heartbeat = Heartbeat(
             self.client,
@@ -353,16 +361,16 @@ class WorkerDaemon:
 
 def run_worker(cfg: WorkerConfig) -> int:
     """Entry point of `zerowire worker`: run the daemon, map errors to a clear message and exit code."""
-    from worker.coordinator_client import CoordinatorUnreachable, Rejected, Unauthorized
+    import worker.coordinator_client as cc
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat is noise
     daemon = WorkerDaemon(cfg)
     try:
         return asyncio.run(daemon.run())
-    except (Unauthorized, CoordinatorUnreachable, ConfigError) as exc:
+    except (cc.Unauthorized, cc.CoordinatorUnreachable, cc.RateLimited, ConfigError) as exc:
         log.error("worker: %s", exc)
         return EXIT_CONFIG
-    except (Rejected, MustRegister) as exc:
+    except (cc.Rejected, cc.Forbidden, MustRegister) as exc:
         log.error("worker: the coordinator refused this worker: %s", exc)
         return EXIT_CONFIG
     except JobMismatch as exc:

@@ -35,11 +35,31 @@ class TooManyReforms(Exception):
     """The cluster keeps re-forming without a single step of progress."""
 
 
+def peer_keys_by_rank(ready: dict[str, Any], ids: tuple[str, ...], worker_id: str) -> dict[int, bytes]:
+    """The barrier's `peer_keys` (worker id -> hex key) keyed by rank; {} when it sent none. A key for a
+    non-member, for this worker itself, or that is not 32 bytes of hex is an error."""
+    raw = ready.get("peer_keys") or {}
+    if not isinstance(raw, dict):
+        raise RuntimeError("barrier answered peer_keys that are not an object")
+    keys: dict[int, bytes] = {}
+    for wid, value in raw.items():
+        if wid not in ids or wid == worker_id:
+            raise RuntimeError(f"barrier answered a peer key for {wid!r}, not another member of the epoch")
+        try:
+            key = bytes.fromhex(str(value))
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise RuntimeError(f"barrier answered a malformed peer key for {wid!r}")
+        keys[ids.index(wid)] = key
+    return keys
+
+
 def group_from_ready(
     ready: dict[str, Any], job: JobSpec, worker_id: str
 ) -> tuple[PeerGroup, tuple[str, ...]]:
     """The PeerGroup of the epoch the barrier announced, as seen by `worker_id`, and its members' ids in
-    rank order. Ranks must be dense and this worker a member."""
+    rank order. Ranks must be dense and this worker a member; the data-plane keys ride along by rank."""
     members = sorted(ready["workers"], key=lambda w: int(w["rank"]))
     ids = tuple(str(w["worker_id"]) for w in members)
     ranks = [int(w["rank"]) for w in members]
@@ -53,5 +73,6 @@ def group_from_ready(
         rank=ids.index(worker_id),
         addresses=tuple(format_address(str(w["ip_address"]), int(w["port"])) for w in members),
         host_ids=tuple(str(w.get("host_id") or "") for w in members),
+        peer_keys=peer_keys_by_rank(ready, ids, worker_id),
     )
     return group, ids

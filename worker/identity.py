@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from communication.tls import TlsConfig
 from worker.job import JobSpec
 
 
@@ -35,6 +36,7 @@ class WorkerConfig:
     coordinator_grace_s: float = 30.0
     stop_grace_s: float = 1.0
     max_reforms: int = 20
+    tls: TlsConfig | None = None  # TLS for gRPC (mutual with a CA) and the CA that verifies the coordinator
 
 
 def default_host_id() -> str:

@@ -1,4 +1,5 @@
-"""The job spec every worker trains: one pydantic model, a canonical hash, and TOML loading.
+"""The job spec every worker trains: one pydantic model, a canonical hash, and TOML loading; and the
+nesting rule of the timeouts that coordinator and workers both check.
 
 Kept free of torch so the coordinator can import it cheaply.
 """
@@ -6,8 +7,10 @@ Kept free of torch so the coordinator can import it cheaply.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -69,3 +72,17 @@ def load_job_file(path: str | Path) -> dict[str, object]:
     if not isinstance(table, dict):
         raise ValueError(f"{path}: [job] must be a table")
     return dict(table)
+
+
+def check_nested_timeouts(order: Sequence[tuple[str, float]]) -> None:
+    """ValueError unless every named timeout is shorter than the next one (and the first is positive):
+    heartbeat interval < heartbeat timeout < collective timeout < barrier timeout."""
+    chain = " < ".join(f"{n} ({v:g} s)" for n, v in order)
+    if order and not order[0][1] > 0:
+        raise ValueError(f"timeouts must be positive: {chain}")
+    for (name_a, a), (name_b, b) in itertools.pairwise(order):
+        if not a < b:
+            raise ValueError(
+                f"timeouts must nest: {name_a} ({a:g} s) must be shorter than {name_b} ({b:g} s); "
+                f"required: {chain}"
+            )

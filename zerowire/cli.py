@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from zerowire.commands import CommandError
 
-COMMAND_MODULES = ("coordinator", "worker", "run", "status", "bench")
+COMMAND_MODULES = ("coordinator", "worker", "run", "status", "bench", "certs")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -21,6 +22,11 @@ from pathlib import Path
 from typing import IO, Any
 
 log = logging.getLogger(__name__)
+
+# glibc malloc thresholds for worker processes. Large buffers come and go every step (gathered units, gradient
+# slices): with glibc's default thresholds each one is a fresh mmap and thousands of page faults per
+# collective; keeping them in the heap made steps 8-10% faster on a 2-core host.
+WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -68,15 +74,32 @@ class LocalCluster:
     data_dir: Path | None = None
     python: str = sys.executable
     host: str = "127.0.0.1"
-    token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # the cluster token
+    read_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # operator tokens: the
+    admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # coordinator's only
     extra_worker_args: list[str] = field(default_factory=list)
     coordinator: Child | None = None
     children: list[Child] = field(default_factory=list)
     port: int = 0
+    tls_dir: Path | None = None  # ca.pem + localhost.pem/.key (zerowire.certs.make_loopback_certs): all TLS
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls_dir else 'http'}://{self.host}:{self.port}"
+
+    def tls_args(self) -> list[str]:
+        """The --tls-* options of every child (REST over HTTPS, mutual TLS on gRPC); none without TLS."""
+        if self.tls_dir is None:
+            return []
+        d = self.tls_dir
+        cert, key, ca = d / "localhost.pem", d / "localhost.key", d / "ca.pem"
+        return ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca)]
+
+    def client_verify(self) -> ssl.SSLContext | bool:
+        """httpx's `verify` for REST clients of this cluster's coordinator."""
+        from communication.tls import client_ssl_context
+
+        return client_ssl_context(self.tls_dir / "ca.pem" if self.tls_dir else None)
 
     @property
     def telemetry_dir(self) -> Path:
@@ -98,15 +121,16 @@ class LocalCluster:
         self.stop()
         atexit.unregister(self.stop)
 
-    def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
+    def _env(self, operator_tokens: bool = False) -> dict[str, str]:
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("ZEROWIRE_READ_TOKEN", "ZEROWIRE_ADMIN_TOKEN")
+        }
         env["ZEROWIRE_TOKEN"] = self.token  # never on a command line (visible in ps)
+        if operator_tokens:  # the coordinator's; workers get the cluster token only
+            env["ZEROWIRE_READ_TOKEN"], env["ZEROWIRE_ADMIN_TOKEN"] = self.read_token, self.admin_token
         env.setdefault("PYTHONUNBUFFERED", "1")
-        # Large buffers come and go every step (gathered units, gradient slices): with glibc's default
-        # thresholds each one is a fresh mmap and thousands of page faults per collective; keeping them in
-        # the heap made steps 8-10% faster on a 2-core host.
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 << 20))
-        env.setdefault("MALLOC_TRIM_THRESHOLD_", str(512 << 20))
+        for key, value in WORKER_MALLOC_ENV.items():
+            env.setdefault(key, value)
         return env
 
     def _spawn(self, name: str, args: list[str]) -> Child:
@@ -118,7 +142,7 @@ class LocalCluster:
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env=self._env(),
+            env=self._env(operator_tokens=name == "coordinator"),
             start_new_session=True,
             # children die with a parent killed by SIGKILL too (no watchdog needed)
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
@@ -138,6 +162,7 @@ class LocalCluster:
             str(self.output / "coordinator.db"),
             "--job",
             str(self.job_file),
+            *self.tls_args(),
         ]
 
     def worker_args(self, index: int) -> list[str]:
@@ -164,7 +189,7 @@ class LocalCluster:
         ]
         if self.data_dir is not None:
             args += ["--data-dir", str(self.data_dir)]
-        return args + self.extra_worker_args
+        return args + self.tls_args() + self.extra_worker_args
 
     def start_coordinator(self, timeout_s: float = 60.0) -> None:
         from worker.coordinator_client import SyncCoordinatorClient
@@ -173,7 +198,9 @@ class LocalCluster:
             self.port = free_port(self.host)
             self.coordinator = self._spawn("coordinator", self.coordinator_args())
             deadline = time.monotonic() + timeout_s
-            with SyncCoordinatorClient(self.url, self.token, timeout_s=1.0) as client:
+            with SyncCoordinatorClient(
+                self.url, self.token, timeout_s=1.0, verify=self.client_verify()
+            ) as client:
                 while time.monotonic() < deadline and self.coordinator.alive():
                     if client.healthy():
                         log.debug("coordinator up at %s", self.url)

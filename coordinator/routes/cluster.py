@@ -4,17 +4,24 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
+from coordinator.auth import OPERATOR
 from coordinator.deps import ClockDep, ServiceDep
+from coordinator.openapi import errors
 from coordinator.schemas import ClusterStatus, EventsResponse, EventView
 from coordinator.views import listing_order, worker_dict
 
-router = APIRouter(tags=["cluster"])
+router = APIRouter(tags=["cluster"], dependencies=[Depends(OPERATOR)])
 
 
-@router.get("/cluster/status", response_model=ClusterStatus)
+@router.get(
+    "/cluster/status",
+    response_model=ClusterStatus,
+    openapi_extra=OPERATOR.openapi,
+    responses=errors(401, 403),
+)
 async def cluster_status(service: ServiceDep, clock: ClockDep) -> JSONResponse:
     now = clock.monotonic()
     state = service.state
@@ -34,7 +41,9 @@ async def cluster_status(service: ServiceDep, clock: ClockDep) -> JSONResponse:
     return JSONResponse(body)
 
 
-@router.get("/events", response_model=EventsResponse)
+@router.get(
+    "/events", response_model=EventsResponse, openapi_extra=OPERATOR.openapi, responses=errors(401, 403, 422)
+)
 async def events(
     service: ServiceDep,
     after: Annotated[int, Query(ge=0, le=1 << 62)] = 0,

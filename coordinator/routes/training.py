@@ -5,22 +5,32 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 
+from coordinator.auth import BARRIER, JOB
 from coordinator.barrier import RankedWorker
+from coordinator.credentials import Principal
 from coordinator.deps import ServiceDep
+from coordinator.openapi import errors
 from coordinator.schemas import JobResponse, RankedWorkerView, ReadyResponse
 
 router = APIRouter(tags=["training"])
 
 
-@router.get("/training/ready", response_model=ReadyResponse)
+@router.get(
+    "/training/ready",
+    response_model=ReadyResponse,
+    openapi_extra=BARRIER.openapi,
+    responses=errors(401, (403, "not a worker's secret"), 422),
+)
 async def ready(
     service: ServiceDep,
+    caller: Annotated[Principal, Depends(BARRIER)],
     min_workers: Annotated[int | None, Query(ge=1, le=100_000)] = None,
     wait_s: Annotated[float, Query(ge=0.0, le=3600.0)] = 0.0,
 ) -> ReadyResponse:
-    """Long-polls until at least `min_workers` (default: the job's) are alive, or `wait_s` (capped) passes."""
+    """Long-polls until at least `min_workers` (default: the job's) are alive, or `wait_s` (capped) passes.
+    A caller that is a member of the answered epoch also gets its data-plane key with every other member."""
     need = min_workers if min_workers is not None else service.job.min_workers
     wait = min(wait_s, service.settings.ready_wait_cap)
     t0 = time.monotonic()
@@ -40,6 +50,7 @@ async def ready(
         min_workers=answer.min_workers,
         job_hash=answer.job_hash,
         workers=[_ranked(w) for w in answer.workers],
+        peer_keys=service.peer_keys(answer, caller.worker_id if caller.kind == "worker" else None),
     )
 
 
@@ -47,6 +58,12 @@ def _ranked(w: RankedWorker) -> RankedWorkerView:
     return RankedWorkerView.model_validate(w, from_attributes=True)
 
 
-@router.get("/job", response_model=JobResponse)
+@router.get(
+    "/job",
+    response_model=JobResponse,
+    dependencies=[Depends(JOB)],
+    openapi_extra=JOB.openapi,
+    responses=errors(401),
+)
 async def job(service: ServiceDep) -> JobResponse:
     return JobResponse(job=service.job.model_dump(mode="json"), job_hash=service.job_hash)

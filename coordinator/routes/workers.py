@@ -1,14 +1,18 @@
-"""Worker lifecycle routes: register, heartbeat, leave, list."""
+"""Worker lifecycle routes: register, heartbeat, leave (or an operator's eviction), list."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Response, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, Response, status
 from fastapi.responses import JSONResponse
 
 from coordinator import membership as m
+from coordinator.auth import LEAVE_OR_EVICT, LISTING, OWN_WORKER, REGISTER
+from coordinator.credentials import Principal
 from coordinator.deps import ClockDep, ServiceDep
+from coordinator.openapi import errors
+from coordinator.ratelimit import retry_after
 from coordinator.schemas import (
     TELEMETRY_FIELDS,
     WORKER_ID_PATTERN,
@@ -22,15 +26,53 @@ from coordinator.views import listing_order, worker_dict
 
 router = APIRouter(prefix="/workers", tags=["workers"])
 WorkerIdPath = Annotated[str, Path(max_length=64, pattern=WORKER_ID_PATTERN)]
+WorkerSecretHeader = Annotated[
+    str | None,
+    Header(
+        alias="X-Worker-Secret",
+        max_length=256,
+        description="the id's current secret: required to register a live id again (its secret stays valid)",
+    ),
+]
 
 
-@router.post("/register", status_code=status.HTTP_201_CREATED, response_model=RegisterResponse)
-async def register(body: RegisterRequest, service: ServiceDep, clock: ClockDep) -> RegisterResponse:
+@router.post(
+    "/register",
+    status_code=status.HTTP_201_CREATED,
+    response_model=RegisterResponse,
+    openapi_extra=REGISTER.openapi,
+    responses=errors(
+        401,
+        (403, "not the cluster token, or a live id registered again without its secret (X-Worker-Secret)"),
+        (409, "the cluster is full (max_workers live workers)"),
+        413,
+        422,
+        429,
+    ),
+)
+async def register(
+    request: Request,
+    body: RegisterRequest,
+    service: ServiceDep,
+    clock: ClockDep,
+    _caller: Annotated[Principal, Depends(REGISTER)],
+    x_worker_secret: WorkerSecretHeader = None,
+) -> RegisterResponse:
+    """Join, or join again. Answers the worker's secret: a fresh one, or the presented X-Worker-Secret when
+    it is the id's current secret."""
+    address = request.client.host if request.client is not None else "?"
+    wait = service.limiter.admit(address, clock.monotonic())
+    if wait > 0:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"too many registrations: retry in {wait:.1f} s",
+            headers={"Retry-After": retry_after(wait)},
+        )
     info = m.WorkerInfo(
         body.host, body.port, body.host_id, body.device, body.device_name, body.memory_bytes, body.version
     )
     try:
-        record = await service.register(body.worker_id, info, clock)
+        record, secret = await service.register(body.worker_id, info, clock, x_worker_secret)
     except m.Rejected as exc:
         raise HTTPException(exc.status, exc.reason) from None
     s = service.settings
@@ -42,10 +84,25 @@ async def register(body: RegisterRequest, service: ServiceDep, clock: ClockDep) 
         heartbeat_timeout_s=s.heartbeat_timeout,
         rank=record.rank,
         world_size=service.world_size,
+        worker_secret=secret,
     )
 
 
-@router.post("/{worker_id}/heartbeat", response_model=HeartbeatResponse)
+@router.post(
+    "/{worker_id}/heartbeat",
+    response_model=HeartbeatResponse,
+    dependencies=[Depends(OWN_WORKER)],
+    openapi_extra=OWN_WORKER.openapi,
+    responses=errors(
+        401,
+        (403, "not this worker's secret"),
+        (404, "unknown worker id: register (again)"),
+        (409, "the heartbeat's epoch is ahead of the coordinator's"),
+        410,
+        413,
+        422,
+    ),
+)
 async def heartbeat(
     worker_id: WorkerIdPath, body: HeartbeatRequest, service: ServiceDep, clock: ClockDep
 ) -> JSONResponse:
@@ -75,16 +132,34 @@ async def heartbeat(
     return JSONResponse(reply)
 
 
-@router.delete("/{worker_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def leave(worker_id: WorkerIdPath, service: ServiceDep, clock: ClockDep) -> Response:
+@router.delete(
+    "/{worker_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    openapi_extra=LEAVE_OR_EVICT.openapi,
+    responses=errors(401, (403, "neither this worker's secret nor the admin token"), 404, 422),
+)
+async def leave(
+    worker_id: WorkerIdPath,
+    service: ServiceDep,
+    clock: ClockDep,
+    caller: Annotated[Principal, Depends(LEAVE_OR_EVICT)],
+) -> Response:
+    """With the worker's own secret: a graceful leave. With the admin token: an eviction (event `evicted`).
+    Either way the worker's heartbeats are then answered `stop`; a worker gone already: 204, no change."""
     try:
-        await service.leave(worker_id, clock)
+        await service.leave(worker_id, clock, caller)
     except m.Rejected as exc:
         raise HTTPException(exc.status, exc.reason) from None
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.get("", response_model=WorkersResponse)
+@router.get(
+    "",
+    response_model=WorkersResponse,
+    dependencies=[Depends(LISTING)],
+    openapi_extra=LISTING.openapi,
+    responses=errors(401, 403),
+)
 async def list_workers(service: ServiceDep, clock: ClockDep) -> JSONResponse:
     now = clock.monotonic()
     workers = sorted(service.state.workers.values(), key=listing_order)

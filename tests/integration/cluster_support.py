@@ -17,7 +17,8 @@ import httpx
 from tests.conftest import ProcessReaper, free_port
 
 T = TypeVar("T")
-TOKEN = "cluster-test-token-0123456789"
+TOKEN = "cluster-test-token-0123456789"  # the cluster token: admits workers
+READ_TOKEN = "read-test-token-0123456789"  # the read-only token the tests watch the cluster with
 
 
 def zw(*args: str) -> list[str]:
@@ -26,7 +27,7 @@ def zw(*args: str) -> list[str]:
 
 def env(token: str = TOKEN, **extra: str) -> dict[str, str]:
     out = {k: v for k, v in os.environ.items() if not k.startswith("ZEROWIRE_")}
-    out.update({"ZEROWIRE_TOKEN": token, "PYTHONUNBUFFERED": "1", **extra})
+    out.update({"ZEROWIRE_TOKEN": token, "ZEROWIRE_READ_TOKEN": READ_TOKEN, "PYTHONUNBUFFERED": "1", **extra})
     return out
 
 
@@ -41,7 +42,7 @@ def wait_for(predicate: Callable[[], T | None], timeout_s: float, what: str, eve
         time.sleep(every_s)
 
 
-def get(url: str, path: str, token: str = TOKEN, **params: Any) -> Any:
+def get(url: str, path: str, token: str = READ_TOKEN, **params: Any) -> Any:
     response = httpx.get(
         f"{url}{path}", params=params, headers={"Authorization": f"Bearer {token}"}, timeout=5
     )
@@ -148,7 +149,7 @@ def start_run(reaper: ProcessReaper, tmp_path: Path, *args: str) -> tuple[subpro
         command = zw("run", "--output", str(tmp_path / "run"), *args)
         run = reaper.spawn(command, env=env(), stdout=log, stderr=subprocess.STDOUT)
     url = wait_for(
-        lambda: (m := re.search(r"coordinator at (http://\S+)", log_path.read_text())) and m.group(1),
+        lambda: (m := re.search(r"coordinator at (https?://\S+)", log_path.read_text())) and m.group(1),
         60,
         "the coordinator URL",
     )

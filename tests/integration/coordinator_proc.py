@@ -21,17 +21,21 @@ def coordinator_cmd(port: int, db: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def coordinator_env(token: str | None) -> dict[str, str]:
+def coordinator_env(token: str | None, read_token: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZEROWIRE_")}
     if token is not None:
         env["ZEROWIRE_TOKEN"] = token
+    if read_token is not None:
+        env["ZEROWIRE_READ_TOKEN"] = read_token
     return env
 
 
-def spawn(reaper: Any, port: int, db: Path, token: str | None, *extra: str) -> subprocess.Popen[bytes]:
+def spawn(
+    reaper: Any, port: int, db: Path, token: str | None, *extra: str, read_token: str | None = None
+) -> subprocess.Popen[bytes]:
     proc: subprocess.Popen[bytes] = reaper.spawn(
         coordinator_cmd(port, db, *extra),
-        env=coordinator_env(token),
+        env=coordinator_env(token, read_token),
         cwd=str(REPO),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -16,7 +16,7 @@ from communication.errors import CollectiveTimeout, CommError, EpochChanged
 from communication.group import PeerGroup
 from communication.grpc_backend import GrpcBackend
 from tests.conftest import ProcessReaper, free_port
-from tests.integration.cluster_support import TOKEN, get, start_coordinator, start_worker
+from tests.integration.cluster_support import READ_TOKEN, TOKEN, get, start_coordinator, start_worker
 from worker.daemon import WorkerDaemon
 from worker.identity import WorkerConfig
 
@@ -96,7 +96,7 @@ async def test_a_trainer_that_raises_leaves_within_one_heartbeat_timeout(
     seen: list[tuple[float, str, str]] = []
 
     async def watch() -> None:
-        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {READ_TOKEN}"}) as client:
             while True:
                 workers = (await client.get(f"{url}/workers")).json()["workers"]
                 for w in workers:

@@ -67,11 +67,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_cases(
     backend: CollectiveBackend, group: PeerGroup, compression: str, block: int, timeout: float = 30.0
 ) -> dict[str, Any]:
-    """all_gather then reduce_scatter for every size; a step per case; commit after each."""
+    """all_gather then reduce_scatter for every size; a step and a unit per case (the declared plan);
+    commit after each."""
     world, rank = group.world_size, group.rank
     results: list[dict[str, Any]] = []
-    for case, numel in enumerate(case_sizes(compression, block)):
-        step, unit = case, case % 3
+    sizes = case_sizes(compression, block)
+    backend.set_plan(group, dict(enumerate(sizes)))
+    for case, numel in enumerate(sizes):
+        step, unit = case, case
         shards = [_data(case, r, numel) for r in range(world)]
         out = torch.full((world * numel,), float("nan"))
         backend.all_gather(group, step, unit, shards[rank], out, timeout).result(timeout + 5)

@@ -1,7 +1,8 @@
 """One rank of a multi-process wire test: `python -m tests.integration.wire_peer DIR RANK WORLD SCENARIO`.
 
 Starts a GrpcBackend on 127.0.0.1 port 0, writes its port to DIR/port.RANK, waits for every rank's
-port, installs the group, runs SCENARIO and writes DIR/result.RANK.json.
+port, installs the group (with a data-plane key per pair of ranks, as the coordinator hands out), runs
+SCENARIO and writes DIR/result.RANK.json.
 
 Scenarios: `conformance` (tests/integration/wire_harness.py, raw and int8 backends side by side), and
 `hang-gather`, `hang-reduce` (a victim rank stops after step 0; the others block in step 1 until the
@@ -11,6 +12,7 @@ test kills it; if DIR/epoch appears they call set_epoch and time how fast the co
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import sys
 import threading
@@ -26,6 +28,15 @@ from communication.grpc_backend import GrpcBackend
 from tests.integration.wire_harness import run_cases
 
 TOKEN = "test-token"
+
+
+def pair_keys(rank: int, world: int) -> dict[int, bytes]:
+    """The same 32-byte key on both sides of every pair of ranks."""
+    return {
+        peer: hashlib.sha256(f"wire-test:{min(rank, peer)}:{max(rank, peer)}".encode()).digest()
+        for peer in range(world)
+        if peer != rank
+    }
 
 
 def _wait_for(path: Path, limit: float) -> None:
@@ -113,8 +124,9 @@ def main(argv: list[str]) -> int:
         for r in range(world):
             _wait_for(directory / f"port.{r}", 60)
         all_ports = [json.loads((directory / f"port.{r}").read_text()) for r in range(world)]
+        keys = pair_keys(rank, world)
         groups = {
-            c: PeerGroup("job-test", 1, rank, tuple(f"127.0.0.1:{p[i]}" for p in all_ports))
+            c: PeerGroup("job-test", 1, rank, tuple(f"127.0.0.1:{p[i]}" for p in all_ports), peer_keys=keys)
             for i, c in enumerate(codecs)
         }
         for c in codecs:

@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_flatten
 from communication.backend import CollectiveBackend
 from communication.errors import CollectiveTimeout
 from communication.group import PeerGroup
+from worker.zero3.channels import channel_numels
 from worker.zero3.flat_unit import FlatUnit, UnitState
 from worker.zero3.plan import PartitionPlan, plan_model
 
@@ -93,6 +94,7 @@ class ShardedModule:
         self.units = [
             FlatUnit(u, [params[s.name] for s in u.params], group.rank, self.device) for u in self.plan.units
         ]
+        self.declare_plan()
         self.root: FlatUnit | None = next((u for u in self.units if u.plan.is_root), None)
         self._body = [u for u in self.units if not u.plan.is_root]
         self._order: list[int] = [u.index for u in self._body]  # predicted forward order
@@ -119,6 +121,17 @@ class ShardedModule:
     # -- public API ----------------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
+
+    def wire_plan(self) -> dict[int, int]:
+        """Unit id -> shard numel of everything this engine sends: its units and its control channels."""
+        numels = {u.index: u.plan.shard_numel for u in self.units}
+        numels.update(channel_numels(len(self.units), self.model, self.wire_block))
+        return numels
+
+    def declare_plan(self) -> None:
+        """Tell the backend this epoch's plan, so peers' messages are checked against it (called once the
+        model is partitioned; call again after a re-partition)."""
+        self.backend.set_plan(self.group, self.wire_plan())
 
     @property
     def shards(self) -> list[torch.Tensor]:

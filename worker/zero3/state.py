@@ -7,7 +7,8 @@ floating-point buffers with their mean over ranks (fp32 sum in rank order, divid
 every rank evaluates, checkpoints and saves the very same model. Integer buffers (``num_batches_tracked``)
 advance identically on every rank and are left alone.
 
-Collective unit ids beyond the plan's units: ``len(units) + k`` for the extra channels below.
+Collective unit ids beyond the plan's units: ``len(units) + k`` for the channels of
+``worker.zero3.channels`` (their ids are re-exported here).
 """
 
 from __future__ import annotations
@@ -17,17 +18,30 @@ from concurrent.futures import Future
 
 import torch
 
-from worker.zero3 import exact
+from worker.zero3 import channels, exact
+from worker.zero3.channels import BARRIER, BUFFERS, EVAL, GRAD_NORM, METRICS, RESUME
 from worker.zero3.sharded import ShardedModule
 
 logger = logging.getLogger(__name__)
 
-BUFFERS = 0
-METRICS = 1
-GRAD_NORM = 2
-EVAL = 3
-RESUME = 4
-BARRIER = 8  # BARRIER + k: the k-th barrier of a step key
+__all__ = [
+    "BARRIER",
+    "BUFFERS",
+    "EVAL",
+    "GRAD_NORM",
+    "METRICS",
+    "RESUME",
+    "allgather_values",
+    "allgather_values_async",
+    "barrier",
+    "decode_values",
+    "extra_unit",
+    "full_parameters",
+    "full_state_dict",
+    "load_full_parameters",
+    "rank_order_sum",
+    "sync_buffers",
+]
 
 
 def extra_unit(engine: ShardedModule, channel: int) -> int:
@@ -84,7 +98,7 @@ def rank_order_sum(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _float_buffers(engine: ShardedModule) -> list[tuple[str, torch.Tensor]]:
-    return [(n, b) for n, b in engine.model.named_buffers() if b.is_floating_point()]
+    return channels.float_buffers(engine.model)
 
 
 def sync_buffers(engine: ShardedModule, step: int) -> None:

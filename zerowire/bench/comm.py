@@ -2,9 +2,12 @@
 
 Measured in the same run, on a float32 tensor of --size-mb (ResNet-18's 44.7 MB by default):
 zerowire all_gather and reduce_scatter vs torch.distributed gloo all_gather_into_tensor and
-reduce_scatter_tensor; one-way tensor stream throughput vs a raw TCP socket; the int8 codec's speed on
-one thread and its wire bytes. Each ratio is printed with its goal. The two peers are child processes
-of this command (`python -m zerowire.bench.comm --peer RANK DIR ...`).
+reduce_scatter_tensor, and vs the same bytes over bare gRPC (zerowire/bench/comm_bare.py: our chunk
+size and channel options, none of our framing, checksums or accumulator); one-way tensor stream
+throughput vs a raw TCP socket; the int8 codec's speed on one thread and its wire bytes. Each ratio is
+printed with its goal. Every contender is timed alike: one warm-up, then --repeats interleaved rounds
+(one call of each per round, each call after a barrier), the slower rank's time per call. The two peers
+are child processes of this command (`python -m zerowire.bench.comm --peer RANK DIR ...`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,8 @@ GOALS = {
     "all_gather_vs_gloo": ("<=", 0.6),
     "reduce_scatter_vs_gloo": ("<=", 0.6),
     "stream_vs_tcp": (">=", 0.6),
+    "all_gather/bare_grpc": ("<=", 1.5),
+    "reduce_scatter/bare_grpc": ("<=", 1.5),
     "int8_codec_gb_per_s": (">=", 2.0),
     "int8_wire_ratio": ("<=", 0.26),
 }
@@ -46,6 +52,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         choices=("best", "median"),
         default="best",
         help="which of the repeats the ratios use (default best: least disturbed by other load)",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also time our all_gather and reduce_scatter over mutual TLS (the cost of TLS on the wire)",
     )
     parser.set_defaults(handler=run)
 
@@ -71,9 +82,13 @@ def run(args: argparse.Namespace) -> int:
         directory = Path(tmp)
         cmd = [sys.executable, "-m", "zerowire.bench.comm", "--peer"]
         token = os.urandom(16).hex()
+        if args.tls:
+            from zerowire.certs import make_loopback_certs
+
+            make_loopback_certs(directory / "tls")
         procs = [
             subprocess.Popen(
-                [*cmd, str(r), tmp, str(args.size_mb), str(args.repeats)],
+                [*cmd, str(r), tmp, str(args.size_mb), str(args.repeats), "tls" if args.tls else "plain"],
                 start_new_session=True,
                 env={**os.environ, "ZEROWIRE_BENCH_TOKEN": token},
             )
@@ -131,6 +146,8 @@ def _report(size_mb: float, peers: list[dict[str, Any]], stat: str = "best") -> 
         "all_gather_vs_gloo": seconds["zerowire_all_gather"] / seconds["gloo_all_gather_into_tensor"],
         "reduce_scatter_vs_gloo": seconds["zerowire_reduce_scatter"] / seconds["gloo_reduce_scatter_tensor"],
         "stream_vs_tcp": tput["zerowire_stream_one_way"] / tput["raw_tcp_one_way"],
+        "all_gather/bare_grpc": seconds["zerowire_all_gather"] / seconds["bare_grpc_all_gather"],
+        "reduce_scatter/bare_grpc": seconds["zerowire_reduce_scatter"] / seconds["bare_grpc_reduce_scatter"],
         "int8_codec_gb_per_s": tput["int8_codec_one_thread"],
         "int8_wire_ratio": int8["wire_ratio"],
     }
@@ -139,6 +156,11 @@ def _report(size_mb: float, peers: list[dict[str, Any]], stat: str = "best") -> 
         op, goal = GOALS[key]
         met = value <= goal if op == "<=" else value >= goal
         ratios[key] = {"value": round(value, 4), "goal": f"{op} {goal}", "met": met}
+    tls_cost = {
+        f"{op}_tls/plaintext": seconds[f"zerowire_{op}_tls"] / seconds[f"zerowire_{op}"]
+        for op in ("all_gather", "reduce_scatter")
+        if f"zerowire_{op}_tls" in seconds
+    }
     return {
         "size_mb": size_mb,
         "tensor_bytes": nbytes,
@@ -152,12 +174,14 @@ def _report(size_mb: float, peers: list[dict[str, Any]], stat: str = "best") -> 
         "seconds_best": {k: round(v, 5) for k, v in bests.items()},
         "throughput_gb_per_s": {k: round(v, 3) for k, v in tput.items()},
         "ratios": ratios,
+        **({"tls_cost": {k: round(v, 4) for k, v in tls_cost.items()}} if tls_cost else {}),
         "all_gather_exact": all(p["checks"]["all_gather_exact"] for p in peers),
         "reduce_scatter_exact": all(p["checks"]["reduce_scatter_exact"] for p in peers),
+        "bare_grpc_exact": all(p["checks"]["bare_grpc_exact"] for p in peers),
     }
 
 
-def _peer(rank: int, directory: Path, size_mb: float, repeats: int) -> None:
+def _peer(rank: int, directory: Path, size_mb: float, repeats: int, tls: bool = False) -> None:
     """One of the two bench processes (heavy imports here only)."""
     import socket
     import warnings
@@ -168,6 +192,8 @@ def _peer(rank: int, directory: Path, size_mb: float, repeats: int) -> None:
     from communication.compression import Int8Codec
     from communication.group import PeerGroup
     from communication.grpc_backend import GrpcBackend
+    from communication.tls import TlsConfig
+    from zerowire.bench.comm_bare import BareGrpc
 
     warnings.filterwarnings("ignore", message=".*is deprecated.*", category=FutureWarning)
     numel = int(size_mb * 1e6) // 4 // 2 * 2
@@ -175,13 +201,22 @@ def _peer(rank: int, directory: Path, size_mb: float, repeats: int) -> None:
     nbytes = numel * 4
     backend = GrpcBackend(os.environ["ZEROWIRE_BENCH_TOKEN"], compression="none")
     port = backend.start("127.0.0.1:0")
+    bare = BareGrpc(timeout=120)
+    bare_port = bare.start("127.0.0.1:0")
+    secure: GrpcBackend | None = None
+    secure_port = 0
+    if tls:
+        certs = directory / "tls"
+        config = TlsConfig.load(certs / "localhost.pem", certs / "localhost.key", certs / "ca.pem")
+        secure = GrpcBackend(os.environ["ZEROWIRE_BENCH_TOKEN"], compression="none", tls=config)
+        secure_port = secure.start("127.0.0.1:0")
     listener = socket.create_server(("127.0.0.1", 0))
     gloo_port = 0
     if rank == 0:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             gloo_port = probe.getsockname()[1]
-    _write(directory / f"port.{rank}", [port, listener.getsockname()[1], gloo_port])
+    _write(directory / f"port.{rank}", [port, listener.getsockname()[1], gloo_port, bare_port, secure_port])
     for r in range(2):
         _wait_for(directory / f"port.{r}", 120)
     ports = [json.loads((directory / f"port.{r}").read_text()) for r in range(2)]
@@ -191,24 +226,16 @@ def _peer(rank: int, directory: Path, size_mb: float, repeats: int) -> None:
     dist.barrier()
     group = PeerGroup("bench", 1, rank, tuple(f"127.0.0.1:{p[0]}" for p in ports))
     backend.set_group(group)
-    seconds: dict[str, list[float]] = {}
-
-    def timed(name: str, fn: Any) -> None:
-        fn()  # warm-up
-        samples = []
-        for _ in range(repeats):
-            dist.barrier()
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-        seconds[name] = samples
-
+    secure_group = PeerGroup("bench", 1, rank, tuple(f"localhost:{p[4]}" for p in ports))
+    if secure is not None:
+        secure.set_group(secure_group)
     gen = torch.Generator().manual_seed(rank)
     shard = torch.randn(half, generator=gen)
     full = torch.randn(numel, generator=gen)
     out = torch.empty(numel)
     red = torch.empty(half)
     step = [0]
+    other = 1 - rank
 
     def zw_gather() -> None:
         step[0] += 1
@@ -220,18 +247,27 @@ def _peer(rank: int, directory: Path, size_mb: float, repeats: int) -> None:
         backend.reduce_scatter(group, step[0], 1, full, red, 120).result(150)
         backend.commit(group, step[0])
 
-    timed("zerowire_all_gather", zw_gather)
-    gathered = out.clone()
-    timed("zerowire_reduce_scatter", zw_reduce)
-    reduced = red.clone()
+    tls_out = torch.empty(numel)
+    tls_red = torch.empty(half)
+
+    def tls_gather() -> None:
+        assert secure is not None
+        step[0] += 1
+        secure.all_gather(secure_group, step[0], 0, shard, tls_out, 120).result(150)
+        secure.commit(secure_group, step[0])
+
+    def tls_reduce() -> None:
+        assert secure is not None
+        step[0] += 1
+        secure.reduce_scatter(secure_group, step[0], 1, full, tls_red, 120).result(150)
+        secure.commit(secure_group, step[0])
+
+    bare_out = torch.zeros(numel)
+    bare_red = torch.empty(half)
+    bare_send = full[other * half : (other + 1) * half]
+    bare.connect(f"127.0.0.1:{ports[other][3]}", shard, bare_red)
     gloo_out = torch.empty(numel)
     gloo_red = torch.empty(half)
-    timed("gloo_all_gather_into_tensor", lambda: dist.all_gather_into_tensor(gloo_out, shard))
-    timed("gloo_reduce_scatter_tensor", lambda: dist.reduce_scatter_tensor(gloo_red, full))
-    checks = {
-        "all_gather_exact": bool(torch.equal(gathered, gloo_out)),
-        "reduce_scatter_exact": bool(torch.allclose(reduced, gloo_red, rtol=1e-6, atol=1e-6)),
-    }
 
     # one-way: rank 1 streams `big` to rank 0, once over zerowire, once over a raw TCP socket
     big = torch.randn(numel, generator=gen)
@@ -246,7 +282,6 @@ def _peer(rank: int, directory: Path, size_mb: float, repeats: int) -> None:
         dist.barrier()  # the sender's time is the receiver's
         backend.commit(group, step[0])
 
-    timed("zerowire_stream_one_way", zw_stream)
     conn: socket.socket
     if rank == 0:
         conn, _ = listener.accept()
@@ -267,9 +302,42 @@ def _peer(rank: int, directory: Path, size_mb: float, repeats: int) -> None:
                 got += n
         dist.barrier()
 
-    timed("raw_tcp_one_way", tcp_stream)
+    contenders: dict[str, Callable[[], None]] = {
+        "zerowire_all_gather": zw_gather,
+        "bare_grpc_all_gather": lambda: bare.all_gather(bare_out[other * half : (other + 1) * half]),
+        "gloo_all_gather_into_tensor": lambda: dist.all_gather_into_tensor(gloo_out, shard),
+        "zerowire_reduce_scatter": zw_reduce,
+        "bare_grpc_reduce_scatter": lambda: bare.reduce_scatter(bare_send),
+        "gloo_reduce_scatter_tensor": lambda: dist.reduce_scatter_tensor(gloo_red, full),
+        "zerowire_stream_one_way": zw_stream,
+        "raw_tcp_one_way": tcp_stream,
+    }
+    if secure is not None:
+        contenders.update({"zerowire_all_gather_tls": tls_gather, "zerowire_reduce_scatter_tls": tls_reduce})
+    # every contender alike: one warm-up, then `repeats` interleaved rounds, each call after a barrier
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
+    for fn in contenders.values():
+        dist.barrier()
+        fn()
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            dist.barrier()
+            start = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - start)
     conn.close()
     listener.close()
+    bare.close()
+    peer_half = slice(other * half, (other + 1) * half)
+    checks = {
+        "all_gather_exact": bool(torch.equal(out, gloo_out)),
+        "reduce_scatter_exact": bool(torch.allclose(red, gloo_red, rtol=1e-6, atol=1e-6)),
+        "bare_grpc_exact": bool(torch.equal(bare_out[peer_half], gloo_out[peer_half])),
+    }
+    if secure is not None:
+        checks["all_gather_exact"] &= bool(torch.equal(tls_out, gloo_out))
+        checks["reduce_scatter_exact"] &= bool(torch.equal(tls_red, red))
+        secure.close()
 
     int8: dict[str, float] = {}
     if rank == 0:  # alone, while the other rank waits at the barrier
@@ -307,8 +375,8 @@ def _td(seconds: float) -> Any:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "--peer":
-        _peer(int(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]))
+    if len(sys.argv) == 7 and sys.argv[1] == "--peer":
+        _peer(int(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "tls")
         sys.exit(0)
     print("usage: zerowire bench comm [--json] [--size-mb MB] [--repeats N]", file=sys.stderr)
     sys.exit(2)

@@ -3,6 +3,7 @@
 Reports heartbeat latency (p50/p99, measured by the client, so it includes the client's own overhead),
 false evictions (workers declared dead although they kept heartbeating), and detection latency: the time
 from one worker's last acknowledged heartbeat until /cluster/status shows it dead.
+Simulated workers heartbeat with their own secrets, like real ones; registration rate limits are off.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 import time
 from typing import Any
 
+from zerowire.bench.http_callers import HttpxCaller, RawHttp
 from zerowire.commands import CommandError
 
 REPORT = (
@@ -133,18 +135,19 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("1/rate must be shorter than --heartbeat-timeout")
     probe = _cpu_probe()
     port = _free_port()
-    token = secrets.token_hex(16)
+    token, read_token = secrets.token_hex(16), secrets.token_hex(16)
     with tempfile.TemporaryDirectory(prefix="zerowire-bench-") as tmp:
         cmd = [
             sys.executable, "-m", "zerowire.cli", "--log-level", "WARNING", "coordinator",
             "--host", "127.0.0.1", "--port", str(port), "--db", os.path.join(tmp, "bench.db"),
             "--max-workers", str(args.workers + 8), "--heartbeat-interval", str(min(0.5, 0.5 / args.rate)),
             "--heartbeat-timeout", str(args.heartbeat_timeout),
+            "--register-rate", "0", "--register-rate-global", "0",
         ]  # fmt: skip
-        env = dict(os.environ, ZEROWIRE_TOKEN=token)
+        env = dict(os.environ, ZEROWIRE_TOKEN=token, ZEROWIRE_READ_TOKEN=read_token)
         proc = subprocess.Popen(cmd, env=env, start_new_session=True)
         try:
-            result = asyncio.run(_bench(args, f"http://127.0.0.1:{port}", token, proc))
+            result = asyncio.run(_bench(args, f"http://127.0.0.1:{port}", (token, read_token), proc))
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -162,78 +165,16 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-class _RawHttp:
-    """A minimal HTTP/1.1 keep-alive client over asyncio streams (JSON bodies, Content-Length responses)."""
-
-    def __init__(self, host: str, port: int, token: str, connections: int) -> None:
-        import asyncio
-
-        self.host, self.port, self.token = host, port, token
-        self.size = connections
-        self.idle: asyncio.Queue[tuple[Any, Any] | None] = asyncio.Queue()
-        for _ in range(connections):
-            self.idle.put_nowait(None)  # opened lazily
-
-    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        import asyncio
-
-        conn = await self.idle.get()
-        try:
-            if conn is None:
-                conn = await asyncio.open_connection(self.host, self.port)
-            reader, writer = conn
-            data = json.dumps(body).encode() if body is not None else b""
-            head = (
-                f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nAuthorization: Bearer {self.token}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
-            )
-            writer.write(head.encode() + data)
-            await writer.drain()
-            raw_head = await reader.readuntil(b"\r\n\r\n")
-            status = int(raw_head.split(b" ", 2)[1])
-            length = 0
-            for line in raw_head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            payload = await reader.readexactly(length) if length else b""
-            result = (status, json.loads(payload) if payload else None)
-        except BaseException:
-            if conn is not None:
-                conn[1].close()
-            self.idle.put_nowait(None)
-            raise
-        self.idle.put_nowait(conn)
-        return result
-
-    async def close(self) -> None:
-        while not self.idle.empty():
-            conn = self.idle.get_nowait()
-            if conn is not None:
-                conn[1].close()
-
-
-class _HttpxCaller:
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
-    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        r = await self.client.request(method, path, json=body)
-        return r.status_code, (r.json() if r.content else None)
-
-    async def close(self) -> None:
-        return None
-
-
 async def _bench(
-    args: argparse.Namespace, base: str, token: str, proc: subprocess.Popen[bytes]
+    args: argparse.Namespace, base: str, tokens: tuple[str, str], proc: subprocess.Popen[bytes]
 ) -> dict[str, Any]:
     import asyncio
     import random
 
     import httpx
 
-    headers = {"Authorization": f"Bearer {token}"}
+    token, read_token = tokens
+    headers = {"Authorization": f"Bearer {read_token}"}
     n_conn = args.connections or args.workers
     limits = httpx.Limits(max_connections=n_conn, max_keepalive_connections=n_conn)
     async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=30.0) as client:
@@ -251,13 +192,13 @@ async def _bench(
             await asyncio.sleep(0.1)
 
         port = int(base.rsplit(":", 1)[1])
-        callers: list[_RawHttp | _HttpxCaller]
+        callers: list[RawHttp | HttpxCaller]
         if args.client == "httpx":
-            callers = [_HttpxCaller(client)] * args.workers
+            callers = [HttpxCaller(client)] * args.workers
         elif args.connections:
-            callers = [_RawHttp("127.0.0.1", port, token, n_conn)] * args.workers
+            callers = [RawHttp("127.0.0.1", port, n_conn)] * args.workers
         else:
-            callers = [_RawHttp("127.0.0.1", port, token, 1) for _ in range(args.workers)]
+            callers = [RawHttp("127.0.0.1", port, 1) for _ in range(args.workers)]
         ids = [f"bench-{i:05d}" for i in range(args.workers)]
         victim = ids[0]
         period = 1.0 / args.rate
@@ -278,10 +219,10 @@ async def _bench(
             body["device"] = "cpu"
             caller = callers[i]
             async with sem:
-                status, reply = await caller.request("POST", "/workers/register", body)
+                status, reply = await caller.request("POST", "/workers/register", token, body)
             if status != 201:
                 raise RuntimeError(f"registering {wid}: HTTP {status} {reply}")
-            epoch = reply["epoch"]
+            epoch, secret = reply["epoch"], reply["worker_secret"]
             registered[0] += 1
             if registered[0] == len(ids):
                 clock["registered"] = time.monotonic()
@@ -306,7 +247,7 @@ async def _bench(
                 hb = {"epoch": epoch, "step": step, "state": "training", "loss": 1.0}
                 t0 = time.perf_counter()
                 try:
-                    status, reply = await caller.request("POST", f"/workers/{wid}/heartbeat", hb)
+                    status, reply = await caller.request("POST", f"/workers/{wid}/heartbeat", secret, hb)
                 except (OSError, asyncio.IncompleteReadError, httpx.HTTPError) as exc:
                     errors.append(f"{wid}: {type(exc).__name__}")
                     t_next = _next_slot(t_next, period)

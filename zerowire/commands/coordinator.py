@@ -14,13 +14,16 @@ import sys
 from typing import Any
 
 from zerowire.commands import CommandError
+from zerowire.commands.certs import add_tls_options
 
 # (flag, settings field, type, help)
 SERVER_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
     ("--host", "host", str, "bind address (default 127.0.0.1)"),
     ("--port", "port", int, "bind port (default 8765)"),
     ("--db", "db", str, "SQLite state file (default ./zerowire-coordinator.db)"),
-    ("--token", "token", str, "cluster bearer token (or ZEROWIRE_TOKEN; prefer the environment)"),
+    ("--token", "token", str, "cluster token: admits workers (or ZEROWIRE_TOKEN; prefer the environment)"),
+    ("--read-token", "read_token", str, "read-only token: status, events, metrics (ZEROWIRE_READ_TOKEN)"),
+    ("--admin-token", "admin_token", str, "admin token: read-only plus eviction (ZEROWIRE_ADMIN_TOKEN)"),
     ("--heartbeat-interval", "heartbeat_interval", float, "seconds between worker heartbeats (default 0.5)"),
     ("--heartbeat-timeout", "heartbeat_timeout", float, "silence after which a worker is dead (default 2)"),
     ("--collective-timeout", "collective_timeout", float, "workers' collective timeout (default 30)"),
@@ -29,6 +32,11 @@ SERVER_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
     ("--max-workers", "max_workers", int, "most live workers accepted (default 1024)"),
     ("--max-body-bytes", "max_body_bytes", int, "largest request body (default 65536)"),
     ("--ready-wait-cap", "ready_wait_cap", float, "longest /training/ready long poll (default 30)"),
+    ("--record-retention-s", "record_retention_s", float, "keep dead/left worker records (default 3600 s)"),
+    ("--register-rate", "register_rate", float, "registrations/s per client address (default 5; 0: off)"),
+    ("--register-burst", "register_burst", int, "registrations at once per client address (default 64)"),
+    ("--register-rate-global", "register_rate_global", float, "registrations/s in all (default 50; 0: off)"),
+    ("--register-burst-global", "register_burst_global", int, "registrations at once in all (default 512)"),
 )
 # job flags: (flag, JobSpec field, help); values are validated by JobSpec
 JOB_OPTIONS: tuple[tuple[str, str, str], ...] = (
@@ -77,6 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument(
         "--insecure-no-auth", action="store_true", default=None, help="serve without a token (loudly warned)"
     )
+    add_tls_options(p)
     jobs = p.add_argument_group("job", "the job to serve: a TOML file and/or flags (flags win)")
     jobs.add_argument("--job", dest="job_file", default=None, metavar="FILE.toml", help="job TOML file")
     for flag, field, text in JOB_OPTIONS:
@@ -116,6 +125,7 @@ def job_values(args: argparse.Namespace) -> dict[str, Any] | None:
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from communication.tls import TlsConfig, is_loopback, plaintext_banner
     from coordinator.settings import CoordinatorSettings
     from worker.job import JobSpec
 
@@ -131,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         settings = CoordinatorSettings(**given)
         values = job_values(args)
         job = JobSpec.model_validate(values) if values is not None else None
+        tls = TlsConfig.from_options(args.tls_cert, args.tls_key, args.tls_ca)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -152,12 +163,20 @@ def run(args: argparse.Namespace) -> int:
             )
     if settings.insecure_no_auth:
         print(INSECURE_BANNER.format(addr=f"{settings.host}:{settings.port}"), file=sys.stderr, flush=True)
-    return serve(settings, job, log)
+    if tls is None and not is_loopback(settings.host):
+        log.warning("REST is plaintext on %s:%d (no TLS)", settings.host, settings.port)
+        print(
+            plaintext_banner("the coordinator", f"{settings.host}:{settings.port}"),
+            file=sys.stderr,
+            flush=True,
+        )
+    return serve(settings, job, log, tls)
 
 
-def serve(settings: Any, job: Any, log: logging.Logger) -> int:
+def serve(settings: Any, job: Any, log: logging.Logger, tls: Any = None) -> int:
     import uvicorn
 
+    from communication.tls import uvicorn_ssl_args
     from coordinator.app import create_app
 
     app = create_app(settings, job)
@@ -170,8 +189,10 @@ def serve(settings: Any, job: Any, log: logging.Logger) -> int:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=5,
+        **uvicorn_ssl_args(tls),
     )
     server = uvicorn.Server(config)
-    log.info("coordinator on http://%s:%d (db %s)", settings.host, settings.port, settings.db)
+    scheme = "https" if tls is not None else "http"
+    log.info("coordinator on %s://%s:%d (db %s)", scheme, settings.host, settings.port, settings.db)
     server.run()
     return 0 if server.started else 1

@@ -53,6 +53,7 @@ MANAGED = (
     "summary.json",
     "training.png",
     "job.toml",
+    "tls",
 )
 
 
@@ -66,8 +67,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--output", required=True, help="folder for the results, logs and checkpoints")
     p.epilog = (
-        "The cluster token is $ZEROWIRE_TOKEN when set (so `zerowire status` can watch), "
-        "else a fresh random one."
+        "The cluster token is $ZEROWIRE_TOKEN when set, else a fresh random one; likewise the read-only "
+        "token ($ZEROWIRE_READ_TOKEN: set it so `zerowire status` can watch) and the admin token "
+        "($ZEROWIRE_ADMIN_TOKEN)."
     )
     p.add_argument("--job", help="job TOML file (flags override its values)")
     for flag, kind, text in JOB_FLAGS:
@@ -83,6 +85,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--data-dir", default=os.environ.get("ZEROWIRE_DATA_DIR"), help="dataset cache folder")
     p.add_argument(
         "--timeout", type=float, default=3600.0, help="give up after this many seconds (default 3600)"
+    )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="run the whole cluster over TLS: HTTPS for REST, mutual TLS on gRPC, with a fresh CA and "
+        "certificate written to OUTPUT/tls",
     )
     p.add_argument(
         "--kill-worker-at-step",
@@ -168,20 +176,31 @@ def handle(args: argparse.Namespace) -> int:
     job_file = output / "job.toml"
     write_job_toml(job_file, job.model_dump(mode="json"))
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    tls_dir = None
+    if args.tls:
+        from zerowire.certs import make_loopback_certs
+
+        tls_dir = (output / "tls").resolve()
+        make_loopback_certs(tls_dir)
 
     def on_signal(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, on_signal)
     token = os.environ.get("ZEROWIRE_TOKEN") or secrets.token_urlsafe(32)
+    read_token = os.environ.get("ZEROWIRE_READ_TOKEN") or secrets.token_urlsafe(32)
+    admin_token = os.environ.get("ZEROWIRE_ADMIN_TOKEN") or secrets.token_urlsafe(32)
     cluster = LocalCluster(
         token=token,
+        read_token=read_token,
+        admin_token=admin_token,
         output=output.resolve(),
         workers=args.workers,
         job_file=job_file.resolve(),
         threads=threads,
         devices=devices,
         data_dir=Path(args.data_dir).resolve() if args.data_dir else None,
+        tls_dir=tls_dir,
     )
     try:
         with cluster:
@@ -205,13 +224,20 @@ def _drive(cluster: Any, job: Any, args: argparse.Namespace) -> int:
     progress = Progress(job.steps)
     progress.message(
         f"zerowire run: {args.workers} workers, job {job.job_id} ({job.model} on {job.dataset}, "
-        f"{job.steps} steps), output {cluster.output}"
+        f"{job.steps} steps), output {cluster.output}{', over TLS' if cluster.tls_dir else ''}"
     )
     cluster.start_coordinator()
     progress.message(
-        f"zerowire run: coordinator at {cluster.url} (zerowire status --coordinator {cluster.url})"
+        f"zerowire run: coordinator at {cluster.url} (zerowire status --coordinator {cluster.url}"
+        + (f" --tls-ca {cluster.tls_dir / 'ca.pem'})" if cluster.tls_dir else ")")
     )
-    client = SyncCoordinatorClient(cluster.url, cluster.token, timeout_s=5.0, retry=RetryPolicy(attempts=2))
+    client = SyncCoordinatorClient(
+        cluster.url,
+        cluster.read_token,  # status and progress: the read-only token
+        timeout_s=5.0,
+        retry=RetryPolicy(attempts=2),
+        verify=cluster.client_verify(),
+    )
     served = client.get("/job")
     if served.get("job_hash") != job.hash:
         raise RuntimeError(f"the coordinator serves job hash {served.get('job_hash')}, expected {job.hash}")

@@ -20,11 +20,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="coordinator URL (default $ZEROWIRE_COORDINATOR or http://127.0.0.1:8765)",
     )
     p.add_argument(
-        "--token", default=os.environ.get("ZEROWIRE_TOKEN"), help="cluster token ($ZEROWIRE_TOKEN)"
+        "--token",
+        default=os.environ.get("ZEROWIRE_READ_TOKEN"),
+        help="the coordinator's read-only (or admin) token ($ZEROWIRE_READ_TOKEN); the cluster token "
+        "does not read status",
     )
     p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     p.add_argument("--interval", type=float, default=1.0, help="refresh interval of --watch (seconds)")
     p.add_argument("--json", action="store_true", help="print the raw JSON of /cluster/status")
+    p.add_argument(
+        "--tls-ca",
+        default=os.environ.get("ZEROWIRE_TLS_CA") or None,
+        metavar="PEM",
+        help="CA that signed an HTTPS coordinator's certificate ($ZEROWIRE_TLS_CA; default: system roots)",
+    )
     p.set_defaults(handler=handle)
 
 
@@ -95,9 +104,14 @@ def _human(n: Any) -> str:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from communication.tls import client_ssl_context
     from worker.coordinator_client import CoordinatorError, SyncCoordinatorClient
 
-    with SyncCoordinatorClient(args.coordinator, args.token) as client:
+    try:
+        verify = client_ssl_context(args.tls_ca)
+    except (ValueError, OSError) as exc:
+        raise CommandError(str(exc)) from None
+    with SyncCoordinatorClient(args.coordinator, args.token, verify=verify) as client:
         while True:
             try:
                 status = client.cluster_status()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from typing import Any
 
 from zerowire.commands import CommandError
+from zerowire.commands.certs import add_tls_options
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -70,6 +72,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default=float(_env("COORDINATOR_GRACE", "30") or 30),
         help="seconds without the coordinator before giving up (default 30)",
     )
+    add_tls_options(p)
+    p.add_argument(
+        "--tls-server-name",
+        default=_env("TLS_SERVER_NAME"),
+        help="check peers' certificates against this name instead of the address dialled (one certificate "
+        "shared by workers whose addresses are not known in advance, e.g. scaled containers)",
+    )
     p.set_defaults(handler=handle)
 
 
@@ -78,6 +87,7 @@ def handle(args: argparse.Namespace) -> int:
 
     from worker.daemon import run_worker
     from worker.identity import WorkerConfig, default_host_id
+    from worker.job import check_nested_timeouts
 
     if not args.coordinator:
         raise CommandError("--coordinator URL (or ZEROWIRE_COORDINATOR) is required")
@@ -85,11 +95,12 @@ def handle(args: argparse.Namespace) -> int:
         raise CommandError("no cluster token: pass --token or set ZEROWIRE_TOKEN")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         raise CommandError(f"--device must be auto, cpu, cuda or cuda:i, not {args.device!r}")
-    if not 0 < args.collective_timeout < args.barrier_timeout:
-        raise CommandError(
-            f"timeouts must nest: collective timeout ({args.collective_timeout:g} s) < "
-            f"barrier timeout ({args.barrier_timeout:g} s)"
+    try:
+        check_nested_timeouts(
+            [("collective timeout", args.collective_timeout), ("barrier timeout", args.barrier_timeout)]
         )
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     if args.save_model:
         save_model = Path(args.save_model)
@@ -97,11 +108,12 @@ def handle(args: argparse.Namespace) -> int:
         save_model = checkpoint_dir / "model.safetensors"
     else:
         save_model = Path("zerowire-model.safetensors")
+    tls, coordinator = _tls(args)
     for folder in (checkpoint_dir, args.telemetry_dir, args.data_dir):
         if folder:
             Path(folder).mkdir(parents=True, exist_ok=True)
     cfg = WorkerConfig(
-        coordinator=args.coordinator,
+        coordinator=coordinator,
         token=args.token,
         worker_id=args.worker_id,
         bind=args.bind,
@@ -118,5 +130,39 @@ def handle(args: argparse.Namespace) -> int:
         collective_timeout_s=args.collective_timeout,
         barrier_timeout_s=args.barrier_timeout,
         coordinator_grace_s=args.coordinator_grace,
+        tls=tls,
     )
     return run_worker(cfg)
+
+
+def _tls(args: argparse.Namespace) -> tuple[Any, str]:
+    """The loaded TLS configuration (None: plaintext, announced when bound beyond loopback) and the
+    coordinator URL (https:// by default with TLS)."""
+    import logging
+    import sys
+
+    from communication.tls import TlsConfig, is_loopback, plaintext_banner
+    from worker.identity import split_host_port
+
+    try:
+        tls = TlsConfig.from_options(
+            args.tls_cert, args.tls_key, args.tls_ca, server_name=args.tls_server_name
+        )
+        bind_host, _ = split_host_port(args.bind)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    url = str(args.coordinator).strip()
+    if tls is None:
+        if not is_loopback(bind_host):
+            banner = plaintext_banner("the worker's gRPC server", args.bind)
+            logging.getLogger("zerowire.worker").warning("gRPC is plaintext on %s (no TLS)", args.bind)
+            print(banner, file=sys.stderr, flush=True)
+        return None, url
+    if "://" not in url:
+        url = f"https://{url}"
+    elif url.startswith("http://"):
+        raise CommandError(
+            f"TLS is configured but --coordinator {url} is plain http://: use https:// "
+            "(the coordinator serves HTTPS with --tls-cert/--tls-key)"
+        )
+    return tls, url

@@ -1,5 +1,6 @@
 """The gradient accumulator's rules: rank-order sums, one contribution per sender, every rejection,
-bounded memory, wait_ready, clearing after commit. A rejected contribution changes nothing."""
+the step window anchored on what this rank published, the declared plan, bounded memory (in all and per
+sender), wait_ready, clearing after commit. A rejected contribution changes nothing."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def header(
 
 def deliver(acc: GradientAccumulator, h: pb.TensorHeader, x: torch.Tensor) -> None:
     """What the servicer does with a fully received contribution."""
-    buf = acc.reserve(h)
+    buf = acc.reserve(h, published=h.step)  # this rank published its shard of the step
     payload = encode(x, h.codec, h.block_size or 1)
     buf.copy_(payload)
     if h.codec == pb.CODEC_NONE:
@@ -107,7 +108,7 @@ async def test_duplicate_is_rejected_not_added_twice() -> None:
     x = torch.ones(4)
     deliver(acc, header(1, x), x)
     with pytest.raises(DuplicateContribution):
-        acc.reserve(header(1, x))
+        acc.reserve(header(1, x), published=0)
     acc.contribute_local(1, 0, 0, x)
     out = torch.empty(4)
     await acc.wait_ready(1, 0, 0, out, 1.0)
@@ -117,7 +118,7 @@ async def test_duplicate_is_rejected_not_added_twice() -> None:
 
 
 def test_every_rejection_changes_nothing() -> None:
-    acc = GradientAccumulator(window=2)
+    acc = GradientAccumulator(window=1)
     acc.set_group(group(epoch=5))
     acc.contribute_local(5, 10, 0, torch.zeros(8))
     acc.commit(5, 9)
@@ -128,7 +129,7 @@ def test_every_rejection_changes_nothing() -> None:
         (header(2, x, step=10, epoch=4), StaleMessage),  # stale epoch
         (header(2, x, step=10, epoch=6), StaleMessage),  # epoch not installed
         (header(2, x, step=9, epoch=5), StaleMessage),  # committed step
-        (header(2, x, step=13, epoch=5), StaleMessage),  # beyond the window
+        (header(2, x, step=12, epoch=5), StaleMessage),  # beyond the window
         (header(7, x, step=10, epoch=5), InvalidMessage),  # non-member
         (header(0, x, step=10, epoch=5), InvalidMessage),  # the owner itself over the wire
         (header(2, x, step=10, epoch=5, shard=1), InvalidMessage),  # not this rank's shard
@@ -145,7 +146,7 @@ def test_every_rejection_changes_nothing() -> None:
             acc.reserve(h)
         assert (acc.pending(), acc.pending_bytes) == before, h
     # within the window is fine
-    acc.reserve(header(2, x, step=12, epoch=5))
+    acc.reserve(header(2, x, step=11, epoch=5))
 
 
 async def test_non_finite_contribution_is_reported_and_never_applied() -> None:
@@ -154,7 +155,7 @@ async def test_non_finite_contribution_is_reported_and_never_applied() -> None:
     bad = torch.ones(4)
     bad[2] = float("nan")
     h = header(1, bad)
-    buf = acc.reserve(h)
+    buf = acc.reserve(h, published=0)
     buf.copy_(bad.view(torch.uint8))
     with pytest.raises(InvalidMessage, match="non-finite"):
         acc.contribute(h, buf.view(torch.float32))
@@ -162,21 +163,21 @@ async def test_non_finite_contribution_is_reported_and_never_applied() -> None:
     with pytest.raises(InvalidMessage, match="non-finite"):
         await acc.wait_ready(1, 0, 0, torch.empty(4), 1.0)
     with pytest.raises(DuplicateContribution):  # the sender had its one chance
-        acc.reserve(h)
+        acc.reserve(h, published=0)
 
 
 def test_memory_and_key_bounds() -> None:
     acc = GradientAccumulator(max_pending_bytes=100, max_pending_keys=2)
     acc.set_group(group())
-    acc.reserve(header(1, torch.ones(20)))  # 80 bytes
+    acc.reserve(header(1, torch.ones(20)), published=0)  # 80 bytes
     with pytest.raises(ResourceExhausted):
-        acc.reserve(header(2, torch.ones(20)))
+        acc.reserve(header(2, torch.ones(20)), published=0)
     acc2 = GradientAccumulator(max_pending_keys=2)
     acc2.set_group(group())
-    acc2.reserve(header(1, torch.ones(2), unit=0))
-    acc2.reserve(header(1, torch.ones(2), unit=1))
+    acc2.reserve(header(1, torch.ones(2), unit=0), published=0)
+    acc2.reserve(header(1, torch.ones(2), unit=1), published=0)
     with pytest.raises(ResourceExhausted):
-        acc2.reserve(header(1, torch.ones(2), unit=2))
+        acc2.reserve(header(1, torch.ones(2), unit=2), published=0)
 
 
 async def test_wait_ready_times_out_and_names_the_missing_ranks() -> None:
@@ -212,7 +213,7 @@ async def test_receive_buffers_are_reused_across_steps() -> None:
     for step in range(3):
         x = torch.full((16,), float(step))
         h = header(1, x, step=step)
-        buf = acc.reserve(h)
+        buf = acc.reserve(h, published=step)
         ptrs.append(buf.data_ptr())
         buf.copy_(x.view(torch.uint8))
         acc.contribute(h, buf.view(torch.float32))

@@ -105,6 +105,10 @@ def test_unreachable_peer_is_lost_fast() -> None:
 
 def test_close_fails_in_flight_calls(pair: tuple[list[GrpcBackend], list[PeerGroup]]) -> None:
     backends, groups = pair
+    # both gather step 0 (so each takes pushes of it), then only rank 0 reduces: it waits for rank 1
+    gathers = [backends[r].all_gather(groups[r], 0, 0, torch.ones(10), torch.empty(20), 10) for r in range(2)]
+    for g in gathers:
+        g.result(15)
     fut = backends[0].reduce_scatter(groups[0], 0, 0, torch.ones(20), torch.empty(10), 30)
     time.sleep(0.2)
     assert not fut.done()

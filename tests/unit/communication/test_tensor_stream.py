@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -10,7 +12,11 @@ from communication.tensor_stream import (
     CHUNK_BYTES,
     Key,
     PayloadReceiver,
+    add_into,
+    all_finite,
     as_memoryview,
+    checksum,
+    copy_into,
     data_chunks,
     make_header,
     parse_chunk,
@@ -90,3 +96,43 @@ def test_oversized_and_malformed_chunks_rejected() -> None:
     )
     header, data = parse_chunk(mixed)
     assert header is not None and header.job_id == "j" and bytes(data) == b"ab"
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 4095, CHUNK_BYTES + 3])
+def test_checksum_is_zlib_crc32_whole_and_chained(nbytes: int) -> None:
+    payload = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+    data = payload.numpy().tobytes()
+    assert checksum(payload) == zlib.crc32(data)
+    cut = nbytes // 3
+    assert checksum(payload[cut:], checksum(payload[:cut])) == zlib.crc32(data)
+
+
+def test_array_helpers_match_torch_bit_for_bit() -> None:
+    gen = torch.Generator().manual_seed(7)
+    a, b = torch.randn(100_003, generator=gen) * 1e30, torch.randn(100_003, generator=gen)
+    b[::7] = torch.finfo(torch.float32).tiny / 3  # subnormals are kept, as torch keeps them
+    out = torch.empty_like(a)
+    add_into(out, a, b)
+    assert torch.equal(out, torch.add(a, b))
+    add_into(out, out, a)  # in place, as the accumulator sums rank after rank
+    assert torch.equal(out, torch.add(a, b).add_(a))
+    copy_into(out, b)
+    assert torch.equal(out, b)
+    half, strided = torch.empty(5, dtype=torch.bfloat16), torch.arange(10.0)[::2]
+    copy_into(half, strided.to(torch.bfloat16))  # not a numpy dtype: torch does it
+    add_into(out[:5], strided, strided)  # not contiguous: torch does it
+    assert torch.equal(half, strided.to(torch.bfloat16)) and torch.equal(out[:5], strided * 2)
+    with pytest.raises(ValueError):
+        copy_into(out, a[:-1])
+    with pytest.raises(ValueError):
+        add_into(out, a, b[:1])  # no broadcasting
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_any_non_finite_value(bad: float) -> None:
+    x = torch.randn(10_001)
+    assert all_finite(x) and all_finite(x[:0]) and all_finite(torch.full((3,), 3e38))
+    for pos in (0, 5_000, 10_000):
+        y = x.clone()
+        y[pos] = bad
+        assert not all_finite(y) and not all_finite(y.to(torch.bfloat16))

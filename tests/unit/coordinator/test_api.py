@@ -13,6 +13,8 @@ async def test_register_heartbeat_leave_flow(api: Api) -> None:
     r = await api.register("a")
     assert r.status_code == 201
     body = r.json()
+    secret = body.pop("worker_secret")
+    assert len(secret) >= 43 and secret == api.secrets["a"]
     assert body == {
         "worker_id": "a",
         "epoch": 1,
@@ -33,8 +35,8 @@ async def test_register_heartbeat_leave_flow(api: Api) -> None:
         "world_size": 2,
         "cluster_state": "waiting",
     }
-    assert (await api.client.delete("/workers/a")).status_code == 204
-    assert (await api.client.delete("/workers/a")).status_code == 204  # idempotent, no new epoch
+    assert (await api.leave("a")).status_code == 204
+    assert (await api.leave("a")).status_code == 204  # idempotent, no new epoch
     hb = await api.heartbeat("a", 3)
     assert hb.status_code == 200 and hb.json()["action"] == "stop"
     workers = (await api.client.get("/workers")).json()
@@ -48,8 +50,8 @@ async def test_register_heartbeat_leave_flow(api: Api) -> None:
 async def test_generated_id_and_unknown_ids(api: Api) -> None:
     r = await api.register()
     assert r.status_code == 201 and r.json()["worker_id"].startswith("w-")
-    assert (await api.heartbeat("ghost", 0)).status_code == 404
-    assert (await api.client.delete("/workers/ghost")).status_code == 404
+    assert (await api.heartbeat("ghost", 0)).status_code == 404  # whatever the credential: register
+    assert (await api.leave("ghost")).status_code == 404
 
 
 async def test_dead_worker_gets_410_until_it_registers_again(api: Api) -> None:
@@ -78,9 +80,9 @@ async def test_dead_worker_gets_410_until_it_registers_again(api: Api) -> None:
 
 async def test_ready_long_poll_wakes_on_membership_change(api: Api) -> None:
     await api.register("a")
-    r = await api.client.get("/training/ready", params={"min_workers": 2, "wait_s": 0})
+    r = await api.ready("a", min_workers=2, wait_s=0)
     assert r.json()["ready"] is False and r.json()["active_workers"] == 1
-    waiter = asyncio.create_task(api.client.get("/training/ready", params={"min_workers": 2, "wait_s": 20}))
+    waiter = asyncio.create_task(api.ready("a", min_workers=2, wait_s=20))
     await asyncio.sleep(0.05)
     assert not waiter.done()
     await api.register("b")
@@ -92,17 +94,16 @@ async def test_ready_long_poll_wakes_on_membership_change(api: Api) -> None:
         ("a", 0, 50051, "h1"),
         ("b", 1, 50051, "h1"),
     ]
-    # default min_workers comes from the job (2); every caller of this epoch gets the same answer
-    answers = await asyncio.gather(*(api.client.get("/training/ready") for _ in range(5)))
-    assert all(a.json() == answers[0].json() for a in answers)
-    assert answers[0].json()["workers"] == body["workers"]
+    # default min_workers comes from the job (2); every caller of this epoch gets the same membership
+    answers = await asyncio.gather(*(api.ready(wid) for wid in ("a", "b", "a", "b")))
+    assert all(a.json()["workers"] == body["workers"] and a.json()["epoch"] == 2 for a in answers)
+    assert answers[0].json() == answers[2].json() and answers[1].json() == answers[3].json()
 
 
 async def test_ready_wait_is_capped(api: Api) -> None:
     api.service.settings = api.service.settings.model_copy(update={"ready_wait_cap": 0.1})
-    r = await asyncio.wait_for(
-        api.client.get("/training/ready", params={"min_workers": 3, "wait_s": 60}), 5.0
-    )
+    await api.register("a")
+    r = await asyncio.wait_for(api.ready("a", min_workers=3, wait_s=60), 5.0)
     assert r.status_code == 200 and r.json()["ready"] is False
 
 
@@ -129,7 +130,7 @@ async def test_job_and_cluster_status(api: Api) -> None:
 async def test_metrics_are_prometheus_text(api: Api) -> None:
     await api.register("a")
     await api.heartbeat("a", 1)
-    await api.client.get("/training/ready", params={"min_workers": 1})
+    await api.ready("a", min_workers=1)
     r = await api.client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     samples = {

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.coordinator.conftest import Api
+from tests.unit.coordinator.conftest import TOKEN, Api, bearer
 
 GOOD = {"host": "127.0.0.1", "port": 50051, "host_id": "h1", "device": "cpu"}
 
@@ -43,7 +43,7 @@ async def snapshot(api: Api) -> Any:
 async def test_bad_registrations_change_nothing(api: Api, body: Any, status: int) -> None:
     await api.register("a")
     before = await snapshot(api)
-    r = await api.client.post("/workers/register", json=body)
+    r = await api.client.post("/workers/register", json=body, headers=bearer(TOKEN))
     assert r.status_code == status
     assert r.json()["detail"]  # a clear message
     assert await snapshot(api) == before
@@ -64,7 +64,7 @@ async def test_bad_registrations_change_nothing(api: Api, body: Any, status: int
 async def test_bad_heartbeats_change_nothing(api: Api, body: Any) -> None:
     await api.register("a")
     before = await snapshot(api)
-    r = await api.client.post("/workers/a/heartbeat", json=body)
+    r = await api.client.post("/workers/a/heartbeat", json=body, headers=api.as_worker("a"))
     assert r.status_code == 422 and r.json()["detail"]
     assert await snapshot(api) == before
 
@@ -72,22 +72,23 @@ async def test_bad_heartbeats_change_nothing(api: Api, body: Any) -> None:
 async def test_malformed_json_and_bad_paths(api: Api) -> None:
     await api.register("a")
     before = await snapshot(api)
-    r = await api.client.post(
-        "/workers/register", content=b"{not json", headers={"Content-Type": "application/json"}
-    )
+    json_type = {"Content-Type": "application/json"}
+    r = await api.client.post("/workers/register", content=b"{not json", headers=json_type | bearer(TOKEN))
     assert r.status_code == 422
     r = await api.client.post(
         "/workers/a/heartbeat",
         content=b'{"epoch": 1, "loss": NaN}',
-        headers={"Content-Type": "application/json"},
+        headers=json_type | api.as_worker("a"),
     )
     assert r.status_code == 422
-    assert (
-        await api.client.post("/workers/" + "x" * 200 + "/heartbeat", json={"epoch": 1})
-    ).status_code == 422
-    assert (await api.client.post("/workers/a/heartbeat", json={"epoch": 99})).status_code == 409
-    assert (await api.client.get("/training/ready", params={"min_workers": 0})).status_code == 422
-    assert (await api.client.get("/training/ready", params={"wait_s": -1})).status_code == 422
+    long_id = "/workers/" + "x" * 200 + "/heartbeat"
+    assert (await api.client.post(long_id, json={"epoch": 1}, headers=api.as_worker("a"))).status_code == 422
+    assert (await api.heartbeat("a", 99)).status_code == 409
+    assert (await api.ready("a", min_workers=0)).status_code == 422
+    assert (await api.ready("a", wait_s=-1)).status_code == 422
+    huge_secret = bearer(TOKEN) | {"X-Worker-Secret": "s" * 300}
+    r = await api.client.post("/workers/register", json={**GOOD, "worker_id": "a"}, headers=huge_secret)
+    assert r.status_code == 422
     assert (await api.client.get("/events", params={"after": -1})).status_code == 422
     assert await snapshot(api) == before
 
@@ -96,7 +97,7 @@ async def test_oversized_bodies_get_413(api: Api) -> None:
     await api.register("a")
     before = await snapshot(api)
     big = {**GOOD, "worker_id": "b", "device_name": "x" * (api.service.settings.max_body_bytes + 10)}
-    r = await api.client.post("/workers/register", json=big)
+    r = await api.client.post("/workers/register", json=big, headers=bearer(TOKEN))
     assert r.status_code == 413 and "exceeds" in r.json()["detail"]
 
     async def chunks() -> Any:  # no Content-Length: the limit applies while streaming
@@ -104,7 +105,7 @@ async def test_oversized_bodies_get_413(api: Api) -> None:
             yield b"x" * 1024
 
     r = await api.client.post(
-        "/workers/register", content=chunks(), headers={"Content-Type": "application/json"}
+        "/workers/register", content=chunks(), headers={"Content-Type": "application/json"} | bearer(TOKEN)
     )
     assert r.status_code == 413
     assert await snapshot(api) == before
@@ -119,4 +120,5 @@ async def test_more_than_max_workers_is_refused(api: Api) -> None:
     before = await snapshot(api)
     assert (await api.register("late")).status_code == 409
     assert await snapshot(api) == before
-    assert (await api.register("w0")).status_code == 201  # a rejoin is still accepted when full
+    member = next(r.json()["worker_id"] for r in results if r.status_code == 201)
+    assert (await api.register(member)).status_code == 201  # a rejoin is still accepted when full

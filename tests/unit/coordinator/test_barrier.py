@@ -7,13 +7,21 @@ import time
 
 from coordinator import membership as m
 from coordinator.barrier import ChangeSignal, ready_answer
+from coordinator.credentials import digest
+
+
+def digest_of(worker_id: str) -> bytes:
+    """A stand-in for the digest of the worker's secret (one secret per id in these tests)."""
+    return digest(f"secret-of-{worker_id}")
 
 
 def test_ready_answer_sorted_by_rank_and_identical_within_an_epoch() -> None:
     state = m.ClusterState()
     for i, wid in enumerate(["c", "a", "b"]):
         info = m.WorkerInfo(f"10.0.0.{i}", 5000 + i, f"h{i}", "cpu")
-        state = m.register(state, wid, info, 0.0, 0.0, max_workers=8).state
+        state = m.register(
+            state, wid, info, 0.0, 0.0, max_workers=8, fresh_digest=digest_of(wid), proof=digest_of(wid)
+        ).state
     first = ready_answer(state, 3, "hash")
     assert first.ready and first.epoch == 3 and first.active_workers == 3
     assert [w.rank for w in first.workers] == [0, 1, 2]

@@ -5,14 +5,27 @@ from __future__ import annotations
 import pytest
 
 from coordinator import membership as m
+from coordinator.credentials import digest
 
 INFO = m.WorkerInfo("10.0.0.1", 50051, "host-a", "cpu")
 TIMEOUT = 2.0
 
 
+def digest_of(worker_id: str) -> bytes:
+    """A stand-in for the digest of the worker's secret (one secret per id in these tests)."""
+    return digest(f"secret-of-{worker_id}")
+
+
+def reg(state: m.ClusterState, wid: str, now: float, wall: float, max_workers: int = 16) -> m.Decision:
+    """Register `wid`, proving the id with its secret (a rejoin of a live id needs it)."""
+    return m.register(
+        state, wid, INFO, now, wall, max_workers, fresh_digest=digest_of(wid), proof=digest_of(wid)
+    )
+
+
 def join(state: m.ClusterState, *ids: str, now: float = 0.0) -> m.ClusterState:
     for wid in ids:
-        state = m.register(state, wid, INFO, now, 1e9 + now, max_workers=16).state
+        state = reg(state, wid, now, 1e9 + now).state
     return state
 
 
@@ -24,7 +37,7 @@ def test_join_bumps_epoch_and_assigns_dense_ranks() -> None:
     state = join(m.ClusterState(), "a", "b", "c")
     assert state.epoch == 3
     assert ranks(state) == {"a": 0, "b": 1, "c": 2}
-    d = m.register(state, "d", INFO, 0.0, 0.0, max_workers=16)
+    d = reg(state, "d", 0.0, 0.0)
     assert d.state.epoch == 4
     assert [e.kind for e in d.events] == ["joined", "epoch"]
     assert all(e.epoch == 4 for e in d.events)
@@ -33,7 +46,7 @@ def test_join_bumps_epoch_and_assigns_dense_ranks() -> None:
 
 def test_register_same_id_is_a_rejoin_with_new_epoch_and_kept_rank() -> None:
     state = join(m.ClusterState(), "a", "b", "c")
-    d = m.register(state, "b", INFO, 5.0, 5.0, max_workers=16)
+    d = reg(state, "b", 5.0, 5.0)
     assert d.state.epoch == state.epoch + 1
     assert d.events[0].kind == "rejoined"
     assert len(d.state.alive()) == 3  # never a duplicate
@@ -43,13 +56,13 @@ def test_register_same_id_is_a_rejoin_with_new_epoch_and_kept_rank() -> None:
 def test_max_workers_rejects_and_changes_nothing() -> None:
     state = m.ClusterState()
     for wid in ("a", "b"):
-        state = m.register(state, wid, INFO, 0.0, 0.0, max_workers=2).state
+        state = reg(state, wid, 0.0, 0.0, max_workers=2).state
     with pytest.raises(m.Rejected) as exc:
-        m.register(state, "c", INFO, 0.0, 0.0, max_workers=2)
+        reg(state, "c", 0.0, 0.0, max_workers=2)
     assert exc.value.status == 409 and "max_workers=2" in exc.value.reason
     assert state.epoch == 2 and set(state.workers) == {"a", "b"}
     # a rejoin of a live worker is not a new worker: allowed when full
-    assert m.register(state, "a", INFO, 0.0, 0.0, max_workers=2).state.epoch == 3
+    assert reg(state, "a", 0.0, 0.0, max_workers=2).state.epoch == 3
 
 
 def test_assign_ranks_keeps_survivors_where_possible() -> None:

@@ -10,10 +10,16 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from coordinator import membership as m
 from coordinator.barrier import ready_answer
+from coordinator.credentials import digest
 
 IDS = st.sampled_from(["w0", "w1", "w2", "w3", "w4", "w5"])
 TIMEOUT = 2.0
 MAX = 5
+
+
+def digest_of(worker_id: str) -> bytes:
+    """A stand-in for the digest of the worker's secret (one secret per id in these tests)."""
+    return digest(f"secret-of-{worker_id}")
 
 
 class Membership(RuleBasedStateMachine):
@@ -40,7 +46,16 @@ class Membership(RuleBasedStateMachine):
         info = m.WorkerInfo("127.0.0.1", 1000 + int(wid[1:]), "h", "cpu")
         before = self.state
         try:
-            d = m.register(self.state, wid, info, self.now, self.now, MAX)
+            d = m.register(
+                self.state,
+                wid,
+                info,
+                self.now,
+                self.now,
+                MAX,
+                fresh_digest=digest_of(wid),
+                proof=digest_of(wid),
+            )
         except m.Rejected as exc:
             assert exc.status == 409
             assert len(before.alive()) >= MAX

@@ -10,7 +10,7 @@ import pytest
 
 from coordinator.app import create_app
 from coordinator.clock import FakeClock
-from tests.unit.coordinator.conftest import TOKEN, Api, make_settings
+from tests.unit.coordinator.conftest import READ_TOKEN, Api, bearer, make_settings
 from worker.job import JobSpec
 
 
@@ -19,7 +19,7 @@ async def test_state_survives_a_new_app_on_the_same_db(tmp_path: Path) -> None:
     job = JobSpec.model_validate({"job_id": "persist", "steps": 40})
     clock = FakeClock(start=50.0)
     app = create_app(settings, job, clock=clock, background=False)
-    headers = {"Authorization": f"Bearer {TOKEN}"}
+    headers = bearer(READ_TOKEN)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://c", headers=headers
@@ -27,9 +27,10 @@ async def test_state_survives_a_new_app_on_the_same_db(tmp_path: Path) -> None:
             api = Api(app, c, clock, app.state.service)
             for wid in ("a", "b", "c"):
                 await api.register(wid)
-            await c.delete("/workers/b")
+            await api.leave("b")
             await api.heartbeat("a", 4, step=9, loss=1.5, state="training")
             before = (await c.get("/workers")).json()
+            keys_before = (await api.ready("a")).json()["peer_keys"]
     # a new process: a fresh clock far later, no job given (the stored one is kept)
     clock2 = FakeClock(start=9000.0)
     app2 = create_app(settings, None, clock=clock2, background=False)
@@ -37,7 +38,7 @@ async def test_state_survives_a_new_app_on_the_same_db(tmp_path: Path) -> None:
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app2), base_url="http://c", headers=headers
         ) as c:
-            api2 = Api(app2, c, clock2, app2.state.service)
+            api2 = Api(app2, c, clock2, app2.state.service, secrets=api.secrets)  # the workers' secrets
             after = (await c.get("/workers")).json()
             assert after["epoch"] == before["epoch"] == 4
             strip = lambda ws: [{k: v for k, v in w.items() if k != "last_heartbeat_age_s"} for w in ws]  # noqa: E731
@@ -45,8 +46,11 @@ async def test_state_survives_a_new_app_on_the_same_db(tmp_path: Path) -> None:
             assert (await c.get("/job")).json()["job"]["job_id"] == "persist"
             events = (await c.get("/events")).json()["events"]
             assert events[-1]["kind"] == "coordinator_restarted" and events[-1]["epoch"] == 4
-            # live workers are accepted at once and not evicted within the grace period
+            # live workers are accepted at once, with the secrets they had, and not evicted within the grace
             assert (await api2.heartbeat("a", 4)).json()["action"] == "continue"
+            assert (
+                (await api2.ready("a")).json()["peer_keys"] == keys_before == {"c": keys_before["c"]}
+            )  # the master key survived too
             clock2.advance(settings.heartbeat_timeout + settings.grace_s - 0.1)
             assert not await api2.service.expire()
             clock2.advance(0.2)  # c never heartbeated after the restart
@@ -94,3 +98,36 @@ async def test_heartbeat_flush_in_chunks(api: Api) -> None:
     assert api.service.flush_heartbeats(max_rows=2) == 1
     rows = sqlite3.connect(str(api.service.store.path)).execute("SELECT step FROM workers").fetchall()
     assert rows == [(5,), (5,), (5,)]
+
+
+def test_a_file_of_an_older_coordinator_gains_the_new_columns(tmp_path: Path) -> None:
+    from coordinator.store import Store
+
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE workers (
+            worker_id TEXT PRIMARY KEY, host TEXT NOT NULL, port INTEGER NOT NULL, host_id TEXT NOT NULL,
+            device TEXT NOT NULL, device_name TEXT, memory_bytes INTEGER, version TEXT,
+            status TEXT NOT NULL, rank INTEGER, joined_wall REAL NOT NULL, last_heartbeat_wall REAL NOT NULL,
+            epoch_seen INTEGER NOT NULL, step INTEGER NOT NULL, loss REAL, samples_per_s REAL,
+            bytes_sent INTEGER NOT NULL, bytes_received INTEGER NOT NULL, state TEXT NOT NULL
+        );
+        INSERT INTO meta VALUES ('epoch', '1');
+        INSERT INTO workers VALUES ('old', 'h', 1, 'm', 'cpu', NULL, NULL, NULL, 'alive', 0, 1.0, 2.0, 1, 5,
+                                    NULL, NULL, 0, 0, 'training');
+        """
+    )
+    conn.commit()
+    conn.close()
+    store = Store(db)
+    loaded = store.open()
+    (record,) = loaded.state.workers.values()
+    assert record.secret_digest == b"" and record.ended_wall is None and record.step == 5
+    assert len(loaded.master_key) == 32
+    store.close()
+    again = Store(db)
+    assert again.open().master_key == loaded.master_key  # generated once, then kept
+    again.close()

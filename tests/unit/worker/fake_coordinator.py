@@ -1,13 +1,18 @@
 """An in-process fake of the coordinator's REST API for unit tests of the worker (httpx.MockTransport).
 
 Minimal semantics: registering (again) bumps the epoch and re-ranks; a heartbeat of an older epoch
-answers `reform`; `ready` answers whether enough workers are alive. Every request is recorded.
+answers `reform`; `ready` answers whether enough workers are alive. Credentials as the real one: the
+cluster token registers and reads the job; registration answers a per-worker secret, which a live id needs
+(X-Worker-Secret) to register again and which its heartbeats, leave and the barrier use. Every request is
+recorded, with the credential it carried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +43,8 @@ class FakeCoordinator:
     action: str | None = None  # forced heartbeat action
     served_hash: str | None = None
     next_id: int = 0
+    secrets: dict[str, str] = field(default_factory=dict)  # worker id -> its secret
+    credentials: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, bearer)
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
@@ -47,9 +54,21 @@ class FakeCoordinator:
         for rank, wid in enumerate(sorted(self.workers)):
             self.workers[wid]["rank"] = rank
 
-    def add_worker(self, worker_id: str, host: str = "127.0.0.1", port: int = 1) -> None:
+    def add_worker(self, worker_id: str, host: str = "127.0.0.1", port: int = 1) -> str:
+        """Add (or re-add) a live worker; returns its secret (kept when it had one)."""
         self.workers[worker_id] = {"worker_id": worker_id, "host": host, "port": port, "host_id": "h"}
+        self.secrets.setdefault(worker_id, secrets.token_urlsafe(32))
         self._bump()
+        return self.secrets[worker_id]
+
+    def pair_key(self, a: str, b: str, epoch: int | None = None) -> str:
+        lo, hi = sorted((a, b))
+        return hashlib.sha256(f"{lo}:{hi}:{self.epoch if epoch is None else epoch}".encode()).hexdigest()
+
+    def _caller(self, request: httpx.Request) -> str | None:
+        """The worker whose secret the request carries (None: not a worker's secret)."""
+        given = request.headers.get("authorization", "").removeprefix("Bearer ")
+        return next((wid for wid, secret in self.secrets.items() if secret == given), None)
 
     def calls(self, method: str, path_part: str) -> list[tuple[float, str, str, dict[str, Any]]]:
         return [r for r in self.requests if r[1] == method and path_part in r[2]]
@@ -58,8 +77,20 @@ class FakeCoordinator:
         body = json.loads(request.content) if request.content else {}
         path = request.url.path
         self.requests.append((time.monotonic(), request.method, path, body))
-        if request.headers.get("authorization") != f"Bearer {self.token}":
+        bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
+        self.credentials.append((request.method, path, bearer))
+        cluster = bearer == self.token
+        caller = self._caller(request)
+        if not cluster and caller is None:
             return httpx.Response(401, json={"detail": "bad token"})
+        if path == "/workers/register" and not cluster:
+            return httpx.Response(403, json={"detail": "registration needs the cluster token"})
+        if path.startswith("/workers/") and path != "/workers/register":
+            target = path.split("/")[2]
+            if target in self.secrets and caller != target:
+                return httpx.Response(403, json={"detail": f"not the secret of {target}"})
+        if path in ("/workers", "/training/ready") and caller is None:
+            return httpx.Response(403, json={"detail": "a worker's secret is needed"})
         if path == "/job":
             return httpx.Response(
                 200,
@@ -68,7 +99,11 @@ class FakeCoordinator:
         if path == "/workers/register":
             wid = body.get("worker_id") or f"w{self.next_id}"
             self.next_id += 1
-            self.add_worker(wid, body["host"], body["port"])
+            if wid in self.workers and request.headers.get("x-worker-secret") != self.secrets[wid]:
+                return httpx.Response(403, json={"detail": f"{wid} is live: its secret is needed"})
+            if wid not in self.workers:
+                self.secrets.pop(wid, None)  # a dead or unknown id gets a fresh secret
+            secret = self.add_worker(wid, body["host"], body["port"])
             return httpx.Response(
                 201,
                 json={
@@ -78,6 +113,7 @@ class FakeCoordinator:
                     "heartbeat_timeout_s": 0.3,
                     "rank": 0,
                     "world_size": 1,
+                    "worker_secret": secret,
                 },
             )
         if path.startswith("/workers/") and path.endswith("/heartbeat"):
@@ -125,6 +161,11 @@ class FakeCoordinator:
                     "min_workers": n,
                     "job_hash": self.job.hash,
                     "workers": members,
+                    "peer_keys": {
+                        w["worker_id"]: self.pair_key(caller, w["worker_id"])
+                        for w in members
+                        if caller in self.workers and w["worker_id"] != caller
+                    },
                 },
             )
         return httpx.Response(404, json={"detail": f"no route {path}"})

@@ -138,6 +138,12 @@ async def test_a_clean_run_registers_trains_saves_reports_and_leaves(tmp_path: P
     records = [json.loads(line) for line in (tmp_path / "w0.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records] == ["step"] * 5 + ["eval", "result"]
     assert records[-1]["test_accuracy"] == 0.97 and records[0]["bytes_sent"] == 10
+    # the cluster token admits the worker; everything after registration speaks with its own secret
+    used = {(method, path, bearer) for method, path, bearer in fake.credentials}
+    assert {(m, p) for m, p, b in used if b == fake.token} == {("GET", "/job"), ("POST", "/workers/register")}
+    assert {b for m, p, b in used if (m, p) != ("GET", "/job") and p != "/workers/register"} == {
+        fake.secrets["w0"]
+    }
 
 
 async def test_a_trainer_that_raises_reports_failed_and_leaves_within_a_heartbeat_timeout(
@@ -177,6 +183,9 @@ async def test_no_trainer_is_built_before_the_barrier_opens(tmp_path: Path) -> N
     assert trainer.built_at >= joined
     assert trainer.group.world_size == 2 and trainer.group.epoch == 2
     assert trainer.group.addresses == ("127.0.0.1:50051", "127.0.0.1:7")
+    # the barrier's data-plane key with w1 rides in the PeerGroup, by rank, and never in its repr
+    assert trainer.group.peer_keys == {1: bytes.fromhex(fake.pair_key("w0", "w1", epoch=2))}
+    assert str(trainer.group.peer_keys[1]) not in repr(trainer.group)
 
 
 async def test_an_epoch_change_reforms_with_a_new_trainer(tmp_path: Path) -> None:
@@ -263,3 +272,32 @@ async def test_a_coordinator_lost_for_longer_than_the_grace_ends_the_worker(tmp_
     assert 1.0 - 0.1 <= time.monotonic() - lost < 4.0
     assert daemon.t.stop_requested.is_set() and backend.epochs, "training was aborted at once"
     assert not daemon.t.lease_ok.is_set(), "fenced before giving up"
+
+
+async def test_a_live_id_held_by_another_process_is_refused_clearly(tmp_path: Path) -> None:
+    from worker.coordinator_client import Forbidden
+
+    fake = FakeCoordinator()
+    fake.add_worker("w0")  # a live w0 whose secret this process does not have
+    daemon, _ = make_daemon(fake, tmp_path)
+    with pytest.raises(Forbidden, match="w0 is live"):
+        await daemon.run()
+    assert ScriptedTrainer.built == [] and not fake.calls("POST", "/heartbeat")
+
+
+def test_formation_checks_the_peer_keys() -> None:
+    from worker.formation import group_from_ready
+
+    job = JobSpec(steps=5, warmup_steps=0)
+    members = [
+        {"worker_id": wid, "ip_address": "127.0.0.1", "port": 7000 + r, "rank": r, "host_id": "h"}
+        for r, wid in enumerate(("w0", "w1", "w2"))
+    ]
+    ready = {"epoch": 4, "workers": members, "peer_keys": {"w0": "aa" * 32, "w2": "bb" * 32}}
+    group, ids = group_from_ready(ready, job, "w1")
+    assert ids == ("w0", "w1", "w2") and group.rank == 1
+    assert group.peer_keys == {0: b"\xaa" * 32, 2: b"\xbb" * 32}
+    assert group_from_ready({**ready, "peer_keys": {}}, job, "w1")[0].peer_keys == {}
+    for bad in ({"w1": "aa" * 32}, {"w9": "aa" * 32}, {"w0": "aa" * 31}, {"w0": "zz" * 32}):
+        with pytest.raises(RuntimeError, match="peer key"):
+            group_from_ready({**ready, "peer_keys": bad}, job, "w1")

@@ -24,9 +24,13 @@ class RecordingBackend:
 
 
 def setup(fake: FakeCoordinator, grace_s: float = 5.0) -> tuple[Heartbeat, Telemetry, RecordingBackend]:
-    fake.add_worker("w0")
+    secret = fake.add_worker("w0")
     client = CoordinatorClient(
-        "http://coordinator", fake.token, transport=fake.transport(), retry=RetryPolicy(attempts=1)
+        "http://coordinator",
+        fake.token,
+        worker_secret=secret,
+        transport=fake.transport(),
+        retry=RetryPolicy(attempts=1),
     )
     tel = Telemetry(worker_id="w0", epoch=fake.epoch, known_epoch=fake.epoch)
     backend = RecordingBackend()
