@@ -8,30 +8,33 @@ momentum. Every contender runs as real processes on this machine in the same inv
 - ``ddp``: ``DistributedDataParallel``, gloo;
 - ``floor``: one process, one batch, forward + backward + optimizer (no communication).
 
-All contenders start first; then they run in turns (``--rounds`` chunks of the ``--steps`` measured steps
-each, the order rotating every round) while the others sleep, so load drifts of the machine hit each alike.
-Reported: median step time (rank 0, after the warm-up steps) of each, and ratios. ``--memory`` instead
-prints per-worker persistent bytes of ZeRO-3 vs DDP at 2 and 4 workers and the measured peak of full
-parameters held at once. Only the standard library is imported at module level; this module is also the
-entry point of the benchmark's worker processes (``python -m zerowire.bench.step --worker ...``).
+The ``--steps`` measured steps are split over ``--rounds`` interleaved rounds; in each round every contender
+runs alone in fresh processes (``--warmup`` unmeasured steps, then its share of the measured ones), the
+order rotating every round (see ``step_rounds``). Every process gets the same thread count and malloc
+settings (reported as ``process_env``). Reported: the median over all rounds of rank 0's measured step
+times of each contender, per-round medians, and ratios. ``--memory`` instead prints per-worker persistent
+bytes of ZeRO-3 vs DDP at 2 and 4 workers and the measured peak of full parameters held at once. Only the
+standard library is imported at module level; this module is also the entry point of the benchmark's
+worker processes (``python -m zerowire.bench.step --worker ...``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zerowire.commands import CommandError
+
+if TYPE_CHECKING:
+    from zerowire.bench.step_rounds import Run
 
 CONTENDERS = ("fsdp2", "ddp")
 
@@ -42,96 +45,45 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--compression", choices=("none", "int8"), default="none", help="zerowire wire codec")
     p.add_argument("--steps", type=int, default=20, help="measured steps (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="unmeasured first steps (default 3)")
-    p.add_argument("--rounds", type=int, default=5, help="turns per contender, steps split among them")
+    p.add_argument("--warmup", type=int, default=3, help="unmeasured first steps of every run (default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds, steps split among them")
     p.add_argument("--workers", type=int, default=2, help="processes per contender (default 2)")
     p.add_argument("--batch", type=int, default=16, help="samples per worker (default 16)")
     p.add_argument("--model", default="resnet18", help="model name (default resnet18)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per contender")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per run of a contender")
     p.add_argument("--memory", action="store_true", help="print the memory figures instead of timings")
     p.set_defaults(handler=handle)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _summary(kinds: list[str], runs: list[Run], args: argparse.Namespace) -> dict[str, Any]:
+    """The JSON report from the runs, in the order they happened."""
+    from zerowire.bench.step_rounds import TORCH_THREADS, process_env
 
+    def rank0(kind: str, key: str) -> list[list[float]]:
+        return [r.reports[0][key] for r in runs if r.contender == kind]
 
-class _Contender:
-    """The processes of one contender, sharing the turn file of the run."""
-
-    def __init__(self, kind: str, world: int, root: Path, args: argparse.Namespace, chunk: int) -> None:
-        self.kind = kind
-        self.world = world
-        self.dir = root / kind
-        self.dir.mkdir()
-        ports = ",".join(str(_free_port()) for _ in range(world))
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        self.procs: list[subprocess.Popen[bytes]] = []
-        for rank in range(world):
-            cmd = [
-                sys.executable, "-m", "zerowire.bench.step", "--worker", kind, "--rank", str(rank),
-                "--world", str(world), "--ports", ports, "--dir", str(self.dir), "--turn-file",
-                str(root / "turn"), "--chunk", str(chunk), "--rounds", str(args.rounds), "--warmup",
-                str(args.warmup), "--batch", str(args.batch), "--model", args.model,
-                "--compression", args.compression,
-            ]  # fmt: skip
-            with open(self.dir / f"stderr-{rank}", "wb") as err:
-                self.procs.append(subprocess.Popen(cmd, env=env, start_new_session=True, stderr=err))
-
-    def check_alive(self) -> None:
-        for rank, proc in enumerate(self.procs):
-            if proc.poll() not in (None, 0):
-                tail = (self.dir / f"stderr-{rank}").read_bytes()[-2000:].decode(errors="replace")
-                raise RuntimeError(f"{self.kind}: rank {rank} failed:\n{tail}")
-
-    def wait_files(self, name: str, deadline: float) -> None:
-        while not all((self.dir / f"{name}-{r}").exists() for r in range(self.world)):
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.kind}: timed out waiting for {name}")
-            time.sleep(0.005)
-
-    def kill(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-
-
-def _set_turn(root: Path, value: str) -> None:
-    tmp = root / "turn.tmp"
-    tmp.write_text(value)
-    os.replace(tmp, root / "turn")
-
-
-def _measure(kinds: list[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Start every contender, then let them run ``--rounds`` chunks of steps in turns, rotating the order
-    each round, so slow drifts of the machine's load hit every contender alike."""
-    chunk = -(-args.steps // args.rounds)
-    with tempfile.TemporaryDirectory(prefix="zerowire-bench-") as tmp:
-        root = Path(tmp)
-        _set_turn(root, "start")
-        contenders: list[_Contender] = []
-        try:
-            for kind in kinds:
-                contenders.append(_Contender(kind, 1 if kind == "floor" else args.workers, root, args, chunk))
-            deadline = time.monotonic() + args.timeout
-            for c in contenders:
-                c.wait_files("ready", deadline)
-            for rnd in range(args.rounds):
-                for i in range(len(contenders)):
-                    c = contenders[(i + rnd) % len(contenders)]
-                    _set_turn(root, f"{c.kind} {rnd}")
-                    c.wait_files(f"done{rnd}", deadline)
-            _set_turn(root, "exit")
-            for c in contenders:
-                c.wait_files("report", deadline)
-            return {c.kind: json.loads((c.dir / "report-0").read_text()) for c in contenders}
-        finally:
-            for c in contenders:
-                c.kill()
+    medians = {k: statistics.median(t for chunk in rank0(k, "step_times_s") for t in chunk) for k in kinds}
+    ratios = {f"zerowire/{k}": medians["zerowire"] / medians[k] for k in medians if k != "zerowire"}
+    ratios.update({f"{k}/floor": medians[k] / medians["floor"] for k in medians if k != "floor"})
+    zw = [r for r in runs if r.contender == "zerowire"]
+    return {
+        "model": args.model,
+        "workers": args.workers,
+        "batch_per_worker": args.batch,
+        "compression": args.compression,
+        "steps": args.steps,
+        "median_step_s": medians,
+        "ratios": ratios,
+        "zerowire_wait_s_median": statistics.median(t for c in rank0("zerowire", "wait_times_s") for t in c),
+        # rank 0's bytes over all its runs, every run's warm-up steps included
+        "zerowire_wire_bytes_sent": sum(r.reports[0].get("bytes_sent", 0) for r in zw),
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "round_medians_s": {k: [statistics.median(c) for c in rank0(k, "step_times_s")] for k in kinds},
+        "process_env": process_env(),
+        "torch_num_threads": TORCH_THREADS,
+        "runs": [r.as_dict() for r in runs],
+    }
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -158,42 +110,39 @@ def handle(args: argparse.Namespace) -> int:
     if unknown or min(args.steps, args.rounds, args.workers, args.batch) < 1 or args.warmup < 0:
         msg = f"unknown contenders {unknown} (known: {', '.join(CONTENDERS)})" if unknown else "bad counts"
         raise CommandError(msg)
-    results = _measure(["zerowire", *vs, "floor"], args)
-    medians = {k: statistics.median(r["step_times_s"]) for k, r in results.items()}
-    ratios = {f"zerowire/{k}": medians["zerowire"] / medians[k] for k in medians if k != "zerowire"}
-    ratios.update({f"{k}/floor": medians[k] / medians["floor"] for k in medians if k != "floor"})
-    out = {
-        "model": args.model,
-        "workers": args.workers,
-        "batch_per_worker": args.batch,
-        "compression": args.compression,
-        "steps": args.steps,
-        "median_step_s": medians,
-        "ratios": ratios,
-        "zerowire_wait_s_median": statistics.median(results["zerowire"]["wait_times_s"]),
-        "zerowire_wire_bytes_sent": results["zerowire"].get("bytes_sent", 0),
-    }
+    if args.rounds > args.steps:
+        raise CommandError(f"--rounds ({args.rounds}) must not exceed --steps ({args.steps})")
+    from zerowire.bench.step_rounds import measure
+
+    kinds = ["zerowire", *vs, "floor"]
+    with tempfile.TemporaryDirectory(prefix="zerowire-bench-") as tmp:
+        try:
+            runs = measure(kinds, args, Path(tmp))
+        except RuntimeError as exc:  # a contender failed or timed out (its log's tail is in the message)
+            raise CommandError(str(exc), code=1) from exc
+    out = _summary(kinds, runs, args)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        for k, v in medians.items():
-            print(f"{k:9s} median step {v * 1000:8.1f} ms")
-        for k, v in ratios.items():
+        for k, v in out["median_step_s"].items():
+            rounds = " ".join(f"{m * 1000:.0f}" for m in out["round_medians_s"][k])
+            print(f"{k:9s} median step {v * 1000:8.1f} ms   (rounds: {rounds} ms)")
+        for k, v in out["ratios"].items():
             print(f"{k:16s} {v:6.3f}x")
+        env = " ".join(f"{k}={v}" for k, v in out["process_env"].items())
+        print(f"{args.rounds} rounds, fresh processes per contender and round; {env}")
     return 0
 
 
 # -- worker processes ---------------------------------------------------------------------------------
-def _worker_main(argv: list[str]) -> int:
+def _worker_main(argv: list[str], started_s: float) -> int:
     p = argparse.ArgumentParser(prog="zerowire.bench.step worker")
     p.add_argument("--worker", choices=("zerowire", "fsdp2", "ddp", "floor"), required=True)
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--world", type=int, required=True)
     p.add_argument("--ports", required=True)
     p.add_argument("--dir", type=Path, required=True)
-    p.add_argument("--turn-file", type=Path, required=True)
-    p.add_argument("--chunk", type=int, required=True)
-    p.add_argument("--rounds", type=int, required=True)
+    p.add_argument("--steps", type=int, required=True)
     p.add_argument("--warmup", type=int, required=True)
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--model", required=True)
@@ -202,6 +151,7 @@ def _worker_main(argv: list[str]) -> int:
     from zerowire.bench import step_workers
 
     report = step_workers.run(a)
+    report.update(start_s=started_s, exit_s=time.time())  # wall clock, comparable across processes
     out = a.dir / f"report-{a.rank}"
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report))
@@ -210,4 +160,10 @@ def _worker_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))
+    code = _worker_main(sys.argv[1:], started_s=time.time())
+    # The report is written and every group closed: skip the interpreter's teardown of torch (seconds of
+    # CPU on a busy host, between one contender's run and the next).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

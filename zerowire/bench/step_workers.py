@@ -1,8 +1,11 @@
-"""Worker processes of `zerowire bench step` (one function per contender); each returns rank 0's timings."""
+"""Worker processes of `zerowire bench step` (one function per contender): each runs ``--warmup``
+unmeasured and ``--steps`` measured steps, and returns its timings (the harness uses rank 0's), its torch
+thread count and the settings of :func:`process_env` it saw."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,16 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zerowire.bench.step_rounds import TORCH_THREADS, process_env
+
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
-    torch.set_num_threads(1)
+    torch.set_num_threads(TORCH_THREADS)
     runners: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
         "zerowire": _zerowire,
         "fsdp2": _fsdp2,
         "ddp": _ddp,
         "floor": _floor,
     }
-    return runners[a.worker](a)
+    env = {key: os.environ.get(key, "") for key in process_env()}
+    return {**runners[a.worker](a), "torch_threads": torch.get_num_threads(), "env": env}
 
 
 def _model(name: str) -> nn.Module:
@@ -36,56 +42,15 @@ def _batch(batch: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
 
 
-class Turns:
-    """Chunks of steps run only while the shared turn file names this contender and round."""
-
-    def __init__(self, a: argparse.Namespace, timeout: float = 1800.0) -> None:
-        self.kind = a.worker
-        self.rank = a.rank
-        self.dir: Path = a.dir
-        self.turn_file: Path = a.turn_file
-        self.timeout = timeout
-
-    def _wait(self, value: str) -> None:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                if self.turn_file.read_text() == value:
-                    return
-            except FileNotFoundError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.kind} rank {self.rank}: no turn {value!r}")
-            time.sleep(0.002)
-
-    def ready(self) -> None:
-        (self.dir / f"ready-{self.rank}").touch()
-
-    def start(self, rnd: int) -> None:
-        self._wait(f"{self.kind} {rnd}")
-
-    def done(self, rnd: int) -> None:
-        (self.dir / f"done{rnd}-{self.rank}").touch()
-
-    def exit(self) -> None:
-        self._wait("exit")
-
-
 def _timed(step: Callable[[], None], a: argparse.Namespace) -> list[float]:
-    """Warm-up steps (untimed) then ``rounds`` timed chunks, each in this contender's turn."""
-    turns = Turns(a)
-    turns.ready()
+    """``a.warmup`` unmeasured steps, then the times of ``a.steps`` measured ones."""
+    for _ in range(a.warmup):
+        step()
     times: list[float] = []
-    for rnd in range(a.rounds):
-        turns.start(rnd)
-        for _ in range(a.warmup if rnd == 0 else 0):
-            step()
-        for _ in range(a.chunk):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        turns.done(rnd)
-    turns.exit()
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
     return times
 
 
@@ -109,7 +74,7 @@ def _zerowire(a: argparse.Namespace) -> dict[str, Any]:
     job = JobSpec.model_validate(
         dict(
             job_id="bench", model=a.model, dataset=f"synthetic:3x32x32:{max(256, a.batch * a.world)}",
-            steps=a.warmup + a.rounds * a.chunk, global_batch=a.batch * a.world, lr=0.01, momentum=0.9,
+            steps=a.warmup + a.steps, global_batch=a.batch * a.world, lr=0.01, momentum=0.9,
             schedule="constant", warmup_steps=0, compression=a.compression,
         )
     )  # fmt: skip
@@ -119,23 +84,8 @@ def _zerowire(a: argparse.Namespace) -> dict[str, Any]:
         _ready_barrier(a.dir, a.rank, a.world)
         group = PeerGroup(job.job_id, 0, a.rank, tuple(f"127.0.0.1:{p}" for p in ports))
         trainer = Trainer(job, group, backend, device=torch.device("cpu"), collective_timeout=600.0)
-        turns = Turns(a)
         reports: list[StepReport] = []
-        ends = {a.warmup + (rnd + 1) * a.chunk: rnd for rnd in range(a.rounds)}
-
-        def on_step(report: StepReport) -> None:
-            reports.append(report)
-            rnd = ends.get(report.step + 1)
-            if rnd is not None:
-                turns.done(rnd)
-                if rnd + 1 < a.rounds:
-                    turns.start(rnd + 1)
-                else:
-                    turns.exit()
-
-        turns.ready()
-        turns.start(0)
-        trainer.run(on_step=on_step)
+        trainer.run(on_step=reports.append)
         measured = reports[a.warmup :]
         return {
             "step_times_s": [r.step_time_s for r in measured],
