@@ -1,6 +1,6 @@
 """One conformance harness, run against the in-process fake and against real gRPC between real
 processes on loopback: 2, 3 and 4 peers, uneven sizes, sizes at a 1 MiB chunk boundary and one past
-it, raw float32 and int8."""
+it, raw float32 and int8; and against the torch.distributed lane (gloo) at 2 and 3 peers, raw float32."""
 
 from __future__ import annotations
 
@@ -14,8 +14,14 @@ import pytest
 
 from communication.group import PeerGroup
 from communication.testing import FakeHub
-from tests.conftest import ProcessReaper
-from tests.integration.wire_harness import check_results, run_cases, spawn_peers
+from tests.conftest import ProcessReaper, free_port
+from tests.integration.wire_harness import (
+    check_results,
+    run_cases,
+    spawn_peers,
+    spawn_torchdist,
+    torchdist_results,
+)
 
 
 def run_peers(reaper: ProcessReaper, tmp_path: Path, world: int, scenario: str, *extra: str) -> list[Any]:
@@ -61,3 +67,17 @@ def test_grpc_backend_conformance(world: int, reaper: ProcessReaper, tmp_path: P
         assert r["none"]["bytes_received"] == expected
         assert r["none"]["bytes_sent"] == expected
         assert r["int8"]["bytes_sent"] < 0.26 * fp32_equivalent
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("world", [2, 3])
+def test_torchdist_conformance(world: int, reaper: ProcessReaper, tmp_path: Path) -> None:
+    procs = spawn_torchdist(reaper, tmp_path, world, "conformance", f"127.0.0.1:{free_port()}")
+    results = torchdist_results(procs, tmp_path, range(world), 120)
+    check_results(results, "none")
+    sizes = [c["numel"] for c in results[0]["cases"]]
+    expected = sum(4 * n * (world - 1) * 2 for n in sizes)
+    for r in results:
+        assert r["bytes_sent"] == expected and r["bytes_received"] == expected
+        assert r["threads"] == ["MainThread"]

@@ -1,5 +1,6 @@
 """The conformance cases every CollectiveBackend must pass, shared by the in-process fake run and the
-multi-process gRPC run (tests/integration/wire_peer.py).
+multi-process gRPC run (tests/integration/wire_peer.py) and the torch.distributed lane's
+(tests/integration/torchdist_peer.py).
 
 Each rank calls `run_cases` with its backend and group; the data of every rank is derived from
 (case, rank) alone, so each rank computes the expected results itself. Results are a JSON-able dict.
@@ -8,8 +9,10 @@ Each rank calls `run_cases` with its backend and group; the data of every rank i
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,24 @@ def spawn_peers(
     meet through files in `tmp_path` and are killed by the reaper at teardown."""
     peer = [sys.executable, "-m", "tests.integration.wire_peer", str(tmp_path)]
     return [reaper.spawn([*peer, str(r), str(world), scenario, *extra], cwd=REPO) for r in range(world)]
+
+
+def spawn_torchdist(
+    reaper: ProcessReaper, tmp_path: Path, world: int, scenario: str, *rdv: str
+) -> list[subprocess.Popen[bytes]]:
+    """Start one `tests.integration.torchdist_peer` per rank; `rdv`: the rendezvous of each epoch."""
+    peer = [sys.executable, "-m", "tests.integration.torchdist_peer", str(tmp_path)]
+    return [reaper.spawn([*peer, str(r), str(world), scenario, *rdv], cwd=REPO) for r in range(world)]
+
+
+def torchdist_results(
+    procs: list[subprocess.Popen[bytes]], tmp_path: Path, ranks: range, limit: float
+) -> list[Any]:
+    """Wait for `ranks` to exit cleanly and read their results."""
+    deadline = time.monotonic() + limit
+    for r in ranks:
+        assert procs[r].wait(timeout=max(1.0, deadline - time.monotonic())) == 0
+    return [json.loads((tmp_path / f"result.{r}.json").read_text()) for r in ranks]
 
 
 def int8_boundary_numel(block: int, extra: int = 0) -> int:

@@ -2,7 +2,8 @@
 
 Measured in the same run, on a float32 tensor of --size-mb (ResNet-18's 44.7 MB by default):
 zerowire all_gather and reduce_scatter vs torch.distributed gloo all_gather_into_tensor and
-reduce_scatter_tensor, and vs the same bytes over bare gRPC (zerowire/bench/comm_bare.py: our chunk
+reduce_scatter_tensor, vs the torch.distributed lane (communication/torchdist.py, gloo), and vs the same
+bytes over bare gRPC (zerowire/bench/comm_bare.py: our chunk
 size and channel options, none of our framing, checksums or accumulator); one-way tensor stream
 throughput vs a raw TCP socket; the int8 codec's speed on one thread and its wire bytes. Each ratio is
 printed with its goal. Every contender is timed alike: one warm-up, then --repeats interleaved rounds
@@ -178,6 +179,7 @@ def _report(size_mb: float, peers: list[dict[str, Any]], stat: str = "best") -> 
         "all_gather_exact": all(p["checks"]["all_gather_exact"] for p in peers),
         "reduce_scatter_exact": all(p["checks"]["reduce_scatter_exact"] for p in peers),
         "bare_grpc_exact": all(p["checks"]["bare_grpc_exact"] for p in peers),
+        "torchdist_exact": all(p["checks"]["torchdist_exact"] for p in peers),
     }
 
 
@@ -193,6 +195,7 @@ def _peer(rank: int, directory: Path, size_mb: float, repeats: int, tls: bool = 
     from communication.group import PeerGroup
     from communication.grpc_backend import GrpcBackend
     from communication.tls import TlsConfig
+    from communication.torchdist import TorchDistBackend
     from zerowire.bench.comm_bare import BareGrpc
 
     warnings.filterwarnings("ignore", message=".*is deprecated.*", category=FutureWarning)
@@ -211,12 +214,16 @@ def _peer(rank: int, directory: Path, size_mb: float, repeats: int, tls: bool = 
         secure = GrpcBackend(os.environ["ZEROWIRE_BENCH_TOKEN"], compression="none", tls=config)
         secure_port = secure.start("127.0.0.1:0")
     listener = socket.create_server(("127.0.0.1", 0))
-    gloo_port = 0
+    gloo_port = lane_port = 0
     if rank == 0:
-        with socket.socket() as probe:
+        with socket.socket() as probe, socket.socket() as probe2:
             probe.bind(("127.0.0.1", 0))
-            gloo_port = probe.getsockname()[1]
-    _write(directory / f"port.{rank}", [port, listener.getsockname()[1], gloo_port, bare_port, secure_port])
+            probe2.bind(("127.0.0.1", 0))
+            gloo_port, lane_port = probe.getsockname()[1], probe2.getsockname()[1]
+    _write(
+        directory / f"port.{rank}",
+        [port, listener.getsockname()[1], gloo_port, bare_port, secure_port, lane_port],
+    )
     for r in range(2):
         _wait_for(directory / f"port.{r}", 120)
     ports = [json.loads((directory / f"port.{r}").read_text()) for r in range(2)]
@@ -226,6 +233,8 @@ def _peer(rank: int, directory: Path, size_mb: float, repeats: int, tls: bool = 
     dist.barrier()
     group = PeerGroup("bench", 1, rank, tuple(f"127.0.0.1:{p[0]}" for p in ports))
     backend.set_group(group)
+    lane = TorchDistBackend(collective_timeout=120, rendezvous_timeout=120)
+    lane.set_group(group, f"127.0.0.1:{ports[0][5]}")
     secure_group = PeerGroup("bench", 1, rank, tuple(f"localhost:{p[4]}" for p in ports))
     if secure is not None:
         secure.set_group(secure_group)
@@ -268,6 +277,8 @@ def _peer(rank: int, directory: Path, size_mb: float, repeats: int, tls: bool = 
     bare.connect(f"127.0.0.1:{ports[other][3]}", shard, bare_red)
     gloo_out = torch.empty(numel)
     gloo_red = torch.empty(half)
+    lane_out = torch.empty(numel)
+    lane_red = torch.empty(half)
 
     # one-way: rank 1 streams `big` to rank 0, once over zerowire, once over a raw TCP socket
     big = torch.randn(numel, generator=gen)
@@ -302,13 +313,15 @@ def _peer(rank: int, directory: Path, size_mb: float, repeats: int, tls: bool = 
                 got += n
         dist.barrier()
 
-    contenders: dict[str, Callable[[], None]] = {
+    contenders: dict[str, Callable[[], object]] = {
         "zerowire_all_gather": zw_gather,
         "bare_grpc_all_gather": lambda: bare.all_gather(bare_out[other * half : (other + 1) * half]),
         "gloo_all_gather_into_tensor": lambda: dist.all_gather_into_tensor(gloo_out, shard),
         "zerowire_reduce_scatter": zw_reduce,
         "bare_grpc_reduce_scatter": lambda: bare.reduce_scatter(bare_send),
         "gloo_reduce_scatter_tensor": lambda: dist.reduce_scatter_tensor(gloo_red, full),
+        "torchdist_all_gather": lambda: lane.all_gather(group, 0, 0, shard, lane_out, 120).result(150),
+        "torchdist_reduce_scatter": lambda: lane.reduce_scatter(group, 0, 1, full, lane_red, 120).result(150),
         "zerowire_stream_one_way": zw_stream,
         "raw_tcp_one_way": tcp_stream,
     }
@@ -333,7 +346,9 @@ def _peer(rank: int, directory: Path, size_mb: float, repeats: int, tls: bool = 
         "all_gather_exact": bool(torch.equal(out, gloo_out)),
         "reduce_scatter_exact": bool(torch.allclose(red, gloo_red, rtol=1e-6, atol=1e-6)),
         "bare_grpc_exact": bool(torch.equal(bare_out[peer_half], gloo_out[peer_half])),
+        "torchdist_exact": bool(torch.equal(lane_out, out) and torch.equal(lane_red, red)),
     }
+    lane.close()
     if secure is not None:
         checks["all_gather_exact"] &= bool(torch.equal(tls_out, gloo_out))
         checks["reduce_scatter_exact"] &= bool(torch.equal(tls_red, red))

@@ -1,0 +1,371 @@
+"""TorchDistBackend: the CollectiveBackend over torch.distributed, for members of an epoch that share a host.
+
+Usage: `backend.set_group(group, rendezvous="host:port")` once per epoch. The rendezvous address comes
+with the epoch (the coordinator hands one out per epoch); the group's rank 0 hosts a TCPStore on it, so
+that address must be one rank 0 can bind and every member can reach. There is no default process
+group: each epoch gets its own standalone group (`communication/torchdist_group.py`), created with the
+collective timeout, and every collective names it explicitly. NCCL when every member has CUDA, gloo
+otherwise (tensors are then staged through host memory).
+
+Calls return futures at once; one dispatcher thread per backend forms the epoch's group and runs the
+collectives in call order (every member calls them in the same order), so the compute thread can
+prefetch. What a call sends is copied at the call (the caller may reuse its tensor at once); results go
+to private buffers and are copied into `out` only on success, so a failed call never writes `out`
+afterwards. Those staging buffers are reused across calls, up to `pool_bytes` kept idle.
+
+- all_gather: one all-gather of equal shards.
+- reduce_scatter: an all-to-all moves slice r of every rank to rank r; the owner then sums the N slices
+  in rank order 0..N-1 in fp32, so the result equals the sequential sum bit for bit (a library
+  reduce-scatter does not promise an order).
+- Raw fp32 only (this lane carries no codec).
+
+Failure: a peer's death surfaces as PeerLost (the library reports the closed connection), a call past its
+timeout as CollectiveTimeout, and `set_epoch`/`set_group` of a newer epoch fails every older call at once
+with EpochChanged. In each case the group is abandoned: the dispatcher stops waiting on it (no thread
+stays blocked), aborts it, and keeps it aside until the library's own work on it ends (within the
+collective timeout, sooner once the peers drop theirs), so the next epoch's group forms without delay.
+`close()` joins the dispatcher and waits, at most the collective timeout, for abandoned groups to end.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from communication.backend import WireStats
+from communication.errors import CollectiveTimeout, CommError, EpochChanged, InvalidMessage, PeerLost
+from communication.group import PeerGroup
+from communication.torchdist_group import POLL_S, EpochGroup, device_has_cuda, parse_rendezvous
+from communication.wire_plan import WirePlan
+from protos import zerowire_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+# Issues the library call on the formed group; returns its Work and what to do once it completed.
+Launch = Callable[[Any], tuple[Any, Callable[[], torch.Tensor]]]
+
+
+class _Buffers:
+    """Reused fp32 buffers keyed by (numel, device): fresh large allocations cost page faults on every
+    call. A buffer is taken by a call and given back once the call completed (kept while the pool
+    holds at most `limit` bytes); one left with an abandoned group is simply never given back."""
+
+    def __init__(self, limit: int) -> None:
+        self._lock = threading.Lock()
+        self._free: dict[tuple[int, torch.device], list[torch.Tensor]] = {}
+        self._limit = limit
+        self._held = 0
+
+    def take(self, numel: int, device: torch.device) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get((numel, device))
+            if free:
+                self._held -= 4 * numel
+                return free.pop()
+        return torch.empty(numel, dtype=torch.float32, device=device)
+
+    def give(self, *tensors: torch.Tensor) -> None:
+        with self._lock:
+            for t in tensors:
+                if self._held + 4 * t.numel() <= self._limit:
+                    self._free.setdefault((t.numel(), t.device), []).append(t)
+                    self._held += 4 * t.numel()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+            self._held = 0
+
+
+@dataclass(eq=False)
+class _Call:
+    eg: EpochGroup
+    launch: Launch
+    future: Future[torch.Tensor]
+    deadline: float
+    nbytes: int
+
+
+class TorchDistBackend:
+    def __init__(
+        self,
+        *,
+        device: str | torch.device = "cpu",
+        collective_timeout: float = 30.0,
+        rendezvous_timeout: float = 30.0,
+        pool_bytes: int = 256 << 20,
+    ) -> None:
+        if collective_timeout <= 0 or rendezvous_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+        self.device = torch.device(device)
+        self.collective_timeout = collective_timeout
+        self.rendezvous_timeout = rendezvous_timeout
+        self._lock = threading.Lock()
+        self._epoch = -1
+        self._current: EpochGroup | None = None
+        self._pending: dict[EpochGroup, set[Future[torch.Tensor]]] = {}
+        # abandoned groups whose library work is still running
+        self._aside: list[tuple[EpochGroup, list[Any]]] = []
+        self._plan: WirePlan | None = None
+        self._sent = 0
+        self._received = 0
+        self._closed = False
+        self._buffers = _Buffers(pool_bytes)
+        self._jobs: queue.SimpleQueue[EpochGroup | _Call | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._dispatch, name="torchdist-dispatch", daemon=True)
+        self._thread.start()
+
+    # -- membership ------------------------------------------------------------------------------
+
+    def set_group(self, group: PeerGroup, rendezvous: str = "") -> None:
+        """Install `group`'s epoch and start forming its process group on `rendezvous` ("host:port",
+        hosted by the group's rank 0). Returns at once; the epoch's first call waits for the group."""
+        parse_rendezvous(rendezvous)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("backend is closed")
+            if group.epoch < self._epoch or (
+                self._current is not None and group.epoch == self._current.epoch
+            ):
+                raise EpochChanged(f"cannot install {group.describe()}: epoch {self._epoch} is known")
+            self._abandon_older(group.epoch)
+            self._epoch = group.epoch
+            eg = EpochGroup(group, rendezvous, device_has_cuda(self.device))
+            self._current = eg
+            self._pending[eg] = set()
+        self._jobs.put(eg)
+
+    def set_plan(self, group: PeerGroup, shard_numels: Mapping[int, int]) -> None:
+        self._plan = WirePlan.build(group.epoch, shard_numels, pb.CODEC_NONE, 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        with self._lock:
+            if epoch > self._epoch:
+                self._epoch = epoch
+            self._abandon_older(epoch)
+
+    def _abandon_older(self, epoch: int) -> None:
+        """(Lock held.) Fail every call of an epoch older than `epoch` now; its group is dropped."""
+        for eg in [eg for eg in self._pending if eg.epoch < epoch]:
+            eg.abandoned.set()
+            error = EpochChanged(f"{eg.group.describe()}: epoch is now {epoch}")
+            for fut in self._pending.pop(eg):
+                _settle(fut, error=error)
+            if self._current is eg:
+                self._current = None
+
+    # -- collectives -----------------------------------------------------------------------------
+
+    def all_gather(
+        self, group: PeerGroup, step: int, unit: int, shard: torch.Tensor, out: torch.Tensor, timeout: float
+    ) -> Future[torch.Tensor]:
+        n = shard.numel()
+        if out.numel() != n * group.world_size:
+            raise ValueError(f"out has {out.numel()} elements, expected {n * group.world_size}")
+        if shard.dtype != torch.float32:
+            raise ValueError(f"shard must be float32, got {shard.dtype}")
+        staged = self._stage(shard)
+
+        def launch(eg: EpochGroup) -> tuple[Any, Callable[[], torch.Tensor]]:
+            src = _on(staged, eg)
+            dst = self._buffers.take(n * group.world_size, src.device)
+            work = eg.pg._allgather_base(dst, src)
+
+            def finish() -> torch.Tensor:
+                out.view(-1).copy_(dst)
+                self._buffers.give(staged, dst)
+                return out
+
+            return work, finish
+
+        return self._submit(
+            group, unit, n, "this rank's shard", launch, timeout, 4 * n * (group.world_size - 1)
+        )
+
+    def reduce_scatter(
+        self, group: PeerGroup, step: int, unit: int, full: torch.Tensor, out: torch.Tensor, timeout: float
+    ) -> Future[torch.Tensor]:
+        n, world = out.numel(), group.world_size
+        if full.numel() != n * world:
+            raise ValueError(f"full has {full.numel()} elements, expected {n * world}")
+        staged = self._stage(full)
+
+        def launch(eg: EpochGroup) -> tuple[Any, Callable[[], torch.Tensor]]:
+            src = _on(staged, eg)
+            slices = self._buffers.take(n * world, src.device)
+            work = eg.pg.alltoall_base(slices, src, [n] * world, [n] * world)
+
+            def finish() -> torch.Tensor:
+                acc = slices[:n]
+                for r in range(1, world):  # rank order, fp32: equal to the sequential sum
+                    acc.add_(slices[r * n : (r + 1) * n])
+                out.view(-1).copy_(acc)
+                self._buffers.give(staged, slices)
+                return out
+
+            return work, finish
+
+        return self._submit(group, unit, n, "this rank's gradient", launch, timeout, 4 * n * (world - 1))
+
+    def _stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        """What this rank sends, copied now (as fp32 on the backend's device): the caller may reuse it."""
+        staged = self._buffers.take(tensor.numel(), self.device)
+        staged.copy_(tensor.detach().reshape(-1))
+        return staged
+
+    def _submit(
+        self, group: PeerGroup, unit: int, numel: int, what: str, launch: Launch, timeout: float, nbytes: int
+    ) -> Future[torch.Tensor]:
+        fut: Future[torch.Tensor] = Future()
+        fut.set_running_or_notify_cancel()
+        plan = self._plan
+        try:
+            if plan is not None and plan.epoch == group.epoch:
+                plan.check_local(unit, numel, what)
+            with self._lock:
+                eg = self._current
+                if eg is None or eg.epoch != group.epoch or eg.group != group:
+                    raise EpochChanged(f"{group.describe()}: not the installed group (epoch {self._epoch})")
+                self._pending[eg].add(fut)
+        except (InvalidMessage, EpochChanged) as exc:
+            fut.set_exception(exc)
+            return fut
+        self._jobs.put(_Call(eg, launch, fut, time.monotonic() + timeout, nbytes))
+        return fut
+
+    def commit(self, group: PeerGroup, step: int) -> None:
+        """Nothing is kept per step on this lane (shards are not served after their collective)."""
+
+    # -- dispatcher --------------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if isinstance(job, EpochGroup):
+                self._form(job)
+            else:
+                self._run(job)
+            self._reap_aside()
+
+    def _form(self, eg: EpochGroup) -> None:
+        try:
+            eg.form(self.rendezvous_timeout, self.collective_timeout)
+        except CommError as exc:
+            self._fail_group(eg, exc)
+        except RuntimeError as exc:  # the library's own rendezvous errors
+            self._fail_group(eg, PeerLost(f"{eg.group.describe()}: group formation failed: {exc}"))
+
+    def _run(self, call: _Call) -> None:
+        eg, fut = call.eg, call.future
+        if fut.done():
+            return
+        try:
+            eg.check_live()
+            work, finish = call.launch(eg)
+        except CommError as exc:
+            self._finish(eg, fut, error=exc)
+            return
+        except RuntimeError as exc:
+            self._fail_group(eg, PeerLost(f"{eg.group.describe()}: {exc}"))
+            return
+        done = threading.Event()
+        work.get_future().add_done_callback(lambda _: done.set())
+        while not done.wait(POLL_S):
+            if eg.abandoned.is_set():
+                self._set_aside(eg, work)
+                return
+            if time.monotonic() > call.deadline:
+                self._fail_group(eg, CollectiveTimeout(f"{eg.group.describe()}: collective timed out"), work)
+                return
+        try:
+            work.wait()
+            result = finish()
+        except RuntimeError as exc:  # a peer closed its connection or the library gave up
+            self._fail_group(eg, PeerLost(f"{eg.group.describe()}: {exc}"))
+            return
+        with self._lock:
+            self._sent += call.nbytes
+            self._received += call.nbytes
+        self._finish(eg, fut, result=result)
+
+    def _finish(
+        self,
+        eg: EpochGroup,
+        fut: Future[torch.Tensor],
+        *,
+        result: torch.Tensor | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        with self._lock:
+            self._pending.get(eg, set()).discard(fut)
+        _settle(fut, result=result, error=error)
+
+    def _fail_group(self, eg: EpochGroup, error: CommError, work: Any = None) -> None:
+        """The group cannot be used again: fail its calls, and those queued after them, with `error`."""
+        log.warning("%s", error)
+        with self._lock:
+            eg.failed = error
+            pending = self._pending.get(eg, set())
+            futures = list(pending)
+            pending.clear()
+        for fut in futures:
+            _settle(fut, error=error)
+        self._set_aside(eg, work)
+
+    def _set_aside(self, eg: EpochGroup, work: Any) -> None:
+        eg.release()
+        self._aside.append((eg, [work] if work is not None else []))
+
+    def _reap_aside(self) -> None:
+        self._aside = [(eg, works) for eg, works in self._aside if not all(w.is_completed() for w in works)]
+
+    # -- misc --------------------------------------------------------------------------------------
+
+    def stats(self) -> WireStats:
+        with self._lock:
+            return WireStats(self._sent, self._received)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._abandon_older(self._epoch + 1)
+        self._jobs.put(None)
+        self._thread.join(self.rendezvous_timeout + self.collective_timeout + 5)
+        deadline = time.monotonic() + self.collective_timeout
+        while self._aside and time.monotonic() < deadline:
+            self._reap_aside()
+            time.sleep(POLL_S)
+        if self._aside:
+            log.warning("closing with %d abandoned group(s) still busy", len(self._aside))
+        self._aside.clear()
+        self._buffers.clear()
+
+
+def _on(staged: torch.Tensor, eg: EpochGroup) -> torch.Tensor:
+    """The tensor as the group's library wants it: on the device for NCCL, in host memory for gloo."""
+    return staged if eg.backend_name == "nccl" or staged.device.type == "cpu" else staged.cpu()
+
+
+def _settle(
+    fut: Future[torch.Tensor], *, result: torch.Tensor | None = None, error: BaseException | None = None
+) -> None:
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            assert result is not None
+            fut.set_result(result)
+    except InvalidStateError:
+        pass  # already failed by an epoch change
