@@ -59,6 +59,7 @@ class FlatUnit:
         self.grads_done = 0
         self.backward_started = False
         self.reduced = False
+        self._grad_flat: torch.Tensor | None = None  # set by prepare_grad() for one backward pass
         self._point_params(None)
 
     @property
@@ -98,18 +99,33 @@ class FlatUnit:
             )
 
     # -- gradients -----------------------------------------------------------------------------------------
+    def prepare_grad(self) -> None:
+        """Before the unit's backward (parameters on the wire's device, no gradients yet): point every
+        parameter's ``.grad`` at its view of a zeroed flat buffer, so autograd accumulates into the buffer
+        the wire sends (0 + g == g exactly) and the unit's gradient is never held twice."""
+        if self.device != self.comm_device or self._grad_flat is not None:
+            return
+        if any(p.grad is not None for p in self.params):
+            return
+        flat = torch.zeros(self.plan.padded_numel, dtype=torch.float32, device=self.comm_device)
+        for slot, p in zip(self.plan.params, self.params, strict=True):
+            p.grad = flat[slot.offset : slot.offset + slot.numel].view(slot.shape)
+        self._grad_flat = flat
+
     def flat_grad(self) -> torch.Tensor:
         """This rank's gradient of the unit as a padded flat fp32 buffer on the wire's device (missing
         gradients count as zero); clears the parameters' ``.grad``."""
-        flat = torch.empty(self.plan.padded_numel, dtype=torch.float32, device=self.comm_device)
+        flat, self._grad_flat = self._grad_flat, None
+        if flat is None:
+            flat = torch.empty(self.plan.padded_numel, dtype=torch.float32, device=self.comm_device)
+            flat[self.plan.numel :].zero_()
         for slot, p in zip(self.plan.params, self.params, strict=True):
             part = flat[slot.offset : slot.offset + slot.numel]
             if p.grad is None:
                 part.zero_()
-            else:
+            elif p.grad.data_ptr() != part.data_ptr():  # not accumulated into the buffer: copy it
                 part.copy_(p.grad.reshape(-1))
-                p.grad = None
-        flat[self.plan.numel :].zero_()
+            p.grad = None
         return flat
 
     def grad_target(self) -> torch.Tensor:
@@ -118,6 +134,7 @@ class FlatUnit:
         )
 
     def reset_pass(self) -> None:
+        self._grad_flat = None
         self.grads_done = 0
         self.backward_started = False
         self.reduced = False

@@ -12,7 +12,9 @@ Per training pass (``begin(step)``, forward, ``loss.backward()``, ``finish_backw
   backward; it waits unit k's gather and prefetches the unit before it (or the one before that, as in
   forward). When every parameter of unit k has its gradient accumulated, the gradient is flattened
   (padded), handed to ``reduce_scatter`` and the full parameters are freed. Only ``finish_backward`` waits
-  for the reductions.
+  for the reductions. The engine lets go of a unit's full gradient as soon as its reduction has completed
+  (checked at every backward hook, on the training thread), not at the end of backward; a backend keeps
+  what it still has to send for as long as it needs it.
 - the root unit (parameters outside every unit) is gathered at the start of the forward pass and reduced at
   the end of backward.
 
@@ -101,7 +103,8 @@ class ShardedModule:
         self._seen: list[int] = []  # this pass's forward order
         self._step: int | None = None
         self._prefetching: FlatUnit | None = None
-        self._pending: list[tuple[Future[torch.Tensor], torch.Tensor, torch.Tensor, FlatUnit]] = []
+        # Reductions in flight: (future, [full gradient, until the future is done], target, unit).
+        self._pending: list[tuple[Future[torch.Tensor], list[torch.Tensor], torch.Tensor, FlatUnit]] = []
         self._callback_queued = False
         self._full_bytes_now = 0
         self.peak_full_bytes = 0
@@ -156,8 +159,9 @@ class ShardedModule:
             missing = [u.index for u in self.units if not u.reduced]
             raise RuntimeError(f"{self._where()}: backward did not reduce units {missing}")
         pending, self._pending = self._pending, []
-        for fut, _flat, target, unit in pending:
+        for fut, flat, target, unit in pending:
             self._wait(fut)
+            flat.clear()
             if target is not unit.grad_shard:
                 unit.grad_shard.copy_(target)
             self.stats.reductions += 1
@@ -319,10 +323,12 @@ class ShardedModule:
             if unit.backward_started:
                 return
             unit.backward_started = True
+            self._release_reduced()
             if not self._callback_queued:
                 self._callback_queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(self._post_backward)
             self._ensure_ready(unit)
+            unit.prepare_grad()
             if not unit.plan.is_root:
                 self._prefetch_ahead(unit, self._seen, -1)
 
@@ -340,13 +346,22 @@ class ShardedModule:
         if unit.reduced:
             raise RuntimeError(f"{self._where()}: unit {unit.index} reduced twice in one pass")
         assert self._step is not None
+        self._release_reduced()
         flat = unit.flat_grad()
         target = unit.grad_target()
         fut = self.backend.reduce_scatter(self.group, self._step, unit.index, flat, target, self.timeout)
         self._track(fut)
-        self._pending.append((fut, flat, target, unit))
+        self._pending.append((fut, [flat], target, unit))
+        del flat  # the pending entry holds the only engine reference, dropped once the reduction is done
         unit.reduced = True
         self._free(unit)
+
+    def _release_reduced(self) -> None:
+        """Drop the full gradient of every reduction that has completed. Called from the backward hooks, so
+        the buffer is released on the training thread (whose allocations the memory benchmark tracks)."""
+        for fut, flat, _target, _unit in self._pending:
+            if flat and fut.done():
+                flat.clear()
 
     def _post_backward(self) -> None:
         """End of backward: reduce units whose gradients never completed (unused parameters count as zero),

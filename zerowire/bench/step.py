@@ -12,8 +12,8 @@ The ``--steps`` measured steps are split over ``--rounds`` interleaved rounds; i
 runs alone in fresh processes (``--warmup`` unmeasured steps, then its share of the measured ones), the
 order rotating every round (see ``step_rounds``). Every process gets the same thread count and malloc
 settings (reported as ``process_env``). Reported: the median over all rounds of rank 0's measured step
-times of each contender, per-round medians, and ratios. ``--memory`` instead prints per-worker persistent
-bytes of ZeRO-3 vs DDP at 2 and 4 workers and the measured peak of full parameters held at once. Only the
+times of each contender, per-round medians, and ratios. ``--memory`` instead measures the peak tensor
+bytes per rank of zerowire, DDP and FSDP2 at 2 and 4 workers (see ``step_memory``). Only the
 standard library is imported at module level; this module is also the entry point of the benchmark's
 worker processes (``python -m zerowire.bench.step --worker ...``).
 """
@@ -51,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--batch", type=int, default=16, help="samples per worker (default 16)")
     p.add_argument("--model", default="resnet18", help="model name (default resnet18)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per run of a contender")
-    p.add_argument("--memory", action="store_true", help="print the memory figures instead of timings")
+    p.add_argument("--memory", action="store_true", help="measure peak tensor bytes per rank instead")
     p.set_defaults(handler=handle)
 
 
@@ -88,22 +88,19 @@ def _summary(kinds: list[str], runs: list[Run], args: argparse.Namespace) -> dic
 
 def handle(args: argparse.Namespace) -> int:
     if args.memory:
-        from zerowire.bench.step_memory import memory_table
+        from zerowire.bench.step_memory import measured_memory, print_memory
 
-        table = memory_table(args.model)
+        if args.batch < 1:
+            raise CommandError("bad counts")
+        with tempfile.TemporaryDirectory(prefix="zerowire-bench-") as tmp:
+            try:
+                table = measured_memory(args, Path(tmp))
+            except RuntimeError as exc:
+                raise CommandError(str(exc), code=1) from exc
         if args.json:
             print(json.dumps(table, indent=2))
         else:
-            mib = 2**20
-            for row in table["rows"]:
-                print(
-                    f"N={int(row['world_size'])}: zero3 persistent "
-                    f"{row['zero3_persistent_bytes'] / mib:8.2f} "
-                    f"MiB/worker vs DDP {row['ddp_persistent_bytes'] / mib:8.2f} MiB "
-                    f"({row['ratio_vs_ddp']:.3f}x); peak full params measured "
-                    f"{row['measured_peak_full_bytes'] / mib:6.2f} MiB "
-                    f"(bound {row['full_param_bound_bytes'] / mib:6.2f} MiB)"
-                )
+            print_memory(table)
         return 0
     vs = [v.strip() for v in args.vs.split(",") if v.strip()]
     unknown = [v for v in vs if v not in CONTENDERS]
@@ -147,6 +144,7 @@ def _worker_main(argv: list[str], started_s: float) -> int:
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--compression", default="none")
+    p.add_argument("--memory", action="store_true")
     a = p.parse_args(argv)
     from zerowire.bench import step_workers
 

@@ -1,10 +1,19 @@
-"""Memory figures of `zerowire bench step --memory`: per-worker persistent bytes of ZeRO-3 vs DDP from the
-partition plan, and the peak of full parameters the engine held at once in one real training step (ranks
-as threads over the in-process backend, so the figure is the engine's own accounting, not the wire's)."""
+"""Memory figures of `zerowire bench step --memory`.
+
+Measured (``peak_bytes_per_rank``): every contender (zerowire over gRPC, DDP and FSDP2 over gloo) runs alone
+in fresh processes through the same harness as the timings (``step_rounds``), ``MEMORY_WARMUP`` warm-up
+step(s) then ``MEMORY_STEPS`` measured ones, at 2 and 4 workers; each rank reports the peak tensor bytes of
+its measured steps (``step_peak``); the figure of a contender is the largest over its ranks.
+
+From the plan (``plan``): per-worker persistent bytes of ZeRO-3 vs DDP from the partition plan, and the peak
+of full parameters the engine held at once in one training step (ranks as threads over the in-process
+backend, so that figure is the engine's own accounting)."""
 
 from __future__ import annotations
 
+import argparse
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,3 +71,54 @@ def memory_table(model_name: str, worlds: tuple[int, ...] = (2, 4)) -> dict[str,
         row["measured_peak_full_bytes"] = float(measured_peak(model_name, world))
         rows.append(row)
     return {"model": model_name, "optimizer": "sgd momentum", "rows": rows}
+
+
+MEMORY_WORLDS = (2, 4)
+MEMORY_CONTENDERS = ("zerowire", "ddp", "fsdp2")
+MEMORY_WARMUP = 1
+MEMORY_STEPS = 2
+
+
+def measured_memory(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Peak tensor bytes per rank of every contender at every world size, ratios, and the plan figures."""
+    from zerowire.bench.step_rounds import process_env, run_contender
+
+    peaks: dict[str, dict[str, int]] = {}
+    by_rank: dict[str, dict[str, list[int]]] = {}
+    for world in MEMORY_WORLDS:
+        a = argparse.Namespace(**{**vars(args), "workers": world, "warmup": MEMORY_WARMUP, "memory": True})
+        sub = root / str(world)
+        sub.mkdir()
+        runs = [run_contender(kind, 0, MEMORY_STEPS, sub, a) for kind in MEMORY_CONTENDERS]
+        by_rank[str(world)] = {r.contender: [int(rep["peak_bytes"]) for rep in r.reports] for r in runs}
+        peaks[str(world)] = {k: max(v) for k, v in by_rank[str(world)].items()}
+    ratios = {
+        w: {f"zerowire/{k}": p["zerowire"] / p[k] for k in MEMORY_CONTENDERS if k != "zerowire"}
+        for w, p in peaks.items()
+    }
+    return {
+        "model": args.model,
+        "batch_per_worker": args.batch,
+        "input": "3x32x32",
+        "warmup": MEMORY_WARMUP,
+        "steps": MEMORY_STEPS,
+        "measure": "peak bytes of live tensors on the training thread (torch profiler allocator events)",
+        "peak_bytes_per_rank": peaks,
+        "ratios": ratios,
+        "peak_bytes_by_rank": by_rank,
+        "process_env": process_env(),
+        "plan": memory_table(args.model, MEMORY_WORLDS),
+    }
+
+
+def print_memory(table: dict[str, Any]) -> None:
+    mib = 2**20
+    for world, peaks in table["peak_bytes_per_rank"].items():
+        figures = "  ".join(f"{k} {v / mib:8.2f} MiB" for k, v in peaks.items())
+        ratios = "  ".join(f"{k} {v:.3f}x" for k, v in table["ratios"][world].items())
+        print(f"N={world}: peak per rank  {figures}   ({ratios})")
+    for row in table["plan"]["rows"]:
+        print(
+            f"N={int(row['world_size'])}: plan: zero3 persistent {row['zero3_persistent_bytes'] / mib:8.2f} "
+            f"MiB/worker vs DDP {row['ddp_persistent_bytes'] / mib:8.2f} MiB ({row['ratio_vs_ddp']:.3f}x)"
+        )

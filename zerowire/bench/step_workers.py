@@ -1,6 +1,8 @@
 """Worker processes of `zerowire bench step` (one function per contender): each runs ``--warmup``
 unmeasured and ``--steps`` measured steps, and returns its timings (the harness uses rank 0's), its torch
-thread count and the settings of :func:`process_env` it saw."""
+thread count and the settings of :func:`process_env` it saw. With ``--memory`` it also returns
+``peak_bytes``: the peak tensor bytes of its measured steps (see ``step_peak``), tracked from before the
+model is built."""
 
 from __future__ import annotations
 
@@ -15,24 +17,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zerowire.bench.step_peak import PeakMeter
 from zerowire.bench.step_rounds import TORCH_THREADS, process_env
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(TORCH_THREADS)
-    runners: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    meter = PeakMeter(torch.device("cpu")) if a.memory else None
+    runners: dict[str, Callable[[argparse.Namespace, PeakMeter | None], dict[str, Any]]] = {
         "zerowire": _zerowire,
         "fsdp2": _fsdp2,
         "ddp": _ddp,
         "floor": _floor,
     }
     env = {key: os.environ.get(key, "") for key in process_env()}
-    return {**runners[a.worker](a), "torch_threads": torch.get_num_threads(), "env": env}
+    report = runners[a.worker](a, meter)
+    if meter is not None:
+        report["peak_bytes"] = meter.stop()
+    return {**report, "torch_threads": torch.get_num_threads(), "env": env}
 
 
-def _model(name: str) -> nn.Module:
+def _model(name: str, meter: PeakMeter | None) -> nn.Module:
     from worker.models import build_model
 
+    if meter is not None:
+        meter.start()  # after any process-group set-up, right before the model exists
     torch.manual_seed(0)
     return build_model(name, 10, 3)
 
@@ -42,15 +51,20 @@ def _batch(batch: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
 
 
-def _timed(step: Callable[[], None], a: argparse.Namespace) -> list[float]:
-    """``a.warmup`` unmeasured steps, then the times of ``a.steps`` measured ones."""
+def _timed(step: Callable[[], None], a: argparse.Namespace, meter: PeakMeter | None) -> list[float]:
+    """``a.warmup`` unmeasured steps, then the times of ``a.steps`` measured ones (inside the meter's
+    window when there is one)."""
     for _ in range(a.warmup):
         step()
     times: list[float] = []
+    if meter is not None:
+        meter.open_window()
     for _ in range(a.steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
+    if meter is not None:
+        meter.close_window()
     return times
 
 
@@ -64,16 +78,18 @@ def _ready_barrier(directory: Path, rank: int, world: int, timeout: float = 120.
         time.sleep(0.02)
 
 
-def _zerowire(a: argparse.Namespace) -> dict[str, Any]:
+def _zerowire(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
     from communication.group import PeerGroup
     from communication.grpc_backend import GrpcBackend
     from worker.job import JobSpec
     from worker.trainer import StepReport, Trainer
 
     ports = [int(p) for p in a.ports.split(",")]
+    # A memory run holds one global batch of images, as the other contenders hold their batch.
+    samples = a.batch * a.world if meter is not None else max(256, a.batch * a.world)
     job = JobSpec.model_validate(
         dict(
-            job_id="bench", model=a.model, dataset=f"synthetic:3x32x32:{max(256, a.batch * a.world)}",
+            job_id="bench", model=a.model, dataset=f"synthetic:3x32x32:{samples}",
             steps=a.warmup + a.steps, global_batch=a.batch * a.world, lr=0.01, momentum=0.9,
             schedule="constant", warmup_steps=0, compression=a.compression,
         )
@@ -83,9 +99,22 @@ def _zerowire(a: argparse.Namespace) -> dict[str, Any]:
     try:
         _ready_barrier(a.dir, a.rank, a.world)
         group = PeerGroup(job.job_id, 0, a.rank, tuple(f"127.0.0.1:{p}" for p in ports))
+        if meter is not None:
+            meter.start()  # the trainer builds the model
         trainer = Trainer(job, group, backend, device=torch.device("cpu"), collective_timeout=600.0)
         reports: list[StepReport] = []
-        trainer.run(on_step=reports.append)
+
+        def on_step(report: StepReport) -> None:
+            # The meter's window: from the end of the last warm-up step to the end of the last step.
+            if meter is not None and len(reports) == a.warmup + a.steps - 1:
+                meter.close_window()
+            reports.append(report)
+            if meter is not None and len(reports) == a.warmup:
+                meter.open_window()
+
+        if meter is not None and a.warmup == 0:
+            meter.open_window()
+        trainer.run(on_step=on_step)
         measured = reports[a.warmup :]
         return {
             "step_times_s": [r.step_time_s for r in measured],
@@ -104,7 +133,7 @@ def _dist_init(a: argparse.Namespace) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=a.rank, world_size=a.world)
 
 
-def _train_loop(model: nn.Module, a: argparse.Namespace) -> list[float]:
+def _train_loop(model: nn.Module, a: argparse.Namespace, meter: PeakMeter | None) -> list[float]:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = _batch(a.batch, a.rank)
 
@@ -113,10 +142,10 @@ def _train_loop(model: nn.Module, a: argparse.Namespace) -> list[float]:
         F.cross_entropy(model(x), y, reduction="sum").backward()
         opt.step()
 
-    return _timed(step, a)
+    return _timed(step, a, meter)
 
 
-def _fsdp2(a: argparse.Namespace) -> dict[str, Any]:
+def _fsdp2(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
@@ -124,28 +153,28 @@ def _fsdp2(a: argparse.Namespace) -> dict[str, Any]:
 
     _dist_init(a)
     try:
-        model = _model(a.model)
+        model = _model(a.model, meter)
         for unit in units(model):
             fully_shard(unit)
         fully_shard(model)
         dist.barrier()
-        return {"step_times_s": _train_loop(model, a)}
+        return {"step_times_s": _train_loop(model, a, meter)}
     finally:
         dist.destroy_process_group()
 
 
-def _ddp(a: argparse.Namespace) -> dict[str, Any]:
+def _ddp(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     _dist_init(a)
     try:
-        model = DistributedDataParallel(_model(a.model))
+        model = DistributedDataParallel(_model(a.model, meter))
         dist.barrier()
-        return {"step_times_s": _train_loop(model, a)}
+        return {"step_times_s": _train_loop(model, a, meter)}
     finally:
         dist.destroy_process_group()
 
 
-def _floor(a: argparse.Namespace) -> dict[str, Any]:
-    return {"step_times_s": _train_loop(_model(a.model), a)}
+def _floor(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
+    return {"step_times_s": _train_loop(_model(a.model, meter), a, meter)}
