@@ -7,10 +7,11 @@ Nothing here does I/O or reads a clock: the service layer passes `now` (monotoni
 from __future__ import annotations
 
 import dataclasses
-import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
+
+from coordinator.credentials import same_digest
 
 WorkerStatus = Literal["alive", "dead", "left"]
 WorkerState = Literal["starting", "waiting", "training", "finished", "failed"]
@@ -168,9 +169,7 @@ def _bump(
 
 def proves(record: WorkerRecord | None, proof: bytes | None) -> bool:
     """Whether `proof` (the sha256 of a presented secret) is the digest of `record`'s secret."""
-    if record is None or proof is None or not record.secret_digest:
-        return False
-    return hmac.compare_digest(record.secret_digest, proof)
+    return record is not None and proof is not None and same_digest(record.secret_digest, proof)
 
 
 def register(
