@@ -13,6 +13,8 @@ class PeerGroup:
     (equal host ids mean co-located workers, which may use the torch.distributed fast path).
     `peer_keys[r]` is this rank's data-plane key with rank r in this epoch (from the coordinator's barrier
     answer; empty when it handed out none). Secret: left out of repr and comparisons.
+    `store_addresses[r]` is the "host:port" of the rendezvous store rank r hosts for its host's
+    torch.distributed groups ("" when it hosts none; the tuple is empty when no member reported one).
     """
 
     job_id: str
@@ -21,6 +23,7 @@ class PeerGroup:
     addresses: tuple[str, ...]
     host_ids: tuple[str, ...] = ()
     peer_keys: dict[int, bytes] = field(default_factory=dict, repr=False, compare=False)
+    store_addresses: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.job_id:
@@ -33,6 +36,8 @@ class PeerGroup:
             raise ValueError(f"rank {self.rank} outside world of size {len(self.addresses)}")
         if self.host_ids and len(self.host_ids) != len(self.addresses):
             raise ValueError("host_ids and addresses differ in length")
+        if self.store_addresses and len(self.store_addresses) != len(self.addresses):
+            raise ValueError("store_addresses and addresses differ in length")
 
     @property
     def world_size(self) -> int:
