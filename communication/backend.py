@@ -67,3 +67,18 @@ class CollectiveBackend(Protocol):
     def stats(self) -> WireStats: ...
 
     def close(self) -> None: ...
+
+
+LANES = ("grpc", "local")
+
+
+def lane_bytes(backend: object) -> dict[str, int]:
+    """Bytes `backend` has sent, by lane: "grpc" (across hosts) and "local" (torch.distributed on the
+    host). A backend without lanes of its own counts everything it sent as gRPC."""
+    by_lane = getattr(backend, "bytes_by_lane", None)
+    if callable(by_lane):
+        counts = by_lane()
+        return {lane: int(counts.get(lane, 0)) for lane in LANES}
+    stats = getattr(backend, "stats", None)
+    sent = int(stats().bytes_sent) if callable(stats) else 0
+    return {"grpc": sent, "local": 0}

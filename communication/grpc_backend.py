@@ -29,12 +29,7 @@ from communication import collectives
 from communication.accumulator import GradientAccumulator
 from communication.backend import WireStats
 from communication.channels import ChannelCache
-from communication.compression import (
-    DEFAULT_INT8_BLOCK,
-    MAX_INT8_BLOCK,
-    ErrorFeedback,
-    codec_id_for,
-)
+from communication.compression import DEFAULT_INT8_BLOCK, MAX_INT8_BLOCK, ErrorFeedback, codec_id_for
 from communication.errors import CommError, EpochChanged
 from communication.group import PeerGroup
 from communication.peer_limits import STREAMS_PER_PEER
@@ -390,6 +385,10 @@ class GrpcBackend:
 
     def stats(self) -> WireStats:
         return WireStats(self._counters.bytes_sent, self._counters.bytes_received)
+
+    def bytes_by_lane(self) -> dict[str, int]:
+        """Bytes this rank sent, by lane (this backend is the gRPC lane)."""
+        return {"grpc": self._counters.bytes_sent, "local": 0}
 
     def inflight(self) -> int:
         """Number of collectives still running (diagnostics and tests)."""

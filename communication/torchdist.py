@@ -2,10 +2,11 @@
 
 Usage: `backend.set_group(group, rendezvous="host:port")` once per epoch. The rendezvous address comes
 with the epoch (the coordinator hands one out per epoch); the group's rank 0 hosts a TCPStore on it, so
-that address must be one rank 0 can bind and every member can reach. There is no default process
-group: each epoch gets its own standalone group (`communication/torchdist_group.py`), created with the
-collective timeout, and every collective names it explicitly. NCCL when every member has CUDA, gloo
-otherwise (tensors are then staged through host memory).
+that address must be one rank 0 can bind and every member can reach. With `host_store=False` every
+member joins a store already hosted there (a worker's `RendezvousStore`) as a client. There is no
+default process group: each epoch gets its own standalone group (`communication/torchdist_group.py`),
+created with the collective timeout, and every collective names it explicitly. NCCL when every member
+has CUDA, gloo otherwise (tensors are then staged through host memory).
 
 Calls return futures at once; one dispatcher thread per backend forms the epoch's group and runs the
 collectives in call order (every member calls them in the same order), so the compute thread can
@@ -18,6 +19,9 @@ afterwards. Those staging buffers are reused across calls, up to `pool_bytes` ke
   in rank order 0..N-1 in fp32, so the result equals the sequential sum bit for bit (a library
   reduce-scatter does not promise an order).
 - Raw fp32 only (this lane carries no codec).
+- all_gather(..., ready=future): the shard is only filled in once `future` resolves (another lane's
+  result): the call keeps its place in the call order and reads the shard then. If `future` fails, the
+  epoch's group fails with its error (the co-located members would run that collective without us).
 
 Failure: a peer's death surfaces as PeerLost (the library reports the closed connection), a call past its
 timeout as CollectiveTimeout, and `set_epoch`/`set_group` of a newer epoch fails every older call at once
@@ -43,6 +47,7 @@ import torch
 from communication.backend import WireStats
 from communication.errors import CollectiveTimeout, CommError, EpochChanged, InvalidMessage, PeerLost
 from communication.group import PeerGroup
+from communication.staging import StagingBuffers
 from communication.torchdist_group import POLL_S, EpochGroup, device_has_cuda, parse_rendezvous
 from communication.wire_plan import WirePlan
 from protos import zerowire_pb2 as pb
@@ -53,38 +58,6 @@ log = logging.getLogger(__name__)
 Launch = Callable[[Any], tuple[Any, Callable[[], torch.Tensor]]]
 
 
-class _Buffers:
-    """Reused fp32 buffers keyed by (numel, device): fresh large allocations cost page faults on every
-    call. A buffer is taken by a call and given back once the call completed (kept while the pool
-    holds at most `limit` bytes); one left with an abandoned group is simply never given back."""
-
-    def __init__(self, limit: int) -> None:
-        self._lock = threading.Lock()
-        self._free: dict[tuple[int, torch.device], list[torch.Tensor]] = {}
-        self._limit = limit
-        self._held = 0
-
-    def take(self, numel: int, device: torch.device) -> torch.Tensor:
-        with self._lock:
-            free = self._free.get((numel, device))
-            if free:
-                self._held -= 4 * numel
-                return free.pop()
-        return torch.empty(numel, dtype=torch.float32, device=device)
-
-    def give(self, *tensors: torch.Tensor) -> None:
-        with self._lock:
-            for t in tensors:
-                if self._held + 4 * t.numel() <= self._limit:
-                    self._free.setdefault((t.numel(), t.device), []).append(t)
-                    self._held += 4 * t.numel()
-
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
-            self._held = 0
-
-
 @dataclass(eq=False)
 class _Call:
     eg: EpochGroup
@@ -92,6 +65,7 @@ class _Call:
     future: Future[torch.Tensor]
     deadline: float
     nbytes: int
+    ready: Future[Any] | None = None  # what the input waits for (deferred all_gather)
 
 
 class TorchDistBackend:
@@ -118,16 +92,17 @@ class TorchDistBackend:
         self._sent = 0
         self._received = 0
         self._closed = False
-        self._buffers = _Buffers(pool_bytes)
+        self._buffers = StagingBuffers(pool_bytes)
         self._jobs: queue.SimpleQueue[EpochGroup | _Call | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._dispatch, name="torchdist-dispatch", daemon=True)
         self._thread.start()
 
     # -- membership ------------------------------------------------------------------------------
 
-    def set_group(self, group: PeerGroup, rendezvous: str = "") -> None:
+    def set_group(self, group: PeerGroup, rendezvous: str = "", *, host_store: bool = True) -> None:
         """Install `group`'s epoch and start forming its process group on `rendezvous` ("host:port",
-        hosted by the group's rank 0). Returns at once; the epoch's first call waits for the group."""
+        hosted by the group's rank 0, or with `host_store=False` already hosted: every member joins it
+        as a client). Returns at once; the epoch's first call waits for the group."""
         parse_rendezvous(rendezvous)
         with self._lock:
             if self._closed:
@@ -138,7 +113,7 @@ class TorchDistBackend:
                 raise EpochChanged(f"cannot install {group.describe()}: epoch {self._epoch} is known")
             self._abandon_older(group.epoch)
             self._epoch = group.epoch
-            eg = EpochGroup(group, rendezvous, device_has_cuda(self.device))
+            eg = EpochGroup(group, rendezvous, device_has_cuda(self.device), host_store)
             self._current = eg
             self._pending[eg] = set()
         self._jobs.put(eg)
@@ -165,16 +140,26 @@ class TorchDistBackend:
     # -- collectives -----------------------------------------------------------------------------
 
     def all_gather(
-        self, group: PeerGroup, step: int, unit: int, shard: torch.Tensor, out: torch.Tensor, timeout: float
+        self,
+        group: PeerGroup,
+        step: int,
+        unit: int,
+        shard: torch.Tensor,
+        out: torch.Tensor,
+        timeout: float,
+        *,
+        ready: Future[Any] | None = None,
     ) -> Future[torch.Tensor]:
+        """See CollectiveBackend; with `ready`, `shard` is read once `ready` resolved (module doc)."""
         n = shard.numel()
         if out.numel() != n * group.world_size:
             raise ValueError(f"out has {out.numel()} elements, expected {n * group.world_size}")
         if shard.dtype != torch.float32:
             raise ValueError(f"shard must be float32, got {shard.dtype}")
-        staged = self._stage(shard)
+        early = self._stage(shard) if ready is None else None
 
         def launch(eg: EpochGroup) -> tuple[Any, Callable[[], torch.Tensor]]:
+            staged = early if early is not None else self._stage(shard)
             src = _on(staged, eg)
             dst = self._buffers.take(n * group.world_size, src.device)
             work = eg.pg._allgather_base(dst, src)
@@ -186,9 +171,8 @@ class TorchDistBackend:
 
             return work, finish
 
-        return self._submit(
-            group, unit, n, "this rank's shard", launch, timeout, 4 * n * (group.world_size - 1)
-        )
+        nbytes = 4 * n * (group.world_size - 1)
+        return self._submit(group, unit, n, "this rank's shard", launch, timeout, nbytes, ready)
 
     def reduce_scatter(
         self, group: PeerGroup, step: int, unit: int, full: torch.Tensor, out: torch.Tensor, timeout: float
@@ -222,7 +206,15 @@ class TorchDistBackend:
         return staged
 
     def _submit(
-        self, group: PeerGroup, unit: int, numel: int, what: str, launch: Launch, timeout: float, nbytes: int
+        self,
+        group: PeerGroup,
+        unit: int,
+        numel: int,
+        what: str,
+        launch: Launch,
+        timeout: float,
+        nbytes: int,
+        ready: Future[Any] | None = None,
     ) -> Future[torch.Tensor]:
         fut: Future[torch.Tensor] = Future()
         fut.set_running_or_notify_cancel()
@@ -238,7 +230,7 @@ class TorchDistBackend:
         except (InvalidMessage, EpochChanged) as exc:
             fut.set_exception(exc)
             return fut
-        self._jobs.put(_Call(eg, launch, fut, time.monotonic() + timeout, nbytes))
+        self._jobs.put(_Call(eg, launch, fut, time.monotonic() + timeout, nbytes, ready))
         return fut
 
     def commit(self, group: PeerGroup, step: int) -> None:
@@ -267,7 +259,7 @@ class TorchDistBackend:
 
     def _run(self, call: _Call) -> None:
         eg, fut = call.eg, call.future
-        if fut.done():
+        if fut.done() or (call.ready is not None and not self._await_input(call)):
             return
         try:
             eg.check_live()
@@ -297,6 +289,24 @@ class TorchDistBackend:
             self._sent += call.nbytes
             self._received += call.nbytes
         self._finish(eg, fut, result=result)
+
+    def _await_input(self, call: _Call) -> bool:
+        """Wait for a deferred input like for a collective (epoch, deadline); False when it failed."""
+        eg, ready = call.eg, call.ready
+        assert ready is not None
+        done = threading.Event()
+        ready.add_done_callback(lambda _: done.set())
+        while not done.wait(POLL_S):
+            if eg.abandoned.is_set():
+                return False  # its calls already failed with EpochChanged
+            if time.monotonic() > call.deadline:
+                self._fail_group(eg, CollectiveTimeout(f"{eg.group.describe()}: input not ready in time"))
+                return False
+        exc = ready.exception()
+        if exc is not None:
+            error = exc if isinstance(exc, CommError) else CommError(f"{eg.group.describe()}: {exc}")
+            self._fail_group(eg, error)
+        return exc is None
 
     def _finish(
         self,
@@ -334,6 +344,10 @@ class TorchDistBackend:
     def stats(self) -> WireStats:
         with self._lock:
             return WireStats(self._sent, self._received)
+
+    def bytes_by_lane(self) -> dict[str, int]:
+        """Bytes this rank sent, by lane (this backend is the local lane)."""
+        return {"grpc": 0, "local": self.stats().bytes_sent}
 
     def close(self) -> None:
         with self._lock:

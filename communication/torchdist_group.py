@@ -1,10 +1,12 @@
 """One epoch's torch.distributed process group, formed from a rendezvous store without a default group.
 
 The lowest rank of the epoch (rank 0) hosts a `TCPStore` on the epoch's rendezvous address ("host:port",
-handed out with the epoch); the others connect to it. Every key lives under `job/epoch`, so a late
-member of an old epoch never meets a new one. Each member announces itself and its device kind; once
-every member is there the group is created (NCCL when every member has CUDA, gloo otherwise) with the
-collective timeout, and the store is only kept alive until the group is dropped.
+handed out with the epoch); the others connect to it. With `host_store=False` every member, rank 0
+included, joins as a client a store hosted for longer (`communication/rendezvous_store.py`). Every key
+lives under `job/epoch`, so a late member of an old epoch never meets a new one. Each member announces
+itself and its device kind; once every member is there the group is created (NCCL when every member has
+CUDA, gloo otherwise) with the collective timeout, and the store (or this member's connection to it) is
+only kept alive until the group is dropped.
 
 Formation polls the store in short slices, so a newer epoch (`abandoned`) or the rendezvous deadline
 ends it promptly instead of blocking the calling thread for the whole timeout.
@@ -45,6 +47,7 @@ class EpochGroup:
     group: PeerGroup
     rendezvous: str
     use_cuda: bool
+    host_store: bool = True  # rank 0 hosts the store; False: everyone joins an already-hosted one
     pg: Any = None
     backend_name: str = ""
     store: Any = None
@@ -91,7 +94,7 @@ class EpochGroup:
 
     def _connect(self, host: str, port: int, deadline: float) -> Any:
         slice_span = datetime.timedelta(seconds=CONNECT_SLICE_S)
-        if self.group.rank == 0:
+        if self.host_store and self.group.rank == 0:
             try:
                 return dist.TCPStore(
                     host, port, self.group.world_size, True, slice_span, wait_for_workers=False

@@ -15,6 +15,7 @@ class RankedWorker:
     port: int
     rank: int
     host_id: str
+    store_port: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +32,7 @@ def ready_answer(state: ClusterState, min_workers: int, job_hash: str) -> ReadyA
     """Identical for every caller in the same epoch (given the same min_workers): live workers by rank."""
     ranked = sorted(
         (
-            RankedWorker(w.worker_id, w.info.host, w.info.port, w.rank, w.info.host_id)
+            RankedWorker(w.worker_id, w.info.host, w.info.port, w.rank, w.info.host_id, w.info.store_port)
             for w in state.workers.values()
             if w.status == "alive" and w.rank is not None
         ),

@@ -38,6 +38,7 @@ class WorkerInfo:
     device_name: str | None = None
     memory_bytes: int | None = None
     version: str | None = None
+    store_port: int | None = None  # its rendezvous store for co-located torch.distributed groups
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +59,7 @@ class WorkerRecord:
     state: WorkerState = "starting"
     # Optional per-step telemetry (compute/comm/wait seconds, evaluation); memory only, refreshed by
     # every heartbeat, so a restarted coordinator shows it again after one beat.
-    telemetry: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    telemetry: Mapping[str, object] = dataclasses.field(default_factory=dict)
     # sha256 of the worker's secret (b"": none on record, so no secret matches)
     secret_digest: bytes = dataclasses.field(default=b"", repr=False)
     ended_wall: float | None = None  # unix seconds when it died or left (purged after the retention)
@@ -103,7 +104,7 @@ class Heartbeat:
     bytes_sent: int | None = None
     bytes_received: int | None = None
     state: WorkerState | None = None
-    telemetry: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    telemetry: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

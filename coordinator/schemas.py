@@ -21,6 +21,13 @@ class RegisterRequest(BaseModel):
     device_name: str | None = Field(None, max_length=256)
     memory_bytes: int | None = Field(None, ge=0, le=1 << 60)
     version: str | None = Field(None, max_length=64)
+    store_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="port of the rendezvous store this worker hosts on `host` for the torch.distributed "
+        "groups of its host's workers (omit when it hosts none)",
+    )
 
 
 class RegisterResponse(BaseModel):
@@ -49,6 +56,17 @@ class HeartbeatRequest(BaseModel):
     wait_s: float | None = Field(None, ge=0.0, description="last step: seconds blocked on the network")
     test_loss: float | None = Field(None, ge=0.0, description="latest evaluation loss")
     test_accuracy: float | None = Field(None, ge=0.0, le=1.0, description="latest evaluation accuracy")
+    bytes_by_lane: dict[Literal["grpc", "local"], int] | None = Field(
+        None,
+        description="bytes this worker has sent, by data-plane lane (gRPC across hosts, local on its host)",
+    )
+
+    @field_validator("bytes_by_lane")
+    @classmethod
+    def _lane_bytes(cls, v: dict[str, int] | None) -> dict[str, int] | None:
+        if v is not None and any(not 0 <= n <= 1 << 62 for n in v.values()):
+            raise ValueError("lane byte counts must be between 0 and 2**62")
+        return v
 
     @field_validator("loss", "samples_per_s", "compute_s", "comm_s", "wait_s", "test_loss")
     @classmethod
@@ -58,7 +76,7 @@ class HeartbeatRequest(BaseModel):
         return v
 
 
-TELEMETRY_FIELDS = ("compute_s", "comm_s", "wait_s", "test_loss", "test_accuracy")
+TELEMETRY_FIELDS = ("compute_s", "comm_s", "wait_s", "test_loss", "test_accuracy", "bytes_by_lane")
 
 
 class HeartbeatResponse(BaseModel):
@@ -86,6 +104,7 @@ class WorkerView(BaseModel):
     wait_s: float | None = None
     test_loss: float | None = None
     test_accuracy: float | None = None
+    bytes_by_lane: dict[str, int] | None = None
     host: str
     port: int
     host_id: str
@@ -107,6 +126,7 @@ class RankedWorkerView(BaseModel):
     port: int
     rank: int
     host_id: str
+    store_port: int | None = None
 
 
 class ReadyResponse(BaseModel):

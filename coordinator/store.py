@@ -32,13 +32,13 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 # columns added after the first release: a file written by an older coordinator gains them on open
-ADDED_COLUMNS = (("secret_digest", "BLOB"), ("ended_wall", "REAL"))
+ADDED_COLUMNS = (("secret_digest", "BLOB"), ("ended_wall", "REAL"), ("store_port", "INTEGER"))
 WORKER_COLUMNS = (
     "worker_id, host, port, host_id, device, device_name, memory_bytes, version, status, rank, joined_wall,"
     " last_heartbeat_wall, epoch_seen, step, loss, samples_per_s, bytes_sent, bytes_received, state,"
-    " secret_digest, ended_wall"
+    " secret_digest, ended_wall, store_port"
 )
-UPSERT_WORKER = f"INSERT OR REPLACE INTO workers ({WORKER_COLUMNS}) VALUES ({', '.join('?' * 21)})"
+UPSERT_WORKER = f"INSERT OR REPLACE INTO workers ({WORKER_COLUMNS}) VALUES ({', '.join('?' * 22)})"
 UPDATE_HEARTBEAT = (
     "UPDATE workers SET last_heartbeat_wall=?, epoch_seen=?, step=?, loss=?, samples_per_s=?, bytes_sent=?,"
     " bytes_received=?, state=? WHERE worker_id=?"
@@ -67,7 +67,7 @@ def worker_row(w: WorkerRecord) -> tuple[Any, ...]:
     return (
         w.worker_id, i.host, i.port, i.host_id, i.device, i.device_name, i.memory_bytes, i.version, w.status,
         w.rank, w.joined_wall, w.last_heartbeat_wall, w.epoch_seen, w.step, w.loss, w.samples_per_s,
-        w.bytes_sent, w.bytes_received, w.state, w.secret_digest or None, w.ended_wall,
+        w.bytes_sent, w.bytes_received, w.state, w.secret_digest or None, w.ended_wall, i.store_port,
     )  # fmt: skip
 
 
@@ -81,7 +81,7 @@ def heartbeat_row(w: WorkerRecord) -> tuple[Any, ...]:
 def _record_from_row(row: sqlite3.Row) -> WorkerRecord:
     info = WorkerInfo(
         row["host"], row["port"], row["host_id"], row["device"], row["device_name"], row["memory_bytes"],
-        row["version"],
+        row["version"], row["store_port"],
     )  # fmt: skip
     return WorkerRecord(
         worker_id=row["worker_id"], info=info, status=row["status"], rank=row["rank"],

@@ -13,6 +13,12 @@ class Metrics:
         r = self.registry
         self.workers = Gauge("zerowire_workers", "Worker records by state", ["state"], registry=r)
         self.epoch = Gauge("zerowire_epoch", "Current membership epoch", registry=r)
+        self.lane_bytes = Gauge(
+            "zerowire_bytes_sent_by_lane",
+            "Bytes sent by the live workers over each data-plane lane, as of their latest heartbeats",
+            ["lane"],
+            registry=r,
+        )
         self.heartbeats = Counter(
             "zerowire_heartbeats", "Heartbeats received, by result", ["result"], registry=r
         )

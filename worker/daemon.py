@@ -18,9 +18,10 @@ from typing import Any, TypeVar
 
 import httpx
 
+from communication.backend import lane_bytes
 from communication.errors import CommError, Unauthenticated
 from communication.group import PeerGroup
-from communication.tls import TlsConfig, client_ssl_context, describe_tls
+from communication.tls import client_ssl_context, describe_tls
 from worker.coordinator_client import CoordinatorClient, CoordinatorError, MustRegister
 from worker.formation import (
     EXIT_CONFIG,
@@ -42,6 +43,7 @@ from worker.identity import (
     parse_job_answer,
 )
 from worker.job import JobSpec, check_nested_timeouts
+from worker.lanes import default_backend_factory
 from worker.session import (
     TrainerFactory,
     TrainingSession,
@@ -52,12 +54,6 @@ from worker.session import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def default_backend_factory(job: JobSpec, token: str, tls: TlsConfig | None = None) -> Any:
-    from communication.grpc_backend import GrpcBackend
-
-    return GrpcBackend(token, compression=job.compression, int8_block=job.int8_block, tls=tls)
 
 
 class WorkerDaemon:
@@ -71,7 +67,7 @@ class WorkerDaemon:
     ) -> None:
         self.cfg = cfg
         self.trainer_factory = trainer_factory
-        self.backend_factory = backend_factory or partial(default_backend_factory, tls=cfg.tls)
+        self.backend_factory = backend_factory or partial(default_backend_factory, cfg=cfg)
         self.client = CoordinatorClient(
             cfg.coordinator, cfg.token, transport=transport, verify=client_ssl_context(cfg.tls)
         )
@@ -134,6 +130,8 @@ class WorkerDaemon:
             "device_name": device_name,
             "memory_bytes": memory,
         }
+        if getattr(self.backend, "store_port", None):  # it hosts a rendezvous store for its host's lane
+            self.register_body["store_port"] = int(self.backend.store_port)
         if self.worker_id:
             self.register_body["worker_id"] = self.worker_id
         answer = await self.client.register(self.register_body)
@@ -189,6 +187,7 @@ class WorkerDaemon:
         return int(answer.get("epoch", 0))
 
     def _wire_stats(self) -> tuple[int, int]:
+        self.t.update(bytes_by_lane=lane_bytes(self.backend))
         stats = self.backend.stats()
         return int(stats.bytes_sent), int(stats.bytes_received)
 

@@ -74,5 +74,15 @@ def group_from_ready(
         addresses=tuple(format_address(str(w["ip_address"]), int(w["port"])) for w in members),
         host_ids=tuple(str(w.get("host_id") or "") for w in members),
         peer_keys=peer_keys_by_rank(ready, ids, worker_id),
+        store_addresses=store_addresses(members),
     )
     return group, ids
+
+
+def store_addresses(members: list[dict[str, Any]]) -> tuple[str, ...]:
+    """Each member's rendezvous store as "host:port" ("" for a member that hosts none); () when none does."""
+    addresses = tuple(
+        format_address(str(w["ip_address"]), int(w["store_port"])) if w.get("store_port") else ""
+        for w in members
+    )
+    return addresses if any(addresses) else ()

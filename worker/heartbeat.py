@@ -59,6 +59,7 @@ class Telemetry:
     test_accuracy: float | None = None
     bytes_sent: int = 0
     bytes_received: int = 0
+    bytes_by_lane: dict[str, int] | None = None  # bytes sent, by data-plane lane ("grpc", "local")
     known_epoch: int = 0  # newest epoch the coordinator told us about
     stop_requested: threading.Event = field(default_factory=threading.Event)
     lease_ok: threading.Event = field(default_factory=threading.Event)
@@ -81,6 +82,8 @@ class Telemetry:
                 "bytes_sent": self.bytes_sent,
                 "bytes_received": self.bytes_received,
             }
+            if self.bytes_by_lane is not None:
+                body["bytes_by_lane"] = dict(self.bytes_by_lane)
             for key in (
                 "loss",
                 "samples_per_s",

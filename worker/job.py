@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["constant", "cosine", "step"]
 Compression = Literal["none", "int8"]
+ParamDtype = Literal["float32", "bfloat16", "float16"]
 
 
 class JobSpec(BaseModel):
@@ -45,6 +46,10 @@ class JobSpec(BaseModel):
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     compression: Compression = "none"
     int8_block: int = Field(default=1024, ge=16, le=1 << 20)
+    param_dtype: ParamDtype = Field(
+        default="float32",
+        description="compute precision of gathered parameters; shards, wire and gradient reduction stay fp32",
+    )
     eval_every: int = Field(default=0, ge=0, description="evaluate every N steps; 0 = only at the end")
     checkpoint_every: int = Field(default=0, ge=0, description="checkpoint every N steps; 0 disables")
     min_workers: int = Field(default=1, ge=1, le=4096)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from communication.backend import lane_bytes
 from communication.errors import EpochChanged
 from communication.group import PeerGroup
 from worker.heartbeat import Telemetry
@@ -136,6 +137,7 @@ class TrainingSession:
                 "wait_s": float(report.wait_s),
                 "bytes_sent": int(stats.bytes_sent),
                 "bytes_received": int(stats.bytes_received),
+                "bytes_by_lane": lane_bytes(self.backend),
             }
         )
         self.check_fence(group)

@@ -10,6 +10,11 @@ Commit lags one step: ``commit(s - 1)`` is sent once the gradients of step ``s``
 then is every peer certainly done pulling what this rank serves for step ``s - 1`` (parameter shards and
 the small all-gathers of losses and norms). The backend therefore keeps at most two steps' shards.
 
+Precision: the job's ``param_dtype`` is the compute dtype of the gathered parameters and of the inputs
+(no autocast); the loss is computed in fp32 from the logits, gradients are reduced in fp32 and the fp32
+shards are the master weights (see ``worker.zero3.precision``). A float32 job is plain fp32 on every
+device; on CUDA a reduced-precision job feeds its inputs channels_last.
+
 Evaluation, checkpoints and the saved model first average the BatchNorm running statistics over ranks
 (see ``worker.zero3.state``), so every rank reports the same evaluation.
 """
@@ -20,7 +25,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,8 +37,9 @@ from worker.data import GlobalBatchSampler, load_dataset, rank_slice
 from worker.durable import write_atomic
 from worker.job import JobSpec
 from worker.models import build_model
-from worker.zero3 import snapshot
+from worker.zero3 import precision, snapshot
 from worker.zero3 import state as zstate
+from worker.zero3.materialize import materialize
 from worker.zero3.optim import ShardedOptimizer, clip_coefficient, local_sq_norm
 from worker.zero3.sharded import ShardedModule
 
@@ -101,10 +106,24 @@ class Trainer:
         self.data = load_dataset(job.dataset, data_dir, job.seed)
         with _INIT_LOCK:  # the initialisation draws from torch's global RNG; ranks may be threads of a test
             torch.manual_seed(job.seed)
-            model = build_model(job.model, self.data.num_classes, self.data.in_channels)
+            # built on the meta device; only this rank's shards are materialized, as an eager build would
+            made = materialize(
+                lambda: build_model(job.model, self.data.num_classes, self.data.in_channels),
+                group.world_size,
+                group.rank,
+            )
         backend.set_group(group)
+        self.param_dtype = precision.param_dtype(job.param_dtype)
         self.engine = ShardedModule(
-            model, group, backend, device=device, timeout=collective_timeout, wire_block=job.int8_block
+            made.model,
+            group,
+            backend,
+            device=device,
+            plan=made.plan,
+            shards=made.shards,
+            timeout=collective_timeout,
+            wire_block=job.int8_block,
+            param_dtype=self.param_dtype,
         )
         self.optimizer = ShardedOptimizer(self.engine.shards, job)
         self.sampler = GlobalBatchSampler(int(self.data.train_x.shape[0]), job.global_batch, job.seed)
@@ -174,9 +193,8 @@ class Trainer:
         x, y = self._micro_batch(step)
         engine.begin(step)
         self._buffers_synced_at = None
-        with self._autocast():
-            out = engine(x)
-        loss = F.cross_entropy(out.float(), y, reduction="sum")
+        out = engine(x)
+        loss = F.cross_entropy(out.float(), y, reduction="sum")  # the loss is fp32 whatever param_dtype
         loss.backward()
         engine.finish_backward()
         if step > 0:
@@ -236,8 +254,7 @@ class Trainer:
                 for idx in torch.arange(start, stop).tensor_split(chunks):
                     x = self._to_device(test_x[idx])
                     y = test_y[idx].to(self.device)
-                    with self._autocast():
-                        logits = engine(x).float()
+                    logits = engine(x).float()
                     sums[0] += float(F.cross_entropy(logits, y, reduction="sum"))
                     sums[1] += float((logits.argmax(dim=1) == y).sum())
                     sums[2] += float(y.numel())
@@ -312,11 +329,9 @@ class Trainer:
         return self._to_device(x), self.data.train_y[idx].to(self.device)
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
-            return x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        return x.to(self.device)
-
-    def _autocast(self) -> AbstractContextManager[object]:
-        if self.device.type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        """A batch of inputs on the device in the compute dtype. channels_last only for reduced precision
+        on CUDA, where its kernels are the fast ones; fp32 keeps the default layout and kernels."""
+        x = precision.cast_input(x.to(self.device, non_blocking=self.device.type == "cuda"), self.param_dtype)
+        if self.device.type == "cuda" and self.param_dtype != torch.float32 and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x

@@ -82,6 +82,14 @@ class LocalCluster:
     children: list[Child] = field(default_factory=list)
     port: int = 0
     tls_dir: Path | None = None  # ca.pem + localhost.pem/.key (zerowire.certs.make_loopback_certs): all TLS
+    hosts: int = 1  # simulated machines: worker i gets host id host_id(i)
+
+    def host_id(self, index: int) -> str:
+        """The simulated host of worker `index`: the workers are spread in contiguous blocks over
+        `hosts` host ids (one host: every worker shares "localhost", as on a real single machine)."""
+        if not 1 <= self.hosts <= self.workers:
+            raise ValueError(f"hosts must be between 1 and the {self.workers} workers, got {self.hosts}")
+        return "localhost" if self.hosts == 1 else f"host{index * self.hosts // self.workers}"
 
     @property
     def url(self) -> str:
@@ -175,7 +183,7 @@ class LocalCluster:
             "--bind",
             f"{self.host}:0",
             "--host-id",
-            "localhost",
+            self.host_id(index),
             "--device",
             self.devices[index % len(self.devices)],
             "--checkpoint-dir",

@@ -35,6 +35,14 @@ class Telemetry:
         received = sum(int(r.get("bytes_received", 0)) for r in self.last_by_worker.values())
         return sent, received
 
+    def bytes_by_lane(self) -> dict[str, int]:
+        """Bytes sent over each data-plane lane, summed over the workers' latest step records."""
+        totals = {"grpc": 0, "local": 0}
+        for r in self.last_by_worker.values():
+            for lane, n in (r.get("bytes_by_lane") or {"grpc": r.get("bytes_sent", 0)}).items():
+                totals[lane] = totals.get(lane, 0) + int(n)
+        return totals
+
     def latest_eval(self) -> dict[str, Any] | None:
         return self.evals[max(self.evals)] if self.evals else None
 
@@ -122,6 +130,7 @@ def build_summary(
         "step_time_split_s": _split(tel),
         "bytes_sent": sent,
         "bytes_received": received,
+        "bytes_by_lane": tel.bytes_by_lane(),
         "failures": failures,
         "worker_exit_codes": worker_exit_codes,
         "model": str(model_path) if model_path else None,

@@ -19,4 +19,12 @@ router = APIRouter(tags=["metrics"], dependencies=[Depends(OPERATOR)])
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **errors(401, 403)},
 )
 async def metrics(service: ServiceDep) -> Response:
+    totals = {"grpc": 0, "local": 0}
+    for w in service.state.workers.values():
+        lanes = w.telemetry.get("bytes_by_lane") if w.status == "alive" else None
+        if isinstance(lanes, dict):
+            for lane, n in lanes.items():
+                totals[lane] = totals.get(lane, 0) + int(n)
+    for lane, n in totals.items():
+        service.metrics.lane_bytes.labels(lane).set(n)
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

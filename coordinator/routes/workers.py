@@ -69,7 +69,14 @@ async def register(
             headers={"Retry-After": retry_after(wait)},
         )
     info = m.WorkerInfo(
-        body.host, body.port, body.host_id, body.device, body.device_name, body.memory_bytes, body.version
+        body.host,
+        body.port,
+        body.host_id,
+        body.device,
+        body.device_name,
+        body.memory_bytes,
+        body.version,
+        body.store_port,
     )
     try:
         record, secret = await service.register(body.worker_id, info, clock, x_worker_secret)

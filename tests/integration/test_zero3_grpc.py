@@ -72,6 +72,7 @@ def worker_main(argv: list[str]) -> int:
             "losses": losses,
         }
         (args.out / f"rank-{args.rank}.json").write_text(json.dumps(summary))
+        (args.out / f"times-{args.rank}.json").write_text(json.dumps(outcome.step_times_s))  # differ by rank
     finally:
         backend.close()
     return 0

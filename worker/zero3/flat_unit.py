@@ -6,6 +6,11 @@ working). Gathering writes a fresh flat buffer and points each parameter's ``.da
 freeing points them at an empty tensor and drops the buffer. Autograd saves the parameter objects
 themselves, so a backward pass sees whatever buffer is gathered at that time (``.data`` assignment keeps a
 tensor's version counter). A parameter read while its unit is free has no elements and fails loudly.
+
+Mixed precision (``set_param_dtype``, policy in ``worker.zero3.precision``): the wire still fills an fp32
+buffer; ``mark_ready`` casts it to the compute dtype (parameters of normalization layers get fp32 copies of
+their slices) and drops the fp32 one. Gradients then accumulate into one flat buffer of the compute dtype,
+which ``flat_grad`` converts to fp32 for the reduction.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from torch import nn
 
 from worker.zero3.plan import UnitPlan
+from worker.zero3.staging import StagingPool
 
 
 class UnitState(enum.Enum):
@@ -28,7 +34,24 @@ class UnitState(enum.Enum):
 class FlatUnit:
     """Shard + gradient shard of one unit on one rank, and its full parameters while gathered."""
 
-    def __init__(self, plan: UnitPlan, params: list[nn.Parameter], rank: int, device: torch.device) -> None:
+    # Compute precision of the gathered parameters (see set_param_dtype); fp32 unless the engine says.
+    param_dtype: torch.dtype = torch.float32
+    _keep_fp32: frozenset[int] = frozenset()  # slots whose parameters stay fp32 under a reduced dtype
+    _kept: dict[int, torch.Tensor] = {}  # their fp32 copies while gathered (never mutated in place)
+    # Host staging of gathers for units on an accelerator, shared by the engine's units (set by the engine;
+    # without one, a gather stages through a fresh pageable buffer).
+    staging_pool: StagingPool | None = None
+
+    def __init__(
+        self,
+        plan: UnitPlan,
+        params: list[nn.Parameter],
+        rank: int,
+        device: torch.device,
+        shard: torch.Tensor | None = None,
+    ) -> None:
+        """``shard``: this rank's fp32 shard, already materialized (``worker.zero3.materialize``); the
+        parameters' own values are then not read. Without it, the shard is cut from the parameters."""
         if len(params) != len(plan.params):
             raise ValueError(f"unit {plan.index}: {len(params)} parameters, plan has {len(plan.params)}")
         self.plan = plan
@@ -36,23 +59,28 @@ class FlatUnit:
         self.params = params
         self.device = device
         self.comm_device = torch.device("cpu")
-        full = torch.zeros(plan.padded_numel, dtype=torch.float32, device=device)
-        with torch.no_grad():
-            for slot, p in zip(plan.params, params, strict=True):
-                if tuple(p.shape) != slot.shape:
-                    raise ValueError(
-                        f"parameter {slot.name} has shape {tuple(p.shape)}, plan says {slot.shape}"
-                    )
-                full[slot.offset : slot.offset + slot.numel].copy_(p.detach().reshape(-1))
-        start, stop = plan.shard_range(rank)
-        self.shard = full[start:stop].clone()
+        if shard is not None:
+            if shard.dtype != torch.float32 or tuple(shard.shape) != (plan.shard_numel,):
+                raise ValueError(
+                    f"unit {plan.index}: shard is {shard.dtype} {tuple(shard.shape)}, "
+                    f"expected torch.float32 ({plan.shard_numel},)"
+                )
+            self.shard = shard.to(device)
+        else:
+            full = torch.zeros(plan.padded_numel, dtype=torch.float32, device=device)
+            with torch.no_grad():
+                for slot, p in zip(plan.params, params, strict=True):
+                    if tuple(p.shape) != slot.shape:
+                        raise ValueError(
+                            f"parameter {slot.name} has shape {tuple(p.shape)}, plan says {slot.shape}"
+                        )
+                    full[slot.offset : slot.offset + slot.numel].copy_(p.detach().reshape(-1))
+            start, stop = plan.shard_range(rank)
+            self.shard = full[start:stop].clone()
         self.grad_shard = torch.zeros(plan.shard_numel, dtype=torch.float32, device=device)
         self.full: torch.Tensor | None = None
         self._empty = torch.empty(0, dtype=torch.float32, device=device)
-        # CPU staging for the wire when the parameters live on an accelerator.
-        self._staging: torch.Tensor | None = None
-        if device.type != "cpu":
-            self._staging = torch.empty(plan.padded_numel, dtype=torch.float32, pin_memory=True)
+        self._staging: torch.Tensor | None = None  # host buffer of a gather in flight (accelerator units)
         self.state = UnitState.FREE
         self.future: Future[torch.Tensor] | None = None
         # Per-pass bookkeeping (reset by the engine).
@@ -66,67 +94,131 @@ class FlatUnit:
     def full_bytes(self) -> int:
         return self.plan.padded_numel * 4
 
+    # -- precision -----------------------------------------------------------------------------------------
+    def set_param_dtype(self, dtype: torch.dtype, keep_fp32: frozenset[int] = frozenset()) -> None:
+        """Compute in ``dtype`` while gathered, except the parameters of slots ``keep_fp32`` (unit free)."""
+        if self.state is not UnitState.FREE:
+            raise RuntimeError(f"unit {self.index}: change param_dtype only while the unit is free")
+        if not dtype.is_floating_point:
+            raise ValueError(f"param_dtype must be a floating dtype, got {dtype}")
+        bad = sorted(i for i in keep_fp32 if not 0 <= i < len(self.params))
+        if bad:
+            raise ValueError(f"unit {self.index}: no parameter slots {bad}")
+        self.param_dtype = dtype
+        self._keep_fp32 = frozenset(keep_fp32) if dtype != torch.float32 else frozenset()
+
     # -- gather / free -------------------------------------------------------------------------------------
     def gather_target(self) -> torch.Tensor:
-        """Allocate the full buffer and return where the wire should write it."""
+        """Claim the buffer the wire should write the unit's fp32 parameters into."""
         assert self.state is UnitState.FREE, f"unit {self.index} is {self.state.value}"
-        self.full = torch.empty(self.plan.padded_numel, dtype=torch.float32, device=self.device)
         self.state = UnitState.GATHERING
-        return self.full if self._staging is None else self._staging
+        if self.device.type != self.comm_device.type:
+            n = self.plan.padded_numel
+            pool = self.staging_pool
+            self._staging = torch.empty(n, dtype=torch.float32) if pool is None else pool.acquire(n)
+            return self._staging
+        self.full = torch.empty(self.plan.padded_numel, dtype=torch.float32, device=self.device)
+        return self.full
 
     def shard_for_wire(self) -> torch.Tensor:
         return self.shard if self.shard.device.type == "cpu" else self.shard.detach().cpu()
 
-    def mark_ready(self) -> None:
-        assert self.state is UnitState.GATHERING and self.full is not None
-        if self._staging is not None:
-            self.full.copy_(self._staging)
+    def mark_ready(self, *, master: bool = False) -> None:
+        """The gather has landed: point the parameters at it, in ``param_dtype`` (fp32 if ``master``)."""
+        assert self.state is UnitState.GATHERING
+        src = self._staging if self._staging is not None else self.full
+        assert src is not None
+        dtype = torch.float32 if master else self.param_dtype
+        if src.device == self.device and src.dtype == dtype:
+            full = src  # fp32 compute on the wire's device: the wire wrote the parameters in place
+        else:
+            full = torch.empty(self.plan.padded_numel, dtype=dtype, device=self.device)
+            full.copy_(src)
+        kept: dict[int, torch.Tensor] = {}
+        if dtype != torch.float32:
+            for i in self._keep_fp32:
+                slot = self.plan.params[i]
+                part = src[slot.offset : slot.offset + slot.numel].view(slot.shape)
+                kept[i] = part.to(self.device, copy=True)
+        self._release_staging()
+        self.full = full
+        self._kept = kept
         self.future = None
         self._point_params(self.full)
         self.state = UnitState.READY
 
+    @property
+    def gathered_dtype(self) -> torch.dtype | None:
+        """The dtype of the gathered full buffer (None unless ready)."""
+        return self.full.dtype if self.state is UnitState.READY and self.full is not None else None
+
     def free(self) -> None:
         """Release the full parameters (the caller has waited any gather in flight)."""
+        self._release_staging()
         self.future = None
         self._point_params(None)
         self.full = None
+        self._kept = {}
         self.state = UnitState.FREE
 
+    def _release_staging(self) -> None:
+        """Give the gather's host buffer back; one the wire may still write (a gather abandoned in
+        flight) never returns to the pool."""
+        staging, self._staging = self._staging, None
+        if staging is not None and self.staging_pool is not None:
+            done = self.future is None or self.future.done()
+            self.staging_pool.release(staging, reusable=done)
+
     def _point_params(self, full: torch.Tensor | None) -> None:
-        for slot, p in zip(self.plan.params, self.params, strict=True):
-            p.data = (
-                self._empty if full is None else full[slot.offset : slot.offset + slot.numel].view(slot.shape)
-            )
+        for i, (slot, p) in enumerate(zip(self.plan.params, self.params, strict=True)):
+            if full is None:
+                p.data = self._empty
+            elif i in self._kept:
+                p.data = self._kept[i]
+            else:
+                p.data = full[slot.offset : slot.offset + slot.numel].view(slot.shape)
 
     # -- gradients -----------------------------------------------------------------------------------------
     def prepare_grad(self) -> None:
-        """Before the unit's backward (parameters on the wire's device, no gradients yet): point every
-        parameter's ``.grad`` at its view of a zeroed flat buffer, so autograd accumulates into the buffer
-        the wire sends (0 + g == g exactly) and the unit's gradient is never held twice."""
-        if self.device != self.comm_device or self._grad_flat is not None:
+        """Before the unit's backward (no gradients yet): point every parameter's ``.grad`` at its view of
+        one zeroed flat buffer in the compute dtype on the compute device, so autograd accumulates into
+        it (0 + g == g exactly) and the unit's gradient is never held twice. Parameters kept fp32 under a
+        reduced dtype get their own gradients, copied in by ``flat_grad``."""
+        if self._grad_flat is not None or any(p.grad is not None for p in self.params):
             return
-        if any(p.grad is not None for p in self.params):
-            return
-        flat = torch.zeros(self.plan.padded_numel, dtype=torch.float32, device=self.comm_device)
-        for slot, p in zip(self.plan.params, self.params, strict=True):
-            p.grad = flat[slot.offset : slot.offset + slot.numel].view(slot.shape)
+        dtype = self.gathered_dtype or self.param_dtype
+        flat = torch.zeros(self.plan.padded_numel, dtype=dtype, device=self.device)
+        for i, (slot, p) in enumerate(zip(self.plan.params, self.params, strict=True)):
+            if i not in self._kept and p.dtype == dtype:
+                p.grad = flat[slot.offset : slot.offset + slot.numel].view(slot.shape)
         self._grad_flat = flat
 
     def flat_grad(self) -> torch.Tensor:
         """This rank's gradient of the unit as a padded flat fp32 buffer on the wire's device (missing
-        gradients count as zero); clears the parameters' ``.grad``."""
+        gradients count as zero); clears the parameters' ``.grad``. A buffer of another dtype or device is
+        converted as a whole and dropped."""
         flat, self._grad_flat = self._grad_flat, None
+        in_flat = [False] * len(self.params)
         if flat is None:
-            flat = torch.empty(self.plan.padded_numel, dtype=torch.float32, device=self.comm_device)
-            flat[self.plan.numel :].zero_()
-        for slot, p in zip(self.plan.params, self.params, strict=True):
-            part = flat[slot.offset : slot.offset + slot.numel]
-            if p.grad is None:
-                part.zero_()
-            elif p.grad.data_ptr() != part.data_ptr():  # not accumulated into the buffer: copy it
-                part.copy_(p.grad.reshape(-1))
+            wire = torch.empty(self.plan.padded_numel, dtype=torch.float32, device=self.comm_device)
+            wire[self.plan.numel :].zero_()
+        else:
+            for i, (slot, p) in enumerate(zip(self.plan.params, self.params, strict=True)):
+                in_flat[i] = p.grad is not None and p.grad.data_ptr() == flat[slot.offset :].data_ptr()
+            if flat.dtype == torch.float32 and flat.device == self.comm_device:
+                wire = flat
+            else:
+                wire = flat.to(device=self.comm_device, dtype=torch.float32)
+            del flat
+        for i, (slot, p) in enumerate(zip(self.plan.params, self.params, strict=True)):
+            if not in_flat[i]:
+                part = wire[slot.offset : slot.offset + slot.numel]
+                if p.grad is None:
+                    part.zero_()
+                else:  # not accumulated into the buffer: copy it
+                    part.copy_(p.grad.reshape(-1))
             p.grad = None
-        return flat
+        return wire
 
     def grad_target(self) -> torch.Tensor:
         return (

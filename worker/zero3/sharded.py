@@ -4,10 +4,10 @@ gradient as soon as it is complete.
 Per training pass (``begin(step)``, forward, ``loss.backward()``, ``finish_backward()``):
 
 - forward: before unit k runs, its gather is waited (issued earlier as a prefetch, or now); then the gather
-  of the next unit in forward order is issued, or of the one after it when the next one is already
-  gathered. At most one gather is in flight, so at most two units plus one prefetch are held. After unit k
-  its full parameters are freed, except those of the last ``keep_last`` units (default 2), which backward
-  needs first: gathering them again would put the network on the critical path at the turn of the pass.
+  of the next unit in forward order is issued, or of the one after it when the next one is still
+  gathered. One prefetch at a time, decided by the units' states alone, so every rank issues its
+  collectives in the same order. After unit k its full parameters are freed, except those of the last
+  ``keep_last`` units (default 2), which backward needs first.
 - backward: a hook on unit k's outputs fires when their gradient is ready, i.e. just before unit k's
   backward; it waits unit k's gather and prefetches the unit before it (or the one before that, as in
   forward). When every parameter of unit k has its gradient accumulated, the gradient is flattened
@@ -17,6 +17,9 @@ Per training pass (``begin(step)``, forward, ``loss.backward()``, ``finish_backw
   what it still has to send for as long as it needs it.
 - the root unit (parameters outside every unit) is gathered at the start of the forward pass and reduced at
   the end of backward.
+- mixed precision (``param_dtype``, see ``worker.zero3.precision``): gathered parameters are cast to it for
+  compute, gradients are converted to fp32 before their reduction, the fp32 shards stay the master copy.
+  The caller casts the model's inputs (``precision.cast_input``) and computes the loss in fp32.
 
 Forward-only passes (``torch.no_grad()``) gather and free the same way and reduce nothing. The collective
 step key of a pass is the training step it belongs to; evaluation and state gathering after step ``s`` use
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -41,14 +44,19 @@ from torch.utils._pytree import tree_flatten
 from communication.backend import CollectiveBackend
 from communication.errors import CollectiveTimeout
 from communication.group import PeerGroup
+from worker.zero3 import precision
 from worker.zero3.channels import channel_numels
 from worker.zero3.flat_unit import FlatUnit, UnitState
 from worker.zero3.plan import PartitionPlan, plan_model
+from worker.zero3.staging import StagingPool
 
 logger = logging.getLogger(__name__)
 
 # Grace on top of the collective timeout before the compute thread gives up on a future itself.
 _WAIT_GRACE_S = 5.0
+# Host staging buffers of the largest unit's size (accelerator units): at most two gathers are outstanding
+# (one prefetch in flight, one landed and not yet used); the third spares a fallback allocation.
+STAGING_BUFFERS = 3
 
 
 @dataclass
@@ -75,16 +83,21 @@ class ShardedModule:
         timeout: float = 30.0,
         keep_last: int = 2,
         wire_block: int = 1024,
+        param_dtype: torch.dtype = torch.float32,
+        shards: Sequence[torch.Tensor] | None = None,
     ) -> None:
+        """``shards``: this rank's materialized shard of every unit of ``plan`` (which they require)."""
         if keep_last < 0:
             raise ValueError(f"keep_last must be >= 0, got {keep_last}")
         self.keep_last = keep_last
-        self.wire_block = wire_block  # the wire codec's block size (exact control values, see exact.py)
+        self.wire_block = wire_block  # the wire codec's block (exact control values, see exact.py)
         self.device = device or torch.device("cpu")
         self.model = model.to(self.device)
         self.group = group
         self.backend = backend
         self.timeout = timeout
+        if shards is not None and (plan is None or len(shards) != len(plan.units)):
+            raise ValueError("shards need the plan they were cut for, one shard per unit")
         self.plan = plan or plan_model(model, group.world_size)
         if self.plan.world_size != group.world_size:
             raise ValueError(f"plan is for {self.plan.world_size} ranks, group has {group.world_size}")
@@ -94,8 +107,17 @@ class ShardedModule:
         if missing:
             raise ValueError(f"parameters outside the plan: {sorted(missing)[:5]}")
         self.units = [
-            FlatUnit(u, [params[s.name] for s in u.params], group.rank, self.device) for u in self.plan.units
+            FlatUnit(
+                u,
+                [params[s.name] for s in u.params],
+                group.rank,
+                self.device,
+                None if shards is None else shards[u.index],
+            )
+            for u in self.plan.units
         ]
+        self.param_dtype = precision.configure_units(model, self.units, param_dtype)
+        self.staging = StagingPool.share(self.units, self.device, STAGING_BUFFERS)
         self.declare_plan()
         self.root: FlatUnit | None = next((u for u in self.units if u.plan.is_root), None)
         self._body = [u for u in self.units if not u.plan.is_root]
@@ -188,32 +210,36 @@ class ShardedModule:
         unit.future = fut
         self.stats.gathers += 1
 
-    def _ensure_ready(self, unit: FlatUnit) -> None:
+    def _ensure_ready(self, unit: FlatUnit, *, master: bool = False) -> None:
+        """Wait until ``unit`` is gathered (issuing its gather if needed); with ``master`` its parameters
+        are the fp32 master values whatever the compute dtype (for reading the model's state)."""
+        if master and unit.state is UnitState.READY and unit.gathered_dtype != torch.float32:
+            raise RuntimeError(f"{self._where()}: unit {unit.index} is gathered in {unit.gathered_dtype}")
         if unit.state is UnitState.FREE:
             self._issue(unit)
         if unit.state is UnitState.GATHERING:
             assert unit.future is not None
             self._wait(unit.future)
-            unit.mark_ready()
+            unit.mark_ready(master=master)
             if self._prefetching is unit:
                 self._prefetching = None
 
-    def _in_flight(self, unit: FlatUnit) -> bool:
-        return unit.state is UnitState.GATHERING and unit.future is not None and not unit.future.done()
-
     def _prefetch(self, unit: FlatUnit | None) -> None:
+        """Issue `unit`'s gather unless another prefetch is still unconsumed. Decided by the units' states,
+        never by whether a future is done: every rank must issue its collectives in the same order (the
+        torch.distributed lane runs them in call order), whatever the timing."""
         if unit is None or unit.state is not UnitState.FREE:
             return
-        if self._prefetching is not None and self._in_flight(self._prefetching):
+        if self._prefetching is not None and self._prefetching.state is UnitState.GATHERING:
             return
         self._issue(unit)
         self._prefetching = unit
 
     def _prefetch_ahead(self, unit: FlatUnit, order: list[int], delta: int) -> None:
-        """Prefetch the next unit in ``order``; if it is already gathered (its gather finished during
-        earlier compute), the one after it, so big units get a head start. One gather in flight at most."""
+        """Prefetch the next unit in ``order``; if it is still gathered (kept for backward), the one
+        after it, so big units get a head start."""
         nxt = self._next_in_order(unit, order, delta)
-        if nxt is not None and nxt.state is not UnitState.FREE and not self._in_flight(nxt):
+        if nxt is not None and nxt.state is UnitState.READY:
             nxt = self._next_in_order(nxt, order, delta)
         self._prefetch(nxt)
 

@@ -118,11 +118,12 @@ def sync_buffers(engine: ShardedModule, step: int) -> None:
 
 
 def full_parameters(engine: ShardedModule, step: int) -> dict[str, torch.Tensor]:
-    """Every parameter in full (CPU copies), gathered unit by unit with key ``step`` (collective)."""
+    """Every parameter in full (CPU copies of the fp32 master values, whatever the compute dtype),
+    gathered unit by unit with key ``step`` (collective)."""
     engine.begin(step)
     out: dict[str, torch.Tensor] = {}
     for unit in engine.units:
-        engine._ensure_ready(unit)
+        engine._ensure_ready(unit, master=True)
         for slot, p in zip(unit.plan.params, unit.params, strict=True):
             out[slot.name] = p.detach().to("cpu", copy=True)
         engine._free(unit)

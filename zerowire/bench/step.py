@@ -4,6 +4,9 @@ CIFAR ResNet-18, ``--workers`` processes x ``--batch`` samples of 3x32x32, one t
 momentum. Every contender runs as real processes on this machine in the same invocation:
 
 - ``zerowire``: the product's Trainer over GrpcBackend (127.0.0.1), optionally int8 on the wire;
+- with ``--colocated`` it runs as two contenders instead: ``zerowire_local``, the product's data plane for
+  workers that share a host (HierarchicalBackend: every member on one host id, so the torch.distributed
+  lane, gloo on CPU), and ``zerowire_grpc``, the flat gRPC path between the same co-located processes;
 - ``fsdp2``: ``torch.distributed.fsdp.fully_shard`` on every unit (stem, each block, head) and the root, gloo;
 - ``ddp``: ``DistributedDataParallel``, gloo;
 - ``floor``: one process, one batch, forward + backward + optimizer (no communication).
@@ -52,6 +55,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--model", default="resnet18", help="model name (default resnet18)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per run of a contender")
     p.add_argument("--memory", action="store_true", help="measure peak tensor bytes per rank instead")
+    p.add_argument(
+        "--colocated",
+        action="store_true",
+        help="workers sharing one host: zerowire over its local torch.distributed lane (zerowire_local) "
+        "and over flat gRPC (zerowire_grpc)",
+    )
     p.set_defaults(handler=handle)
 
 
@@ -63,9 +72,17 @@ def _summary(kinds: list[str], runs: list[Run], args: argparse.Namespace) -> dic
         return [r.reports[0][key] for r in runs if r.contender == kind]
 
     medians = {k: statistics.median(t for chunk in rank0(k, "step_times_s") for t in chunk) for k in kinds}
-    ratios = {f"zerowire/{k}": medians["zerowire"] / medians[k] for k in medians if k != "zerowire"}
+    ours = [k for k in kinds if k.startswith("zerowire")]
+    ratios = {f"{z}/{k}": medians[z] / medians[k] for z in ours for k in medians if k not in ours}
     ratios.update({f"{k}/floor": medians[k] / medians["floor"] for k in medians if k != "floor"})
-    zw = [r for r in runs if r.contender == "zerowire"]
+    zw = [r for r in runs if r.contender == ours[0]]
+    lanes = {
+        z: {
+            lane: sum(r.reports[0].get("bytes_by_lane", {}).get(lane, 0) for r in runs if r.contender == z)
+            for lane in ("grpc", "local")
+        }
+        for z in ours
+    }
     return {
         "model": args.model,
         "workers": args.workers,
@@ -74,9 +91,11 @@ def _summary(kinds: list[str], runs: list[Run], args: argparse.Namespace) -> dic
         "steps": args.steps,
         "median_step_s": medians,
         "ratios": ratios,
-        "zerowire_wait_s_median": statistics.median(t for c in rank0("zerowire", "wait_times_s") for t in c),
+        "colocated": bool(getattr(args, "colocated", False)),
+        "zerowire_wait_s_median": statistics.median(t for c in rank0(ours[0], "wait_times_s") for t in c),
         # rank 0's bytes over all its runs, every run's warm-up steps included
         "zerowire_wire_bytes_sent": sum(r.reports[0].get("bytes_sent", 0) for r in zw),
+        "bytes_by_lane": lanes,
         "warmup": args.warmup,
         "rounds": args.rounds,
         "round_medians_s": {k: [statistics.median(c) for c in rank0(k, "step_times_s")] for k in kinds},
@@ -111,7 +130,8 @@ def handle(args: argparse.Namespace) -> int:
         raise CommandError(f"--rounds ({args.rounds}) must not exceed --steps ({args.steps})")
     from zerowire.bench.step_rounds import measure
 
-    kinds = ["zerowire", *vs, "floor"]
+    ours = ["zerowire_local", "zerowire_grpc"] if args.colocated else ["zerowire"]
+    kinds = [*ours, *vs, "floor"]
     with tempfile.TemporaryDirectory(prefix="zerowire-bench-") as tmp:
         try:
             runs = measure(kinds, args, Path(tmp))
@@ -123,9 +143,9 @@ def handle(args: argparse.Namespace) -> int:
     else:
         for k, v in out["median_step_s"].items():
             rounds = " ".join(f"{m * 1000:.0f}" for m in out["round_medians_s"][k])
-            print(f"{k:9s} median step {v * 1000:8.1f} ms   (rounds: {rounds} ms)")
+            print(f"{k:14s} median step {v * 1000:8.1f} ms   (rounds: {rounds} ms)")
         for k, v in out["ratios"].items():
-            print(f"{k:16s} {v:6.3f}x")
+            print(f"{k:24s} {v:6.3f}x")
         env = " ".join(f"{k}={v}" for k, v in out["process_env"].items())
         print(f"{args.rounds} rounds, fresh processes per contender and round; {env}")
     return 0
@@ -134,7 +154,11 @@ def handle(args: argparse.Namespace) -> int:
 # -- worker processes ---------------------------------------------------------------------------------
 def _worker_main(argv: list[str], started_s: float) -> int:
     p = argparse.ArgumentParser(prog="zerowire.bench.step worker")
-    p.add_argument("--worker", choices=("zerowire", "fsdp2", "ddp", "floor"), required=True)
+    p.add_argument(
+        "--worker",
+        choices=("zerowire", "zerowire_local", "zerowire_grpc", "fsdp2", "ddp", "floor"),
+        required=True,
+    )
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--world", type=int, required=True)
     p.add_argument("--ports", required=True)

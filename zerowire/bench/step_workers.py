@@ -26,6 +26,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     meter = PeakMeter(torch.device("cpu")) if a.memory else None
     runners: dict[str, Callable[[argparse.Namespace, PeakMeter | None], dict[str, Any]]] = {
         "zerowire": _zerowire,
+        "zerowire_local": _zerowire,
+        "zerowire_grpc": _zerowire,
         "fsdp2": _fsdp2,
         "ddp": _ddp,
         "floor": _floor,
@@ -79,8 +81,7 @@ def _ready_barrier(directory: Path, rank: int, world: int, timeout: float = 120.
 
 
 def _zerowire(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
-    from communication.group import PeerGroup
-    from communication.grpc_backend import GrpcBackend
+    from communication.backend import lane_bytes
     from worker.job import JobSpec
     from worker.trainer import StepReport, Trainer
 
@@ -94,11 +95,8 @@ def _zerowire(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
             schedule="constant", warmup_steps=0, compression=a.compression,
         )
     )  # fmt: skip
-    backend = GrpcBackend(token="bench", compression=a.compression)
-    backend.start(f"127.0.0.1:{ports[a.rank]}")
+    backend, group = _zerowire_plane(a, job.job_id, ports)
     try:
-        _ready_barrier(a.dir, a.rank, a.world)
-        group = PeerGroup(job.job_id, 0, a.rank, tuple(f"127.0.0.1:{p}" for p in ports))
         if meter is not None:
             meter.start()  # the trainer builds the model
         trainer = Trainer(job, group, backend, device=torch.device("cpu"), collective_timeout=600.0)
@@ -120,10 +118,42 @@ def _zerowire(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
             "step_times_s": [r.step_time_s for r in measured],
             "wait_times_s": [r.wait_s for r in measured],
             "bytes_sent": backend.stats().bytes_sent,
+            "bytes_by_lane": lane_bytes(backend),
             "peak_full_bytes": trainer.engine.peak_full_bytes,
         }
     finally:
         backend.close()
+
+
+def _zerowire_plane(a: argparse.Namespace, job_id: str, ports: list[int]) -> tuple[Any, Any]:
+    """The backend and epoch-0 group of one zerowire rank: flat gRPC (``zerowire``, ``zerowire_grpc``), or
+    the worker's HierarchicalBackend with every rank on one host id (``zerowire_local``: each rank hosts a
+    rendezvous store, as a worker does, and the host's lowest rank's is used). Returns once every rank
+    is up."""
+    from communication.group import PeerGroup
+    from communication.grpc_backend import GrpcBackend
+
+    remote = GrpcBackend(token="bench", compression=a.compression)
+    addresses = tuple(f"127.0.0.1:{p}" for p in ports)
+    if a.worker != "zerowire_local":
+        remote.start(addresses[a.rank])
+        _ready_barrier(a.dir, a.rank, a.world)
+        return remote, PeerGroup(job_id, 0, a.rank, addresses)
+    from communication.hierarchical import HierarchicalBackend
+    from communication.torchdist import TorchDistBackend
+
+    backend = HierarchicalBackend(
+        remote, TorchDistBackend(collective_timeout=600.0, rendezvous_timeout=120.0)
+    )
+    backend.start(addresses[a.rank])
+    assert backend.store is not None
+    mine = a.dir / f"store-{a.rank}"
+    mine.with_suffix(".tmp").write_text(backend.store.address)
+    os.replace(mine.with_suffix(".tmp"), mine)
+    _ready_barrier(a.dir, a.rank, a.world)
+    stores = tuple((a.dir / f"store-{r}").read_text() for r in range(a.world))
+    group = PeerGroup(job_id, 0, a.rank, addresses, host_ids=("localhost",) * a.world, store_addresses=stores)
+    return backend, group
 
 
 def _dist_init(a: argparse.Namespace) -> None:

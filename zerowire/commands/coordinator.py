@@ -59,6 +59,7 @@ JOB_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--seed", "seed", "data and init seed"),
     ("--compression", "compression", "none | int8"),
     ("--int8-block", "int8_block", "int8 block size"),
+    ("--param-dtype", "param_dtype", "float32 | bfloat16 | float16 (compute precision; master stays fp32)"),
     ("--eval-every", "eval_every", "evaluate every N steps (0: at the end)"),
     ("--checkpoint-every", "checkpoint_every", "checkpoint every N steps (0: never)"),
     ("--min-workers", "min_workers", "workers needed before training starts"),

@@ -37,6 +37,7 @@ JOB_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("seed", int, "seed of data order and initialisation"),
     ("compression", str, "none | int8 (wire compression)"),
     ("int8-block", int, "int8 block size"),
+    ("param-dtype", str, "float32 | bfloat16 | float16 (compute precision; master weights stay fp32)"),
     ("eval-every", int, "evaluate every N steps (0: only at the end)"),
     ("checkpoint-every", int, "checkpoint every N steps (0: never; re-forms then restart from step 0)"),
     ("min-workers", int, "workers the first formation waits for (default: --workers)"),
@@ -65,6 +66,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "model.safetensors and training.png into --output.",
     )
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument(
+        "--hosts",
+        type=int,
+        default=1,
+        help="simulated machines the workers are spread over (default 1: all share this host and talk over "
+        "torch.distributed; --hosts H puts N/H workers on each of H host ids, which talk over gRPC across "
+        "hosts; --hosts N is the flat gRPC path)",
+    )
     p.add_argument("--output", required=True, help="folder for the results, logs and checkpoints")
     p.epilog = (
         "The cluster token is $ZEROWIRE_TOKEN when set, else a fresh random one; likewise the read-only "
@@ -160,6 +169,8 @@ def handle(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per status poll is noise
     if not 1 <= args.workers <= 64:
         raise CommandError("--workers must be between 1 and 64")
+    if not 1 <= args.hosts <= args.workers:
+        raise CommandError(f"--hosts must be between 1 and --workers ({args.workers})")
     try:
         job = JobSpec(**_job_values(args))
     except (ValidationError, ValueError, OSError) as exc:
@@ -201,6 +212,7 @@ def handle(args: argparse.Namespace) -> int:
         devices=devices,
         data_dir=Path(args.data_dir).resolve() if args.data_dir else None,
         tls_dir=tls_dir,
+        hosts=args.hosts,
     )
     try:
         with cluster:

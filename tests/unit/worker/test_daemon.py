@@ -301,3 +301,26 @@ def test_formation_checks_the_peer_keys() -> None:
     for bad in ({"w1": "aa" * 32}, {"w9": "aa" * 32}, {"w0": "aa" * 31}, {"w0": "zz" * 32}):
         with pytest.raises(RuntimeError, match="peer key"):
             group_from_ready({**ready, "peer_keys": bad}, job, "w1")
+
+
+def test_formation_hands_each_member_its_rendezvous_store() -> None:
+    from worker.formation import group_from_ready
+
+    job = JobSpec(steps=5, warmup_steps=0)
+    members = [
+        {
+            "worker_id": "w0",
+            "ip_address": "10.0.0.1",
+            "port": 7000,
+            "rank": 0,
+            "host_id": "h0",
+            "store_port": 41,
+        },
+        {"worker_id": "w1", "ip_address": "10.0.0.1", "port": 7001, "rank": 1, "host_id": "h0"},
+        {"worker_id": "w2", "ip_address": "::1", "port": 7002, "rank": 2, "host_id": "h1", "store_port": 43},
+    ]
+    group, _ = group_from_ready({"epoch": 1, "workers": members}, job, "w1")
+    assert group.store_addresses == ("10.0.0.1:41", "", "[::1]:43")
+    assert group.host_ids == ("h0", "h0", "h1")
+    bare = [{k: v for k, v in m.items() if k != "store_port"} for m in members]
+    assert group_from_ready({"epoch": 1, "workers": bare}, job, "w1")[0].store_addresses == ()

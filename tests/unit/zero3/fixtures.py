@@ -97,6 +97,53 @@ def reference_run(
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def mixed_reference_run(
+    make_model: Callable[[], nn.Module],
+    job: JobSpec,
+    world: int,
+    data: tuple[torch.Tensor, torch.Tensor],
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """Plain PyTorch with the engine's mixed-precision policy written out: fp32 master parameters; per
+    micro-batch the parameters (except normalization layers') and the input are cast to ``dtype``, the loss
+    is fp32, each micro-batch's gradient is converted to fp32 and the micro-batches are summed in rank
+    order; SGD updates the fp32 master."""
+    from worker.zero3.precision import keeps_fp32
+
+    x, y = data
+    torch.manual_seed(job.seed)
+    model = make_model()
+    cast = [p for n, p in model.named_parameters() if not keeps_fp32(model, n)]
+    opt = torch.optim.SGD(
+        model.parameters(), lr=job.lr, momentum=job.momentum, dampening=0.0,
+        weight_decay=job.weight_decay, nesterov=job.nesterov, foreach=False,
+    )  # fmt: skip
+    for step in range(job.steps):
+        idx = batch_indices(step, x.shape[0], job.global_batch)
+        opt.zero_grad(set_to_none=True)
+        sums: list[torch.Tensor | None] = [None] * len(list(model.parameters()))
+        for sl in rank_slices(job.global_batch, world):
+            master = [p.data for p in cast]
+            for p in cast:
+                p.data = p.data.to(dtype)
+            out = model(x[idx[sl]].to(dtype))
+            F.cross_entropy(out.float(), y[idx[sl]], reduction="sum").backward()
+            for p, m in zip(cast, master, strict=True):
+                p.data = m
+            for i, p in enumerate(model.parameters()):
+                g = torch.zeros(p.shape) if p.grad is None else p.grad.float()
+                acc = sums[i]
+                sums[i] = g if acc is None else acc.add_(g)
+                p.grad = None
+        for p, total in zip(model.parameters(), sums, strict=True):
+            assert total is not None
+            p.grad = total.div_(job.global_batch)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(job, step)
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
 def sharded_run(
     make_model: Callable[[], nn.Module],
     job: JobSpec,
@@ -104,8 +151,10 @@ def sharded_run(
     data: tuple[torch.Tensor, torch.Tensor],
     units: list[str] | None = None,
     probe: Callable[[int, ShardedModule], None] | None = None,
+    param_dtype: torch.dtype = torch.float32,
 ) -> list[dict[str, torch.Tensor]]:
-    """The same training with ``world`` ranks as threads over a FakeHub; returns each rank's full params."""
+    """The same training with ``world`` ranks as threads over a FakeHub; returns each rank's full params
+    (compute in ``param_dtype``: inputs cast, loss in fp32)."""
     from worker.zero3.plan import plan_model
 
     x, y = data
@@ -116,13 +165,15 @@ def sharded_run(
         with init_lock:
             torch.manual_seed(job.seed)
             model = make_model()
-        engine = ShardedModule(model, group, backend, plan=plan_model(model, world, units), timeout=20.0)
+        plan = plan_model(model, world, units)
+        engine = ShardedModule(model, group, backend, plan=plan, timeout=20.0, param_dtype=param_dtype)
         opt = ShardedOptimizer(engine.shards, job)
         sl = rank_slices(job.global_batch, world)[rank]
         for step in range(job.steps):
             idx = batch_indices(step, x.shape[0], job.global_batch)[sl]
             engine.begin(step)
-            F.cross_entropy(engine(x[idx]), y[idx], reduction="sum").backward()
+            out = engine(x[idx].to(param_dtype))
+            F.cross_entropy(out.float(), y[idx], reduction="sum").backward()
             engine.finish_backward()
             opt.step([g.div(job.global_batch) for g in engine.grad_shards], step)
             backend.commit(group, step)

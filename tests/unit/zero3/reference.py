@@ -21,13 +21,17 @@ from worker.zero3.schedule import lr_at
 
 
 def plain_reference(
-    job: JobSpec, world_at: Callable[[int], int], data_dir: Path | None = None
+    job: JobSpec,
+    world_at: Callable[[int], int],
+    data_dir: Path | None = None,
+    device: torch.device = torch.device("cpu"),
 ) -> dict[str, torch.Tensor]:
-    """Final parameters after ``job.steps`` steps; ``world_at(step)`` micro-batches in step ``step``."""
+    """Final parameters (on the CPU) after ``job.steps`` steps; ``world_at(step)`` micro-batches in step
+    ``step``; computed on ``device``."""
     assert job.grad_clip == 0, "the reference does not clip"
     data = load_dataset(job.dataset, data_dir, job.seed)
     torch.manual_seed(job.seed)
-    model = build_model(job.model, data.num_classes, data.in_channels)
+    model = build_model(job.model, data.num_classes, data.in_channels).to(device)
     opt: torch.optim.Optimizer
     if job.optimizer == "sgd":
         opt = torch.optim.SGD(
@@ -50,11 +54,12 @@ def plain_reference(
             x = data.train_x[ids]
             if data.augment is not None:
                 x = data.augment(x, step, start)
-            F.cross_entropy(model(x), data.train_y[ids], reduction="sum").backward()
+            y = data.train_y[ids].to(device)
+            F.cross_entropy(model(x.to(device)), y, reduction="sum").backward()
         for p in model.parameters():
             assert p.grad is not None
             p.grad.div_(job.global_batch)
         for group in opt.param_groups:
             group["lr"] = lr_at(job, step)
         opt.step()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}

@@ -1,0 +1,96 @@
+"""The engine's bounded pool of host staging buffers (accelerator units), and the bound on outstanding
+gathers it relies on, checked on the CPU (the engine's gather schedule does not depend on the device)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.unit.zero3.fixtures import UNITS, TinyNet, make_data, sharded_run
+from worker.job import JobSpec
+from worker.zero3.flat_unit import FlatUnit, UnitState
+from worker.zero3.sharded import STAGING_BUFFERS, ShardedModule
+from worker.zero3.staging import StagingPool
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_pool_lends_at_most_count_buffers_and_reuses_them() -> None:
+    pool = StagingPool(100, 2, pin=False)
+    a, b = pool.acquire(100), pool.acquire(40)
+    assert (a.numel(), b.numel()) == (100, 40) and a.dtype == torch.float32
+    assert pool.allocated == 2 and pool.lent == 2 and pool.overflows == 0
+    c = pool.acquire(70)  # all lent: a fresh buffer outside the pool, not a shared one
+    assert pool.overflows == 1 and pool.allocated == 2
+    assert c.numel() == 70 and c.data_ptr() not in (a.data_ptr(), b.data_ptr())
+    pool.release(c)  # dropped
+    assert pool.allocated == 2 and pool.lent == 2
+    ptr = b.data_ptr()
+    pool.release(b)
+    assert pool.lent == 1 and pool.allocated == 2
+    d = pool.acquire(90)
+    assert d.data_ptr() == ptr and pool.allocated == 2  # reused, not allocated again
+    pool.release(a)
+    pool.release(d)
+    assert pool.lent == 0 and pool.allocated == 2
+
+
+def test_buffer_released_unreusable_leaves_the_pool() -> None:
+    pool = StagingPool(10, 1, pin=False)
+    a = pool.acquire(10)
+    pool.release(a, reusable=False)  # the wire may still write it
+    assert pool.allocated == 0 and pool.lent == 0
+    b = pool.acquire(10)
+    assert b.data_ptr() != a.data_ptr() and pool.allocated == 1 and pool.overflows == 0
+
+
+def test_pool_rejects_bad_sizes() -> None:
+    with pytest.raises(ValueError, match="count"):
+        StagingPool(10, 0, pin=False)
+    pool = StagingPool(10, 1, pin=False)
+    with pytest.raises(ValueError, match="pool of 10"):
+        pool.acquire(11)
+    with pytest.raises(ValueError, match="pool of 10"):
+        pool.acquire(0)
+    assert pool.allocated == 0
+
+
+def test_cpu_engine_has_no_pool() -> None:
+    seen: list[object] = []
+
+    def probe(rank: int, engine: ShardedModule) -> None:
+        seen.append(engine.staging)
+        assert all(u.staging_pool is None and u._staging is None for u in engine.units)
+
+    job = JobSpec.model_validate(dict(steps=1, global_batch=8, warmup_steps=0))
+    sharded_run(TinyNet, job, 1, make_data(), units=UNITS, probe=probe)
+    assert seen == [None]
+
+
+def test_outstanding_gathers_fit_the_pool() -> None:
+    """Gathers claimed but not yet used (landed or in flight) never exceed STAGING_BUFFERS - 1 in training,
+    evaluation-style forward passes and state gathering: the pool never has to fall back."""
+    peaks: list[int] = []
+    original = ShardedModule._issue
+
+    def issue(self: ShardedModule, unit: FlatUnit) -> None:
+        original(self, unit)
+        peaks.append(sum(u.state is UnitState.GATHERING for u in self.units))
+
+    evals: dict[int, int] = {}
+
+    def probe(rank: int, engine: ShardedModule) -> None:
+        evals[rank] = evals.get(rank, 0) + 1
+        with torch.no_grad():  # an evaluation pass, same key on every rank
+            engine.begin(1000 + evals[rank])
+            engine(make_data(4)[0])
+
+    ShardedModule._issue = issue  # type: ignore[method-assign]
+    try:
+        job = JobSpec.model_validate(dict(steps=3, global_batch=12, warmup_steps=0))
+        for world in (1, 2):
+            sharded_run(TinyNet, job, world, make_data(), units=UNITS, probe=probe)
+            evals.clear()
+    finally:
+        ShardedModule._issue = original  # type: ignore[method-assign]
+    assert len(peaks) > 20 and 1 <= max(peaks) <= STAGING_BUFFERS - 1, max(peaks)

@@ -1,0 +1,29 @@
+"""The data plane a worker trains over: gRPC across hosts, torch.distributed among the workers of its own
+host, composed by host id (communication/hierarchical.py). Each epoch's composition follows from its
+members' host ids, so this only builds the lanes once per worker process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker.identity import WorkerConfig, describe_device
+from worker.job import JobSpec
+
+
+def default_backend_factory(job: JobSpec, token: str, *, cfg: WorkerConfig) -> Any:
+    """The worker's collective backend: a HierarchicalBackend over a GrpcBackend (the job's codec, the
+    worker's TLS) and a TorchDistBackend on the worker's device (NCCL when every co-located member has
+    CUDA, gloo otherwise), both with the worker's collective timeout."""
+    from communication.hierarchical import HierarchicalBackend
+
+    from communication.grpc_backend import GrpcBackend
+    from communication.torchdist import TorchDistBackend
+
+    remote = GrpcBackend(token, compression=job.compression, int8_block=job.int8_block, tls=cfg.tls)
+    device, _, _ = describe_device(cfg.device)
+    local = TorchDistBackend(
+        device=device,
+        collective_timeout=cfg.collective_timeout_s,
+        rendezvous_timeout=cfg.collective_timeout_s,
+    )
+    return HierarchicalBackend(remote, local)
