@@ -64,6 +64,8 @@ def render(status: dict[str, Any]) -> str:
         "ACC",
         "SAMPLES/S",
         "SENT",
+        "LOCAL",
+        "HOST",
         "ADDRESS",
         "DEVICE",
     )
@@ -81,6 +83,8 @@ def render(status: dict[str, Any]) -> str:
                 "-" if w.get("test_accuracy") is None else f"{100 * float(w['test_accuracy']):.1f}%",
                 _fmt(w.get("samples_per_s"), ".0f"),
                 _human(w.get("bytes_sent")),
+                _human((w.get("bytes_by_lane") or {}).get("local")),
+                _fmt(w.get("host_id")),
                 f"{w.get('host')}:{w.get('port')}",
                 _fmt(w.get("device")),
             )

@@ -295,3 +295,19 @@ def test_rendezvous_store_serves_client_only_groups_across_epochs() -> None:
     assert store.closed
     with pytest.raises(ValueError):
         RendezvousStore("")
+
+
+def test_lane_bytes_of_a_backend_without_lanes_counts_everything_as_grpc() -> None:
+    from communication.backend import WireStats, lane_bytes
+
+    class Plain:
+        def stats(self) -> WireStats:
+            return WireStats(bytes_sent=12, bytes_received=5)
+
+    class Laned(Plain):
+        def bytes_by_lane(self) -> dict[str, int]:
+            return {"local": 7}
+
+    assert lane_bytes(Plain()) == {"grpc": 12, "local": 0}
+    assert lane_bytes(Laned()) == {"grpc": 0, "local": 7}
+    assert lane_bytes(object()) == {"grpc": 0, "local": 0}

@@ -141,6 +141,10 @@ def test_summary_merges_workers_and_keeps_the_latest_record_of_a_redone_step(tmp
     tel = read_telemetry(tmp_path)
     assert world_size_runs(tel.steps) == [[0, 3], [4, 2]]
     assert tel.bytes_on_wire() == (800 + 800 + 600, 720 + 720 + 540)
+    # records without lanes (an older worker) count as gRPC; a record with them splits its bytes
+    assert tel.bytes_by_lane() == {"grpc": 800 + 800 + 600, "local": 0}
+    tel.last_by_worker["a"] = {**tel.last_by_worker["a"], "bytes_by_lane": {"grpc": 300, "local": 500}}
+    assert tel.bytes_by_lane() == {"grpc": 300 + 800 + 600, "local": 500}
     summary = build_summary(
         job=JobSpec(steps=8, warmup_steps=0, global_batch=16).model_dump(mode="json"),
         job_hash="h",
@@ -213,6 +217,8 @@ STATUS = {
             "loss": 0.05,
             "samples_per_s": 810.0,
             "bytes_sent": 2_400_000,
+            "bytes_by_lane": {"grpc": 800_000, "local": 1_600_000},
+            "host_id": "m1",
             "host": "10.0.0.1",
             "port": 5000,
             "device": "cpu",
@@ -243,6 +249,8 @@ def test_status_table_lists_workers_by_rank_with_the_dead_last() -> None:
     assert lines[2].split()[:3] == ["WORKER", "RANK", "STATE"]
     assert [line.split()[0] for line in lines[3:]] == ["w0", "w1", "w2"]
     assert "2.4MB" in lines[3] and "10.0.0.1:5000" in lines[3]
+    assert "1.6MB  m1" in lines[3]  # bytes on the local lane, then the host id
+    assert lines[4].split()[10:12] == ["-", "-"]  # a worker that reported no lanes and no host id
     assert lines[5].split()[1:3] == ["-", "dead"]
 
 
