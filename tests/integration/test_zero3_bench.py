@@ -84,6 +84,31 @@ def test_bench_step_json(reaper: object) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_bench_step_colocated_json(reaper: object) -> None:
+    """--colocated: zerowire over the local torch.distributed lane and over flat gRPC between the same
+    co-located processes, each its own contender; the lane counters show which lane carried the bytes."""
+    cmd = [sys.executable, "-m", "zerowire.cli", "--log-level", "WARNING", "bench", "step", "--json"]
+    cmd += ["--colocated", "--vs", "ddp", "--model", "resnet8", "--steps", "1", "--rounds", "1"]
+    cmd += ["--warmup", "0", "--batch", "2"]
+    proc = reaper.spawn(  # type: ignore[attr-defined]
+        cmd, cwd=str(REPO), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = proc.communicate(timeout=110)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    report = json.loads(out)
+    assert report["colocated"] is True
+    assert set(report["median_step_s"]) == {"zerowire_local", "zerowire_grpc", "ddp", "floor"}
+    assert {"zerowire_local/ddp", "zerowire_grpc/ddp"} <= set(report["ratios"])
+    assert report["ratios"]["zerowire_local/ddp"] == pytest.approx(
+        report["median_step_s"]["zerowire_local"] / report["median_step_s"]["ddp"]
+    )
+    lanes = report["bytes_by_lane"]
+    assert lanes["zerowire_local"]["local"] > 0 and lanes["zerowire_local"]["grpc"] == 0
+    assert lanes["zerowire_grpc"]["grpc"] > 0 and lanes["zerowire_grpc"]["local"] == 0
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_ddp_standalone_script(reaper: object) -> None:
     cmd = [sys.executable, str(REPO / "scripts" / "ddp_standalone.py"), "--json", "--model", "resnet8"]
