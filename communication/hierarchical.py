@@ -62,12 +62,12 @@ class HierarchicalBackend:
         self._closed = False
 
     def start(self, bind: str = "127.0.0.1:0", timeout: float = 30.0) -> int:
-        """Start the gRPC lane's server on `bind` ("host:port") and host a rendezvous store on the same
-        interface, for the torch.distributed groups of this host's members in later epochs (the store
-        of a host's lowest rank is the one they use). Returns the gRPC port."""
+        """Start the gRPC lane's server on `bind` ("host:port") and host a rendezvous store on loopback,
+        for the torch.distributed groups of this machine's members in later epochs (the store of a
+        host's lowest rank is the one they use; its port reaches them through the coordinator).
+        Returns the gRPC port."""
         port = self.remote.start(bind, timeout)
-        host = bind.rpartition(":")[0].strip("[]") or "0.0.0.0"
-        self.store = RendezvousStore(host, timeout)
+        self.store = RendezvousStore("127.0.0.1", timeout)
         return port
 
     @property

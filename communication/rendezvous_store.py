@@ -6,6 +6,10 @@ reports its address with its registration, every epoch's group on its host forms
 store, joined by all members as clients (`TorchDistBackend.set_group(..., host_store=False)`). Every
 epoch's keys live under their own job/epoch prefix, so epochs and jobs never meet in it.
 
+The store listens on `host` alone (loopback by default): the library's own server would listen on every
+interface, so this module binds the socket itself and hands it over. Only the workers of one machine
+meet through it, and nothing off the machine can read or write its keys.
+
 The store's server runs in the library's own native thread; `close()` stops it and frees the port.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
+import socket
 import threading
 from typing import Any
 
@@ -24,21 +29,33 @@ log = logging.getLogger(__name__)
 
 class RendezvousStore:
     def __init__(self, host: str = "127.0.0.1", timeout: float = 30.0) -> None:
-        """Bind a store server on `host`, port 0 (ValueError on an empty host or a bad timeout;
-        OSError when the address cannot be bound)."""
+        """Bind a store server on `host` (and no other interface), port 0 (ValueError on an empty host or a
+        bad timeout; OSError when the address cannot be bound)."""
         if not host or (":" in host and not _is_ipv6(host)):
             raise ValueError(f"host must be a host name or IP address, got {host!r}")
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
         self.host = host
         self._lock = threading.Lock()
+        family = socket.AF_INET6 if _is_ipv6(host) else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.bind((host, 0))
+            listener.listen(128)
+            port = int(listener.getsockname()[1])
+        except OSError:
+            listener.close()
+            raise
+        fd = listener.detach()  # the store owns the listening socket from here (and closes it)
         try:
             self._store: Any = dist.TCPStore(
-                host, 0, None, True, datetime.timedelta(seconds=timeout), wait_for_workers=False
-            )
+                host, port, None, True, datetime.timedelta(seconds=timeout), wait_for_workers=False,
+                master_listen_fd=fd,
+            )  # fmt: skip
         except RuntimeError as exc:
+            socket.close(fd)
             raise OSError(f"cannot host a rendezvous store on {host}: {exc}") from exc
-        self.port: int = int(self._store.port)
+        self.port: int = port
         log.info("rendezvous store listening on %s", self.address)
 
     @property

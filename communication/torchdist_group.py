@@ -30,6 +30,7 @@ from communication.group import PeerGroup
 log = logging.getLogger(__name__)
 POLL_S = 0.02  # how often a waiting formation or collective looks at the epoch and its deadline
 CONNECT_SLICE_S = 1.0  # one attempt to reach the rendezvous host
+LOOPBACK = "127.0.0.1"
 
 
 def parse_rendezvous(rendezvous: str) -> tuple[str, int]:
@@ -87,7 +88,11 @@ class EpochGroup:
             self.pg = dist.ProcessGroupNCCL(pg_store, group.rank, group.world_size, options)
             self.backend_name = "nccl"
         else:
-            self.pg = dist.ProcessGroupGloo(pg_store, group.rank, group.world_size, span)
+            options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+            options._timeout = span
+            # co-located members only: gloo's pairs listen and connect on loopback, never on the network
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=LOOPBACK)]
+            self.pg = dist.ProcessGroupGloo(pg_store, group.rank, group.world_size, options)
             self.backend_name = "gloo"
         self.store = store
         log.info("%s: %s group formed on %s", group.describe(), self.backend_name, self.rendezvous)

@@ -80,9 +80,9 @@ def group_from_ready(
 
 
 def store_addresses(members: list[dict[str, Any]]) -> tuple[str, ...]:
-    """Each member's rendezvous store as "host:port" ("" for a member that hosts none); () when none does."""
+    """Each member's rendezvous store as "host:port" ("" for a member that hosts none); () when none does.
+    A store listens on its machine's loopback, and only members that share the machine use it."""
     addresses = tuple(
-        format_address(str(w["ip_address"]), int(w["store_port"])) if w.get("store_port") else ""
-        for w in members
+        format_address("127.0.0.1", int(w["store_port"])) if w.get("store_port") else "" for w in members
     )
     return addresses if any(addresses) else ()

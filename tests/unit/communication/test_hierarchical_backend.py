@@ -311,3 +311,28 @@ def test_lane_bytes_of_a_backend_without_lanes_counts_everything_as_grpc() -> No
     assert lane_bytes(Plain()) == {"grpc": 12, "local": 0}
     assert lane_bytes(Laned()) == {"grpc": 0, "local": 7}
     assert lane_bytes(object()) == {"grpc": 0, "local": 0}
+
+
+def _listeners(port: int) -> set[str]:
+    """Local addresses (hex, as the kernel lists them) listening on `port`, over IPv4 and IPv6."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, port_hex = local.rsplit(":", 1)
+            if state == "0A" and int(port_hex, 16) == port:
+                found.add(address)
+    return found
+
+
+def test_a_rendezvous_store_listens_on_loopback_only() -> None:
+    store = RendezvousStore()
+    try:
+        assert _listeners(store.port) == {"0100007F"}  # 127.0.0.1, and no wildcard listener
+    finally:
+        store.close()
+    assert _listeners(store.port) == set()

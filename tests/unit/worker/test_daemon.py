@@ -320,7 +320,7 @@ def test_formation_hands_each_member_its_rendezvous_store() -> None:
         {"worker_id": "w2", "ip_address": "::1", "port": 7002, "rank": 2, "host_id": "h1", "store_port": 43},
     ]
     group, _ = group_from_ready({"epoch": 1, "workers": members}, job, "w1")
-    assert group.store_addresses == ("10.0.0.1:41", "", "[::1]:43")
+    assert group.store_addresses == ("127.0.0.1:41", "", "127.0.0.1:43")  # on the members' own machine
     assert group.host_ids == ("h0", "h0", "h1")
     bare = [{k: v for k, v in m.items() if k != "store_port"} for m in members]
     assert group_from_ready({"epoch": 1, "workers": bare}, job, "w1")[0].store_addresses == ()
