@@ -223,3 +223,13 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.equal(bits(a[name]), bits(b[name])), (
             f"{name} differs (max {float((a[name] - b[name]).abs().max())})"
         )
+
+
+def small_job(**kw: object) -> JobSpec:
+    """The engine tests' job: SGD with momentum, weight decay and a cosine schedule over a few steps of a
+    global batch of 13 (uneven over 2 and 3 ranks)."""
+    base: dict[str, object] = dict(
+        steps=6, global_batch=13, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine", warmup_steps=2
+    )
+    base.update(kw)
+    return JobSpec.model_validate(base)

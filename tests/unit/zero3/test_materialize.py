@@ -37,11 +37,6 @@ from worker.zero3.state import full_parameters
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 def _eager(build: Callable[[], nn.Module], seed: int) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(seed)
     model = build()

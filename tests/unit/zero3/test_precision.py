@@ -20,6 +20,7 @@ from tests.unit.zero3.fixtures import (
     mixed_reference_run,
     reference_run,
     sharded_run,
+    small_job,
 )
 from worker.job import JobSpec
 from worker.zero3 import precision
@@ -30,17 +31,8 @@ from worker.zero3.sharded import ShardedModule
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 def _job(**kw: object) -> JobSpec:
-    base: dict[str, object] = dict(
-        steps=5, global_batch=13, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine", warmup_steps=2
-    )
-    base.update(kw)
-    return JobSpec.model_validate(base)
+    return small_job(**{"steps": 5, **kw})
 
 
 @pytest.mark.parametrize(("world", "dtype"), [(1, torch.bfloat16), (2, torch.bfloat16), (2, torch.float16)])

@@ -22,11 +22,6 @@ from worker.trainer import EvalReport, Trainer, TrainOutcome
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 JOB = JobSpec.model_validate(
     dict(
         job_id="job",
