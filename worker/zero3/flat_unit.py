@@ -1,5 +1,5 @@
-"""One ZeRO-3 unit's tensors on one rank: its fp32 shard, gradient shard, and the full flat buffer whose
-views are the module's parameters while the unit is gathered.
+"""One ZeRO-3 unit's tensors on one rank: its fp32 shard, gradient shard (from the unit's reduction until
+the next pass), and the full flat buffer whose views are the module's parameters while the unit is gathered.
 
 The module keeps its own ``nn.Parameter`` objects (so hooks, autograd and the plain state-dict names keep
 working). Gathering writes a fresh flat buffer and points each parameter's ``.data`` at its view of it;
@@ -77,9 +77,11 @@ class FlatUnit:
                     full[slot.offset : slot.offset + slot.numel].copy_(p.detach().reshape(-1))
             start, stop = plan.shard_range(rank)
             self.shard = full[start:stop].clone()
-        self.grad_shard = torch.zeros(plan.shard_numel, dtype=torch.float32, device=device)
         self.full: torch.Tensor | None = None
         self._empty = torch.empty(0, dtype=torch.float32, device=device)
+        # The reduced gradient shard: allocated when the unit's reduction is issued, dropped by
+        # ``release_grad`` (the next pass), so a pass holds only the shards reduced so far.
+        self.grad_shard = self._empty
         self._staging: torch.Tensor | None = None  # host buffer of a gather in flight (accelerator units)
         self.state = UnitState.FREE
         self.future: Future[torch.Tensor] | None = None
@@ -221,9 +223,21 @@ class FlatUnit:
         return wire
 
     def grad_target(self) -> torch.Tensor:
-        return (
-            self.grad_shard if self.device.type == "cpu" else torch.empty_like(self.grad_shard, device="cpu")
-        )
+        """A fresh fp32 buffer the wire writes this rank's reduced shard into: the gradient shard itself
+        on the CPU, else a host buffer that ``take_grad`` moves to the device."""
+        target = torch.empty(self.plan.shard_numel, dtype=torch.float32)
+        if self.device.type == "cpu":
+            self.grad_shard = target
+        return target
+
+    def take_grad(self, target: torch.Tensor) -> None:
+        """The reduction into ``target`` (from ``grad_target``) is complete: it is the gradient shard."""
+        if target is not self.grad_shard:
+            self.grad_shard = target.to(self.device)
+
+    def release_grad(self) -> None:
+        """Drop the gradient shard (consumed by the optimizer step of the pass that reduced it)."""
+        self.grad_shard = self._empty
 
     def reset_pass(self) -> None:
         self._grad_flat = None

@@ -13,8 +13,10 @@ Per training pass (``begin(step)``, forward, ``loss.backward()``, ``finish_backw
   forward). When every parameter of unit k has its gradient accumulated, the gradient is flattened
   (padded), handed to ``reduce_scatter`` and the full parameters are freed. Only ``finish_backward`` waits
   for the reductions. The engine lets go of a unit's full gradient as soon as its reduction has completed
-  (checked at every backward hook, on the training thread), not at the end of backward; a backend keeps
-  what it still has to send for as long as it needs it.
+  (checked whenever a unit's backward starts and whenever a parameter's gradient has been accumulated, on
+  the training thread), not at the end of backward; a backend keeps what it still has to send for as long
+  as it needs it. A unit's gradient shard is allocated when its reduction is issued (the reduction writes
+  it) and dropped by the next ``begin``, so a pass holds only the shards reduced so far.
 - the root unit (parameters outside every unit) is gathered at the start of the forward pass and reduced at
   the end of backward.
 - mixed precision (``param_dtype``, see ``worker.zero3.precision``): gathered parameters are cast to it for
@@ -164,6 +166,8 @@ class ShardedModule:
 
     @property
     def grad_shards(self) -> list[torch.Tensor]:
+        """The reduced gradient shards, after ``finish_backward`` and until the next ``begin`` (which lets
+        go of them: they live only from a unit's reduction to the optimizer step)."""
         return [u.grad_shard for u in self.units]
 
     def begin(self, step: int) -> None:
@@ -173,7 +177,7 @@ class ShardedModule:
         self.stats = PassStats()
         for u in self.units:
             u.reset_pass()
-            u.grad_shard.zero_()
+            u.release_grad()
 
     def finish_backward(self) -> None:
         """Wait for every unit's gradient reduction; ``grad_shards`` then hold the rank-order sums."""
@@ -184,8 +188,7 @@ class ShardedModule:
         for fut, flat, target, unit in pending:
             self._wait(fut)
             flat.clear()
-            if target is not unit.grad_shard:
-                unit.grad_shard.copy_(target)
+            unit.take_grad(target)
             self.stats.reductions += 1
 
     def close(self) -> None:
@@ -362,6 +365,7 @@ class ShardedModule:
 
     def _grad_hook(self, unit: FlatUnit) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
+            self._release_reduced()
             unit.grads_done += 1
             if unit.grads_done == len(unit.params):
                 self._reduce(unit)
