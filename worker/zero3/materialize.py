@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from communication.backend import CollectiveBackend
+from communication.backend import Codec, CollectiveBackend
 from communication.group import PeerGroup
 from worker.zero3.meta_init import replay, storage_key, trace_build
 from worker.zero3.plan import PartitionPlan, plan_model
@@ -137,7 +137,7 @@ def build_sharded(
     plan: PartitionPlan | None = None,
     timeout: float = 30.0,
     keep_last: int = 2,
-    wire_block: int = 1024,
+    codec: Codec = "none",
 ) -> ShardedModule:
     """A :class:`ShardedModule` over the model ``build()`` makes, never holding it whole (seed first, as for
     an eager build: the shards are those an eager build would give)."""
@@ -151,5 +151,5 @@ def build_sharded(
         shards=made.shards,
         timeout=timeout,
         keep_last=keep_last,
-        wire_block=wire_block,
+        codec=codec,
     )

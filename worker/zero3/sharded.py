@@ -41,11 +41,11 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from communication.backend import CollectiveBackend
+from communication.backend import Codec, CollectiveBackend, UnitSpec
 from communication.errors import CollectiveTimeout
 from communication.group import PeerGroup
 from worker.zero3 import precision
-from worker.zero3.channels import channel_numels
+from worker.zero3.channels import channel_specs
 from worker.zero3.flat_unit import FlatUnit, UnitState
 from worker.zero3.plan import PartitionPlan, plan_model
 from worker.zero3.staging import StagingPool
@@ -82,7 +82,7 @@ class ShardedModule:
         plan: PartitionPlan | None = None,
         timeout: float = 30.0,
         keep_last: int = 2,
-        wire_block: int = 1024,
+        codec: Codec = "none",
         param_dtype: torch.dtype = torch.float32,
         shards: Sequence[torch.Tensor] | None = None,
     ) -> None:
@@ -90,7 +90,7 @@ class ShardedModule:
         if keep_last < 0:
             raise ValueError(f"keep_last must be >= 0, got {keep_last}")
         self.keep_last = keep_last
-        self.wire_block = wire_block  # the wire codec's block (exact control values, see exact.py)
+        self.codec: Codec = codec  # of parameter gathers and gradient reductions (control values: raw)
         self.device = device or torch.device("cpu")
         self.model = model.to(self.device)
         self.group = group
@@ -147,11 +147,11 @@ class ShardedModule:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
-    def wire_plan(self) -> dict[int, int]:
-        """Unit id -> shard numel of everything this engine sends: its units and its control channels."""
-        numels = {u.index: u.plan.shard_numel for u in self.units}
-        numels.update(channel_numels(len(self.units), self.model, self.wire_block))
-        return numels
+    def wire_plan(self) -> dict[int, UnitSpec]:
+        """Unit id -> spec of everything this engine sends: its units (its codec), control channels (raw)."""
+        specs = {u.index: UnitSpec(u.plan.shard_numel, self.codec) for u in self.units}
+        specs.update(channel_specs(self.model))
+        return specs
 
     def declare_plan(self) -> None:
         """Tell the backend this epoch's plan, so peers' messages are checked against it (called once the
@@ -203,9 +203,8 @@ class ShardedModule:
             raise RuntimeError("call begin(step) before running the sharded model")
         out = unit.gather_target()
         self._account(unit.full_bytes)
-        fut = self.backend.all_gather(
-            self.group, self._step, unit.index, unit.shard_for_wire(), out, self.timeout
-        )
+        group, step, shard = self.group, self._step, unit.shard_for_wire()
+        fut = self.backend.all_gather(group, step, unit.index, shard, out, self.timeout, codec=self.codec)
         self._track(fut)
         unit.future = fut
         self.stats.gathers += 1
@@ -375,7 +374,8 @@ class ShardedModule:
         self._release_reduced()
         flat = unit.flat_grad()
         target = unit.grad_target()
-        fut = self.backend.reduce_scatter(self.group, self._step, unit.index, flat, target, self.timeout)
+        group, step, codec = self.group, self._step, self.codec
+        fut = self.backend.reduce_scatter(group, step, unit.index, flat, target, self.timeout, codec=codec)
         self._track(fut)
         self._pending.append((fut, [flat], target, unit))
         del flat  # the pending entry holds the only engine reference, dropped once the reduction is done
