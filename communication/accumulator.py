@@ -11,7 +11,8 @@ step s, so only after this rank published its own shard of it. A push is accepte
 committed+1 .. base+window, where base is the highest step this rank has published, started reducing
 or committed in the current epoch; before any of that, every push is rejected. With a declared
 partition plan (`set_plan`) a push must also name a planned unit with its planned numel, in the
-backend's codec and block, and one sender's reservations stay within `window + 1` steps of the plan.
+unit's planned codec (and the backend's block for int8), and one sender's reservations stay within
+`window + 1` steps of the plan.
 
 Contributions are kept (decoded, float32) until all arrived; then they are added in rank order
 0..N-1 into the owner's output, so the sum does not depend on arrival order. Receive buffers are
@@ -229,13 +230,15 @@ class GradientAccumulator:
         entry.parts[h.sender] = part
         self._maybe_ready(entry)
 
-    def contribute_local(self, epoch: int, step: int, unit: int, part: torch.Tensor) -> None:
-        """This rank's own slice (kept by reference until the sum is done)."""
+    def contribute_local(
+        self, epoch: int, step: int, unit: int, part: torch.Tensor, codec: int = pb.CODEC_NONE
+    ) -> None:
+        """This rank's own slice (kept by reference until the sum is done) of a reduction in `codec`."""
         group = self._group()
         self._check_step(epoch, step, None, remote=False)
         plan = self._plan(epoch)
         if plan is not None:
-            plan.check_local(unit, part.numel(), "this rank's gradient")
+            plan.check_local(unit, part.numel(), codec, "this rank's gradient")
         self.latest_local = step if self.latest_local is None else max(self.latest_local, step)
         key = (epoch, step, unit)
         entry = self._entries.setdefault(key, _Entry())

@@ -2,6 +2,18 @@
 
 Calls are made from the compute thread and return futures, so the engine can prefetch the next unit
 while the current one computes. Every call names its PeerGroup (job, epoch, members) explicitly.
+
+The codec is chosen per call (``codec="none"`` or ``"int8"``), never per backend: parameter gathers and
+gradient reductions use the job's codec, control values (losses, norms, statistics, barriers) always
+travel uncompressed and arrive bit for bit. The plan declares each unit's codec (`UnitSpec`), and a call
+or a peer's message in another codec than its unit's is rejected. The int8 block size is a setting of
+the backend (the job's), not of the call. Unit ids from `CONTROL_BASE` up are control channels: they
+are always raw (`UnitSpec.codec` "none"). The gRPC lane encodes int8 calls; the torch.distributed lane
+and the in-process fake serve them exactly (raw fp32), still holding each call to its unit's codec.
+
+Point-to-point `send` / `recv` move raw float32 tensors between two members (communication/p2p.py).
+Calls return a `Handle` (communication/handle.py) or a plain Future: both can be waited on; a Handle's
+`cancel()` withdraws the call where its lane can, releasing what it reserved.
 """
 
 from __future__ import annotations
@@ -9,11 +21,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
 from communication.group import PeerGroup
+from communication.handle import Handle
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,22 +35,74 @@ class WireStats:
     bytes_received: int = 0
 
 
+Codec = Literal["none", "int8"]
+CODECS: tuple[Codec, ...] = ("none", "int8")
+CONTROL_BASE = 1 << 31  # unit ids CONTROL_BASE..2^32-1: control channels (raw only); parameter units below
+
+
+def control_unit(channel: int) -> int:
+    """The unit id of control channel `channel` (0 .. 2^31-1)."""
+    if not isinstance(channel, int) or not 0 <= channel < CONTROL_BASE:
+        raise ValueError(f"control channels are integers in 0..{CONTROL_BASE - 1}, got {channel!r}")
+    return CONTROL_BASE + channel
+
+
+@dataclass(frozen=True, slots=True)
+class UnitSpec:
+    """One unit of a partition plan: the float32 values of every rank's shard and the unit's codec."""
+
+    numel: int
+    codec: Codec = "none"
+
+
 class CollectiveBackend(Protocol):
     def all_gather(
-        self, group: PeerGroup, step: int, unit: int, shard: torch.Tensor, out: torch.Tensor, timeout: float
+        self,
+        group: PeerGroup,
+        step: int,
+        unit: int,
+        shard: torch.Tensor,
+        out: torch.Tensor,
+        timeout: float,
+        *,
+        codec: Codec = "none",
     ) -> Future[torch.Tensor]:
         """Gather every rank's shard of `unit` at `step` into `out` (flat, world_size * shard.numel()).
 
-        `shard` is this rank's own shard (served to peers until the step is committed). The future
-        resolves to `out`, or fails with EpochChanged / PeerLost / CollectiveTimeout / InvalidMessage.
+        `shard` is this rank's own shard (served to peers until the step is committed). With codec
+        "int8" on a lane that encodes it, every rank's shard (its own included) arrives as the codec
+        decodes it, the same on every rank; with "none" bit for bit. The future resolves to `out`, or
+        fails with EpochChanged / PeerLost / CollectiveTimeout / InvalidMessage (also: `codec` is not
+        the planned codec of `unit`).
         """
         ...
 
     def reduce_scatter(
-        self, group: PeerGroup, step: int, unit: int, full: torch.Tensor, out: torch.Tensor, timeout: float
+        self,
+        group: PeerGroup,
+        step: int,
+        unit: int,
+        full: torch.Tensor,
+        out: torch.Tensor,
+        timeout: float,
+        *,
+        codec: Codec = "none",
     ) -> Future[torch.Tensor]:
         """Send slice r of `full` (flat, world_size * out.numel()) to rank r; receive into `out` (fp32)
-        the sum of this rank's slice from every rank, added in rank order 0..N-1 (not divided)."""
+        the sum of this rank's slice from every rank, added in rank order 0..N-1 (not divided). With
+        codec "int8" the slices sent to peers are quantized (with error feedback where the backend keeps
+        it); with "none" the sum is exact fp32 arithmetic on the values sent."""
+        ...
+
+    def send(self, tensor: torch.Tensor, *, group: PeerGroup, dest: int, key: int, timeout: float) -> Handle:
+        """Send float32 `tensor` (raw, never compressed) to rank `dest` under `key` (communication.p2p).
+        The handle resolves to `tensor` once `dest` holds the message (it then waits there for its
+        `recv`); keep `tensor` unchanged until then. ValueError on bad arguments."""
+        ...
+
+    def recv(self, out: torch.Tensor, *, group: PeerGroup, src: int, key: int, timeout: float) -> Handle:
+        """Receive into `out` (float32, contiguous) what rank `src` sent under `key`; the handle resolves
+        to `out`. A message of another numel fails the call with InvalidMessage."""
         ...
 
     def commit(self, group: PeerGroup, step: int) -> None:
@@ -49,14 +114,15 @@ class CollectiveBackend(Protocol):
         accepted (and those of any other epoch rejected). A newer epoch cancels older in-flight calls."""
         ...
 
-    def set_plan(self, group: PeerGroup, shard_numels: Mapping[int, int]) -> None:
+    def set_plan(self, group: PeerGroup, units: Mapping[int, UnitSpec]) -> None:
         """Declare the partition plan of `group`'s epoch: for each unit id that travels (parameter units
-        and control channels alike), the numel of every rank's shard (float32). Called after
-        partitioning, before the epoch's first collective, and again for every new epoch.
+        and control channels alike), the numel of every rank's shard (float32) and its codec. Called
+        after partitioning, before the epoch's first collective, and again for every new epoch.
 
-        A call of this rank that does not follow the plan fails with InvalidMessage; a peer's message
-        that does not (unit, numel, dtype, codec, block, byte range) is rejected before anything is
-        allocated for it. ValueError on a malformed plan."""
+        A call of this rank that does not follow the plan (unit, numel, codec) fails with
+        InvalidMessage; a peer's message that does not (unit, numel, dtype, codec, block, byte range) is
+        rejected before anything is allocated for it. ValueError on a malformed plan (a value that is
+        not a UnitSpec, an unknown codec, a control channel that is not raw)."""
         ...
 
     def set_epoch(self, epoch: int) -> None:

@@ -293,18 +293,25 @@ async def all_gather(
 
 
 async def push(
-    wire: Wire, group: PeerGroup, dest: int, header: pb.TensorHeader, payload: torch.Tensor, time_limit: float
+    wire: Wire,
+    group: PeerGroup,
+    dest: int,
+    header: pb.TensorHeader,
+    payload: torch.Tensor,
+    time_limit: float,
+    method: str = PUSH_METHOD,
 ) -> None:
-    """Stream `payload` to `dest`; a header without a checksum gets it computed here, off the loop."""
-    what = f"{group.describe()} step={header.step} unit={header.unit}: push gradient to rank {dest}"
+    """Stream `payload` to `dest` (a gradient push, or with SEND_METHOD a point-to-point message); a
+    header without a checksum gets it computed here, off the loop."""
+    what = f"{group.describe()} step={header.step} unit={header.unit}: {method} to rank {dest}"
     call = wire.channels.get(group.addresses[dest]).stream_unary(
-        PUSH_METHOD, request_serializer=_identity, response_deserializer=pb.PushAck.FromString
+        method, request_serializer=_identity, response_deserializer=pb.PushAck.FromString
     )
     if not header.checksum:
         crc = await asyncio.get_running_loop().run_in_executor(wire.copier(), checksum, payload)
         header = range_header(header, 0, payload.numel(), crc)
     chunks: Iterator[bytes] = stream_tensor(header, payload)
-    mac = peer_auth.mac_metadata(group, dest, PUSH_METHOD, peer_auth.push_message(header))
+    mac = peer_auth.mac_metadata(group, dest, method, peer_auth.push_message(header))
     try:
         ack = await call(chunks, timeout=time_limit, metadata=(*wire.metadata, *mac))
     except grpc.aio.AioRpcError as exc:
@@ -322,9 +329,10 @@ async def reduce_scatter(
     own_slice: torch.Tensor,
     sends: dict[int, tuple[pb.TensorHeader, torch.Tensor]],
     out: torch.Tensor,
+    codec: int,
     time_limit: float,
 ) -> torch.Tensor:
-    wire.accumulator.contribute_local(group.epoch, step, unit, own_slice)
+    wire.accumulator.contribute_local(group.epoch, step, unit, own_slice, codec)
     coros: list[Coroutine[Any, Any, Any]] = [
         push(wire, group, dest, header, payload, time_limit) for dest, (header, payload) in sends.items()
     ]

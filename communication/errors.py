@@ -38,3 +38,7 @@ class ResourceExhausted(CommError):
 
 class Unauthenticated(CommError):
     """A call without the cluster token (UNAUTHENTICATED)."""
+
+
+class Cancelled(CommError):
+    """The caller cancelled the call (Handle.cancel); what it reserved is released."""

@@ -8,6 +8,12 @@ schedule the collective on the loop and return a concurrent Future.
 Every in-flight collective is registered under its epoch; `set_epoch`/`set_group` with a newer
 epoch cancels all older ones at once and their futures fail with EpochChanged.
 
+The codec is chosen per call (module doc of communication/backend.py); the int8 block size is this
+backend's (the job's). Error feedback applies to int8 reduce-scatters only. Calls return Handles:
+`cancel()` stops a call's streams (peers free what they reserved for them); what this rank published or
+contributed for the step stays until its commit or the epoch's end, as for a failed step.
+Point-to-point send / recv: communication/grpc_p2p.py.
+
 By default a payload travels over one stream per peer and is copied and checksummed on the loop
 thread: on a CPU-bound worker, parallel stripes and copy threads cost more CPU (extra connections,
 a thread hop per chunk) than they gain; both remain options.
@@ -27,17 +33,21 @@ import torch
 
 from communication import collectives
 from communication.accumulator import GradientAccumulator
-from communication.backend import WireStats
+from communication.backend import Codec, UnitSpec, WireStats
 from communication.channels import ChannelCache
 from communication.compression import DEFAULT_INT8_BLOCK, MAX_INT8_BLOCK, ErrorFeedback, codec_id_for
-from communication.errors import CommError, EpochChanged
+from communication.epoch_tasks import EpochTasks
+from communication.errors import EpochChanged
 from communication.group import PeerGroup
+from communication.grpc_p2p import GrpcPointToPoint
+from communication.handle import Handle
+from communication.mailbox import Mailbox
 from communication.peer_limits import STREAMS_PER_PEER
 from communication.server import create_server, token_metadata
 from communication.servicer import IDLE_TIMEOUT_S, STREAM_TIMEOUT_S, WireCounters, WireServicer
 from communication.shard_store import Published, ShardStore, encode_shard
-from communication.tensor_stream import Key, make_header
 from communication.tls import TlsConfig
+from communication.wire_encode import flat_view, gradient_sends
 from communication.wire_plan import WirePlan
 from protos import zerowire_pb2 as pb
 
@@ -45,13 +55,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class GrpcBackend:
+class GrpcBackend(GrpcPointToPoint):
     def __init__(
         self,
         token: str,
-        compression: str = "none",
-        int8_block: int = DEFAULT_INT8_BLOCK,
         *,
+        int8_block: int = DEFAULT_INT8_BLOCK,
         window: int = 1,
         max_pending_bytes: int = 4 << 30,
         idle_timeout: float = IDLE_TIMEOUT_S,
@@ -60,12 +69,12 @@ class GrpcBackend:
         stripes: int = 1,
         stripe_min_bytes: int = 4 << 20,
         tls: TlsConfig | None = None,
+        max_mailbox_bytes: int = 1 << 30,
     ) -> None:
         if not token:
             raise ValueError("GrpcBackend needs the cluster token")
-        self.codec = codec_id_for(compression)
-        self.block = int8_block
-        if not 1 <= int8_block <= MAX_INT8_BLOCK:
+        self.block = int8_block  # of every int8 call (the job's setting)
+        if not isinstance(int8_block, int) or not 1 <= int8_block <= MAX_INT8_BLOCK:
             raise ValueError(f"int8_block must be in 1..{MAX_INT8_BLOCK}, got {int8_block}")
         self._token = token
         self._window = window
@@ -80,16 +89,17 @@ class GrpcBackend:
         self._stripes = stripes
         self._stripe_min_bytes = stripe_min_bytes
         self._tls = tls  # TLS for the server and the channels to peers (mutual with a CA); None: plaintext
-        self._feedback = ErrorFeedback(self.codec, int8_block)
+        self._feedback = ErrorFeedback(pb.CODEC_INT8, int8_block)  # int8 reduce-scatters only
         self._epoch = -1
         self._groups: dict[int, PeerGroup] = {}
-        self._inflight: dict[int, set[asyncio.Task[Any]]] = {}
+        self._inflight = EpochTasks(lambda: self._epoch)
         self._counters = WireCounters()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: grpc.aio.Server | None = None
         self._wire: collectives.Wire | None = None
         self._store: ShardStore | None = None
+        self._mailbox = Mailbox(max_mailbox_bytes)  # point-to-point messages received, not claimed yet
         self.port: int | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -125,6 +135,7 @@ class GrpcBackend:
             stream_timeout=self._stream_timeout,
             streams_per_peer=STREAMS_PER_PEER * self._stripes,  # a striped fetch is several streams
             copier=self._wire.copier,
+            mailbox=self._mailbox,
         )
         self._server, port = create_server(bind, servicer, self._token, self._tls)
         await self._server.start()
@@ -146,10 +157,7 @@ class GrpcBackend:
                 loop.close()
 
     async def _aclose(self) -> None:
-        tasks = [t for ts in self._inflight.values() for t in ts]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._inflight.cancel_all()
         if self._server is not None:
             await self._server.stop(grace=0.5)
         if self._wire is not None:
@@ -166,34 +174,10 @@ class GrpcBackend:
     def _on_loop(self, fn: Callable[[], None]) -> None:
         self._require_loop().call_soon_threadsafe(fn)
 
-    def _submit(self, group: PeerGroup, make: Callable[[], Coroutine[Any, Any, T]]) -> Future[T]:
-        result: Future[T] = Future()
-        result.set_running_or_notify_cancel()
-
-        def launch() -> None:
-            if group.epoch < self._epoch:
-                result.set_exception(EpochChanged(f"{group.describe()}: epoch is now {self._epoch}"))
-                return
-            task = asyncio.ensure_future(make())
-            tasks = self._inflight.setdefault(group.epoch, set())
-            tasks.add(task)
-
-            def done(t: asyncio.Task[T]) -> None:
-                tasks.discard(t)
-                if t.cancelled():
-                    result.set_exception(
-                        EpochChanged(f"{group.describe()}: cancelled, epoch is now {self._epoch}")
-                        if self._epoch > group.epoch
-                        else CommError(f"{group.describe()}: cancelled (backend closing)")
-                    )
-                elif (exc := t.exception()) is not None:
-                    result.set_exception(exc)
-                else:
-                    result.set_result(t.result())
-
-            task.add_done_callback(done)
-
-        self._on_loop(launch)
+    def _submit(self, group: PeerGroup, make: Callable[[], Coroutine[Any, Any, torch.Tensor]]) -> Handle:
+        """Run `make()` on the loop as a call of `group`'s epoch; cancelling the handle cancels it."""
+        result = Handle()
+        self._on_loop(lambda: self._inflight.launch(group, make, result, self._require_loop()))
         return result
 
     def _cancel_older(self, epoch: int) -> None:
@@ -201,12 +185,8 @@ class GrpcBackend:
         assert self._store is not None and self._wire is not None
         self._store.set_epoch(epoch)
         self._wire.accumulator.set_epoch(epoch)
-        for old in [e for e in self._inflight if e < epoch]:
-            tasks = self._inflight.pop(old)
-            if tasks:
-                log.info("epoch %d: cancelling %d in-flight collectives of epoch %d", epoch, len(tasks), old)
-            for task in tasks:
-                task.cancel()
+        self._mailbox.set_epoch(epoch)
+        self._inflight.cancel_older(epoch)
 
     def _check_group(self, group: PeerGroup) -> None:
         if group.epoch < self._epoch:
@@ -214,12 +194,12 @@ class GrpcBackend:
         if self._groups.get(group.epoch) != group:
             self.set_group(group)
 
-    def _stale(self, group: PeerGroup) -> Future[torch.Tensor] | None:
-        """A failed future for a call naming an old epoch (installs a newer group first-time seen)."""
+    def _stale(self, group: PeerGroup) -> Handle | None:
+        """A failed handle for a call naming an old epoch (installs a newer group first-time seen)."""
         try:
             self._check_group(group)
         except EpochChanged as exc:
-            failed: Future[torch.Tensor] = Future()
+            failed = Handle()
             failed.set_exception(exc)
             return failed
         return None
@@ -242,14 +222,15 @@ class GrpcBackend:
             self._cancel_older(group.epoch)
             self._store.set_group(group)
             self._wire.accumulator.set_group(group)
+            self._mailbox.set_group(group)
             self._wire.pool.clear()
 
         self._on_loop(install)
         log.info("installed %s", group.describe())
 
-    def set_plan(self, group: PeerGroup, shard_numels: Mapping[int, int]) -> None:
-        """See CollectiveBackend: the plan of `group`'s epoch, in this backend's codec and block."""
-        plan = WirePlan.build(group.epoch, shard_numels, self.codec, self.block)
+    def set_plan(self, group: PeerGroup, units: Mapping[int, UnitSpec]) -> None:
+        """See CollectiveBackend: the plan of `group`'s epoch (int8 units in this backend's block)."""
+        plan = WirePlan.build(group.epoch, units, self.block)
         self._check_group(group)
 
         def install() -> None:
@@ -267,24 +248,30 @@ class GrpcBackend:
         self._feedback.reset()  # ranks and shards are re-partitioned in a new epoch
         self._on_loop(lambda: self._cancel_older(epoch))
 
-    def _encode_shard(self, group: PeerGroup, step: int, unit: int, flat: torch.Tensor) -> Published:
+    def _encode_shard(
+        self, group: PeerGroup, step: int, unit: int, flat: torch.Tensor, codec: int
+    ) -> Published:
         assert self._store is not None
-        pub = self._store.lookup((group.epoch, step, unit), flat)
-        return pub if pub is not None else encode_shard(group, step, unit, flat, self.codec, self.block)
-
-    @staticmethod
-    def _flat(t: torch.Tensor) -> torch.Tensor:
-        flat = t.detach().reshape(-1)
-        return flat if flat.is_contiguous() else flat.contiguous()
+        pub = self._store.lookup((group.epoch, step, unit), flat, codec)
+        return pub if pub is not None else encode_shard(group, step, unit, flat, codec, self.block)
 
     def all_gather(
-        self, group: PeerGroup, step: int, unit: int, shard: torch.Tensor, out: torch.Tensor, timeout: float
-    ) -> Future[torch.Tensor]:
+        self,
+        group: PeerGroup,
+        step: int,
+        unit: int,
+        shard: torch.Tensor,
+        out: torch.Tensor,
+        timeout: float,
+        *,
+        codec: Codec = "none",
+    ) -> Handle:
         """See CollectiveBackend. `shard` is served from its own memory until commit: keep it unchanged."""
+        codec_id = codec_id_for(codec)
         if (stale := self._stale(group)) is not None:
             return stale
         assert self._store is not None and self._wire is not None
-        flat = self._flat(shard)
+        flat = flat_view(shard)
         if (
             out.numel() != flat.numel() * group.world_size
             or out.dtype != flat.dtype
@@ -294,25 +281,28 @@ class GrpcBackend:
                 f"out must be contiguous {flat.dtype} of {flat.numel() * group.world_size} values, "
                 f"got {out.dtype} of {out.numel()}"
             )
-        pub = self._encode_shard(group, step, unit, flat)
-        store, wire, codec, block = self._store, self._wire, self.codec, self.block
+        pub = self._encode_shard(group, step, unit, flat, codec_id)
+        store, wire, block = self._store, self._wire, self.block
 
         async def run() -> torch.Tensor:
             store.publish(group, step, unit, flat, pub)
             if group.world_size > 1:
                 wire.precompute_checksums(pub)
             return await collectives.all_gather(
-                wire, group, step, unit, pub, flat, out, codec, block, timeout
+                wire, group, step, unit, pub, flat, out, codec_id, block, timeout
             )
 
         return self._submit(group, run)
 
-    def publish(self, group: PeerGroup, step: int, unit: int, shard: torch.Tensor) -> None:
+    def publish(
+        self, group: PeerGroup, step: int, unit: int, shard: torch.Tensor, *, codec: Codec = "none"
+    ) -> None:
         """Serve `shard` to peers for (step, unit) until commit, without gathering (one-way transfers)."""
+        codec_id = codec_id_for(codec)
         self._check_group(group)
         assert self._store is not None
-        flat = self._flat(shard)
-        pub = self._encode_shard(group, step, unit, flat)
+        flat = flat_view(shard)
+        pub = self._encode_shard(group, step, unit, flat, codec_id)
         store, wire = self._store, self._wire
         assert wire is not None
 
@@ -323,23 +313,42 @@ class GrpcBackend:
         self._on_loop(run)
 
     def fetch(
-        self, group: PeerGroup, step: int, unit: int, peer: int, out: torch.Tensor, timeout: float
-    ) -> Future[torch.Tensor]:
+        self,
+        group: PeerGroup,
+        step: int,
+        unit: int,
+        peer: int,
+        out: torch.Tensor,
+        timeout: float,
+        *,
+        codec: Codec = "none",
+    ) -> Handle:
         """Fetch one peer's published shard into `out` (flat, contiguous, the shard's dtype and numel)."""
+        codec_id = codec_id_for(codec)
         if (stale := self._stale(group)) is not None:
             return stale
-        wire, codec, block = self._wire, self.codec, self.block
+        wire, block = self._wire, self.block
         assert wire is not None
 
         async def run() -> torch.Tensor:
-            await collectives.fetch_into(wire, group, peer, step, unit, out.view(-1), codec, block, timeout)
+            dest = out.view(-1)
+            await collectives.fetch_into(wire, group, peer, step, unit, dest, codec_id, block, timeout)
             return out
 
         return self._submit(group, run)
 
     def reduce_scatter(
-        self, group: PeerGroup, step: int, unit: int, full: torch.Tensor, out: torch.Tensor, timeout: float
-    ) -> Future[torch.Tensor]:
+        self,
+        group: PeerGroup,
+        step: int,
+        unit: int,
+        full: torch.Tensor,
+        out: torch.Tensor,
+        timeout: float,
+        *,
+        codec: Codec = "none",
+    ) -> Handle:
+        codec_id = codec_id_for(codec)
         if (stale := self._stale(group)) is not None:
             return stale
         assert self._wire is not None
@@ -349,30 +358,12 @@ class GrpcBackend:
             flat = flat.to(torch.float32).contiguous()
         if flat.numel() != n * group.world_size or out.dtype != torch.float32:
             raise ValueError(f"full must have {n * group.world_size} values and out be float32")
-        sends: dict[int, tuple[pb.TensorHeader, torch.Tensor]] = {}
-        for dest in group.peers():
-            if dest == group.rank:
-                continue
-            piece = flat[dest * n : (dest + 1) * n]
-            if self.codec == pb.CODEC_NONE:
-                payload = piece.view(torch.uint8)
-            else:
-                payload = self._feedback.encode(unit, dest, piece)
-            header = make_header(
-                Key(group.job_id, group.epoch, step, unit, dest),
-                group.rank,
-                torch.float32,
-                n,
-                self.codec,
-                self.block,
-                payload,
-                with_checksum=False,  # computed by the push, off this thread, all peers in parallel
-            )
-            sends[dest] = (header, payload)
+        sends = gradient_sends(group, step, unit, flat, codec_id, self.block, self._feedback)
         own = flat[group.rank * n : (group.rank + 1) * n]
         wire = self._wire
         return self._submit(
-            group, lambda: collectives.reduce_scatter(wire, group, step, unit, own, sends, out, timeout)
+            group,
+            lambda: collectives.reduce_scatter(wire, group, step, unit, own, sends, out, codec_id, timeout),
         )
 
     def commit(self, group: PeerGroup, step: int) -> None:
@@ -392,7 +383,7 @@ class GrpcBackend:
 
     def inflight(self) -> int:
         """Number of collectives still running (diagnostics and tests)."""
-        return sum(len(tasks) for tasks in list(self._inflight.values()))
+        return self._inflight.count()
 
     def call_soon(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         """Run a coroutine on the wire's loop (diagnostics and tests)."""

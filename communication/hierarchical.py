@@ -20,6 +20,14 @@ reduce-scatter enters it at the call; an all-gather reserves its place at the ca
 once the gRPC stage delivered it (`TorchDistBackend.all_gather(..., ready=)`). The gRPC stage of a
 reduce-scatter starts when its local stage completed, with what is left of the call's timeout.
 
+Codec: a call's codec goes to both stages; the gRPC stage encodes with it, the local lane carries raw
+fp32 whatever it is. An int8 all-gather therefore gives every member the gRPC stage's decoded values.
+
+Point-to-point: `send` / `recv` take the lane that reaches the peer: the local lane for a member of
+this host (in call order, like its collectives), the gRPC lane for the member of another host with
+this rank's local index, and the gRPC lane for everyone on the flat path. Other ranks (another host,
+another local index) are reachable by no single lane: ValueError.
+
 Failure: an error of either stage fails the call with that error (EpochChanged, PeerLost,
 CollectiveTimeout, InvalidMessage); `set_epoch`, `commit` and `close` fan out to both lanes. A
 co-located member whose input failed leaves the epoch's local group failed, so its peers fail too
@@ -33,14 +41,17 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, InvalidStateError
+from dataclasses import replace
 
 import torch
 
-from communication.backend import WireStats
+from communication.backend import Codec, UnitSpec, WireStats
 from communication.errors import CollectiveTimeout, CommError, EpochChanged
 from communication.group import PeerGroup
 from communication.grpc_backend import GrpcBackend
+from communication.handle import Handle
 from communication.host_layout import HostLayout, host_layout
+from communication.p2p import check_call
 from communication.rendezvous_store import RendezvousStore
 from communication.torchdist import TorchDistBackend
 
@@ -124,16 +135,19 @@ class HierarchicalBackend:
             self._warned.add(kind)
             log.warning("%s: flat gRPC path: %s", group.describe(), reason)
 
-    def set_plan(self, group: PeerGroup, shard_numels: Mapping[int, int]) -> None:
-        """The gRPC lane's plan has the same shard numels; the local lane's H times as many per unit
-        (a local piece holds one chunk per host). ValueError on a malformed plan."""
+    def set_plan(self, group: PeerGroup, units: Mapping[int, UnitSpec]) -> None:
+        """The gRPC lane's plan has the same units; the local lane's H times as many values per unit
+        (a local piece holds one chunk per host), in the same codecs (served raw on that lane).
+        ValueError on a malformed plan."""
         layout = self._installed(group)
         if layout is None:
-            self.remote.set_plan(group, shard_numels)
+            self.remote.set_plan(group, units)
             return
         if layout.remote_group is not None:
-            self.remote.set_plan(layout.remote_group, shard_numels)
-        per_host = {unit: layout.num_hosts * numel for unit, numel in shard_numels.items()}
+            self.remote.set_plan(layout.remote_group, units)
+        if not all(isinstance(spec, UnitSpec) for spec in units.values()):
+            raise ValueError("a plan maps unit ids to UnitSpec")
+        per_host = {u: replace(spec, numel=layout.num_hosts * spec.numel) for u, spec in units.items()}
         self.local.set_plan(layout.local_group, per_host)
 
     def set_epoch(self, epoch: int) -> None:
@@ -153,23 +167,33 @@ class HierarchicalBackend:
     # -- collectives -----------------------------------------------------------------------------
 
     def all_gather(
-        self, group: PeerGroup, step: int, unit: int, shard: torch.Tensor, out: torch.Tensor, timeout: float
+        self,
+        group: PeerGroup,
+        step: int,
+        unit: int,
+        shard: torch.Tensor,
+        out: torch.Tensor,
+        timeout: float,
+        *,
+        codec: Codec = "none",
     ) -> Future[torch.Tensor]:
         try:
             layout = self._installed(group)
         except EpochChanged as exc:
             return _failed(exc)
         if layout is None:
-            return self.remote.all_gather(group, step, unit, shard, out, timeout)
+            return self.remote.all_gather(group, step, unit, shard, out, timeout, codec=codec)
         n = shard.numel()
         if shard.dtype != torch.float32 or out.dtype != torch.float32 or out.numel() != n * group.world_size:
             raise ValueError(f"need a float32 shard and float32 out of {n * group.world_size} values")
         if layout.remote_group is None:  # one host: local order is rank order
-            return self.local.all_gather(layout.local_group, step, unit, shard, out, timeout)
+            return self.local.all_gather(layout.local_group, step, unit, shard, out, timeout, codec=codec)
         mid = torch.empty(layout.num_hosts * n)
-        across = self.remote.all_gather(layout.remote_group, step, unit, shard, mid, timeout)
+        across = self.remote.all_gather(layout.remote_group, step, unit, shard, mid, timeout, codec=codec)
         gathered = torch.empty(group.world_size * n)
-        inside = self.local.all_gather(layout.local_group, step, unit, mid, gathered, timeout, ready=across)
+        inside = self.local.all_gather(
+            layout.local_group, step, unit, mid, gathered, timeout, codec=codec, ready=across
+        )
         result: Future[torch.Tensor] = _running()
         _fail_on_error(across, result)
 
@@ -182,24 +206,33 @@ class HierarchicalBackend:
         return result
 
     def reduce_scatter(
-        self, group: PeerGroup, step: int, unit: int, full: torch.Tensor, out: torch.Tensor, timeout: float
+        self,
+        group: PeerGroup,
+        step: int,
+        unit: int,
+        full: torch.Tensor,
+        out: torch.Tensor,
+        timeout: float,
+        *,
+        codec: Codec = "none",
     ) -> Future[torch.Tensor]:
         try:
             layout = self._installed(group)
         except EpochChanged as exc:
             return _failed(exc)
         if layout is None:
-            return self.remote.reduce_scatter(group, step, unit, full, out, timeout)
+            return self.remote.reduce_scatter(group, step, unit, full, out, timeout, codec=codec)
         n = out.numel()
         if out.dtype != torch.float32 or full.numel() != n * group.world_size:
             raise ValueError(f"full must have {n * group.world_size} values and out be float32")
         if layout.remote_group is None:  # one host: local order is rank order
-            return self.local.reduce_scatter(layout.local_group, step, unit, full, out, timeout)
+            return self.local.reduce_scatter(layout.local_group, step, unit, full, out, timeout, codec=codec)
         remote_group = layout.remote_group
         deadline = time.monotonic() + timeout
         mid = torch.empty(layout.num_hosts * n)
         arranged = layout.to_local_major(full, n)
-        inside = self.local.reduce_scatter(layout.local_group, step, unit, arranged, mid, timeout)
+        local_group = layout.local_group
+        inside = self.local.reduce_scatter(local_group, step, unit, arranged, mid, timeout, codec=codec)
         result: Future[torch.Tensor] = _running()
         res = torch.empty(n)
 
@@ -207,7 +240,7 @@ class HierarchicalBackend:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise CollectiveTimeout(f"{group.describe()}: no time left for the gRPC stage")
-            return self.remote.reduce_scatter(remote_group, step, unit, mid, res, left)
+            return self.remote.reduce_scatter(remote_group, step, unit, mid, res, left, codec=codec)
 
         def finish(f: Future[torch.Tensor]) -> None:
             if _fail_on_error(f, result):
@@ -237,6 +270,42 @@ class HierarchicalBackend:
             _settle(result, error=CommError(f"gRPC stage failed to start: {exc}"))
         else:
             second.add_done_callback(finish)
+
+    def _route(
+        self, group: PeerGroup, peer: int, key: int, tensor: torch.Tensor, role: str
+    ) -> tuple[GrpcBackend | TorchDistBackend, PeerGroup, int] | Handle:
+        """The lane, its group and the peer's rank in it (module doc); a failed handle if `group` is old."""
+        check_call(group, peer, key, tensor, role)
+        try:
+            layout = self._installed(group)
+        except EpochChanged as exc:
+            failed = Handle()
+            failed.set_exception(exc)
+            return failed
+        if layout is None:
+            return self.remote, group, peer
+        for h, ranks in enumerate(layout.hosts):
+            if peer in ranks and h == layout.host:
+                return self.local, layout.local_group, ranks.index(peer)
+            if peer in ranks and ranks.index(peer) == layout.local and layout.remote_group is not None:
+                return self.remote, layout.remote_group, h
+        raise ValueError(f"{role}: no lane reaches rank {peer} from rank {group.rank} ({group.describe()})")
+
+    def send(self, tensor: torch.Tensor, *, group: PeerGroup, dest: int, key: int, timeout: float) -> Handle:
+        """See CollectiveBackend, on the lane that reaches `dest` (module doc)."""
+        route = self._route(group, dest, key, tensor, "send")
+        if isinstance(route, Handle):
+            return route
+        lane, lane_group, peer = route
+        return lane.send(tensor, group=lane_group, dest=peer, key=key, timeout=timeout)
+
+    def recv(self, out: torch.Tensor, *, group: PeerGroup, src: int, key: int, timeout: float) -> Handle:
+        """See CollectiveBackend, on the lane that reaches `src` (module doc)."""
+        route = self._route(group, src, key, out, "recv")
+        if isinstance(route, Handle):
+            return route
+        lane, lane_group, peer = route
+        return lane.recv(out, group=lane_group, src=peer, key=key, timeout=timeout)
 
     def commit(self, group: PeerGroup, step: int) -> None:
         found = host_layout(group) if group != self._group else self._layout

@@ -7,8 +7,9 @@ cluster token cannot speak for another rank, and nothing it signed can be reused
 keys change) or in the other direction (sender and owner are in the signed bytes).
 
 - FetchShard: the serialized FetchRequest exactly as sent (the servicer receives the raw bytes).
-- PushGradient: a canonical encoding of the header, which arrives with the first chunk; the client
-  sends the MAC at call start and the server checks it before anything is reserved.
+- PushGradient and SendTensor: a canonical encoding of the header, which arrives with the first chunk;
+  the client sends the MAC at call start and the server checks it before anything is reserved (the
+  method path is in the MAC, so a push is no message and a message no push).
 
 The MAC covers the payload's CRC-32, not the payload: against an attacker on the path, the payload's
 integrity comes from TLS. When the installed group has no keys (no coordinator handed any out), only

@@ -1,5 +1,6 @@
-"""The Wire gRPC service: FetchShard (serve a published parameter shard) and PushGradient (receive a
-gradient contribution into the accumulator).
+"""The Wire gRPC service: FetchShard (serve a published parameter shard), PushGradient (receive a
+gradient contribution into the accumulator) and SendTensor (receive a point-to-point message into the
+mailbox, communication/mailbox.py).
 
 Messages are (de)serialized by communication.tensor_stream (see there why). Every domain error is
 mapped to one gRPC status code; a rejected message changes nothing.
@@ -8,7 +9,8 @@ Admission of a call, in order, before anything is allocated or waited on for it:
 names are the installed ones (a fetch for a newer epoch waits for it, in a bounded pool), the sender is
 another member, its MAC proves it is that member (communication.peer_auth, when the group has keys),
 it holds at most its share of concurrent streams (communication.peer_limits), and the unit, numel,
-codec, block and byte range match the declared partition plan (communication.wire_plan). A push must
+codec, block and byte range match the declared partition plan (communication.wire_plan), or a message
+the mailbox's checks. A push or a message must
 finish within the call's deadline and `stream_timeout`, with no gap over `idle_timeout` between
 messages; a stream that does not loses its reservation.
 """
@@ -39,6 +41,7 @@ from communication.errors import (
     Unauthenticated,
 )
 from communication.group import PeerGroup
+from communication.mailbox import Mailbox
 from communication.peer_limits import STREAMS_PER_PEER, StreamLimits
 from communication.shard_store import Published, ShardStore
 from communication.tensor_stream import (
@@ -56,6 +59,7 @@ log = logging.getLogger(__name__)
 SERVICE = "zerowire.v1.Wire"
 FETCH_METHOD = f"/{SERVICE}/FetchShard"
 PUSH_METHOD = f"/{SERVICE}/PushGradient"
+SEND_METHOD = f"/{SERVICE}/SendTensor"
 IDLE_TIMEOUT_S = 10.0  # longest gap between two messages of a push
 STREAM_TIMEOUT_S = 120.0  # longest push or fetch, whatever deadline its caller set
 
@@ -99,6 +103,7 @@ class WireServicer:
         stream_timeout: float = STREAM_TIMEOUT_S,
         streams_per_peer: int = STREAMS_PER_PEER,
         copier: Callable[[], Executor | None] | None = None,
+        mailbox: Mailbox | None = None,
     ) -> None:
         if not 0 < idle_timeout <= stream_timeout:
             raise ValueError(
@@ -108,6 +113,7 @@ class WireServicer:
         self.copier = copier
         self.store = store
         self.accumulator = accumulator
+        self.mailbox = mailbox or Mailbox()
         self.counters = counters
         self.max_wait = max_wait
         self.idle_timeout = idle_timeout
@@ -123,6 +129,11 @@ class WireServicer:
                 ),
                 "PushGradient": grpc.stream_unary_rpc_method_handler(
                     self.push_gradient,
+                    request_deserializer=_identity,
+                    response_serializer=pb.PushAck.SerializeToString,
+                ),
+                "SendTensor": grpc.stream_unary_rpc_method_handler(
+                    self.send_tensor,
                     request_deserializer=_identity,
                     response_serializer=pb.PushAck.SerializeToString,
                 ),
@@ -217,6 +228,46 @@ class WireServicer:
     async def push_gradient(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> pb.PushAck:
+        acc = self.accumulator
+
+        def accept(header: pb.TensorHeader, payload: torch.Tensor) -> None:
+            if header.codec == pb.CODEC_NONE:
+                part = payload.view(torch.float32)
+            else:
+                part = acc.decode_buffer(header)
+                get_codec(header.codec).decode_into(payload, header.block_size, part)
+            acc.contribute(header, part)  # owns the slot from here (it frees it if it rejects)
+
+        return await self._receive(
+            requests,
+            context,
+            PUSH_METHOD,
+            lambda h: acc.reserve(h, self.store.published(h.epoch)),
+            accept,
+            acc.abandon,
+            self._push_limit(),
+        )
+
+    async def send_tensor(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> pb.PushAck:
+        box = self.mailbox
+        return await self._receive(
+            requests, context, SEND_METHOD, box.reserve, lambda h, _: box.deliver(h), box.abandon, None
+        )
+
+    async def _receive(
+        self,
+        requests: AsyncIterator[bytes],
+        context: grpc.aio.ServicerContext,
+        method: str,
+        reserve: Callable[[pb.TensorHeader], torch.Tensor],
+        accept: Callable[[pb.TensorHeader, torch.Tensor], None],
+        abandon: Callable[[pb.TensorHeader], None],
+        limit: int | None,
+    ) -> pb.PushAck:
+        """Receive one stream (header, then payload chunks): admitted, reserved, received, accepted."""
+        name = method.rsplit("/", 1)[-1]
         header: pb.TensorHeader | None = None
         receiver: PayloadReceiver | None = None
         reserved = False
@@ -234,9 +285,9 @@ class WireServicer:
             if group is None:
                 raise StaleMessage("no membership epoch installed yet")
             message = peer_auth.push_message(header)
-            self._admit(group, header.job_id, header.epoch, header.sender, PUSH_METHOD, message, context)
-            held.enter_context(self.limits.slot("PushGradient", header.sender, self._push_limit()))
-            buffer = self.accumulator.reserve(header, self.store.published(header.epoch))
+            self._admit(group, header.job_id, header.epoch, header.sender, method, message, context)
+            held.enter_context(self.limits.slot(name, header.sender, limit))
+            buffer = reserve(header)
             reserved = True
             receiver = PayloadReceiver(header, buffer, self.copier() if self.copier else None)
             if len(data):
@@ -248,23 +299,18 @@ class WireServicer:
                 receiver.add(data)
             await receiver.drain()
             payload = receiver.finish()
-            if header.codec == pb.CODEC_NONE:
-                part = payload.view(torch.float32)
-            else:
-                part = self.accumulator.decode_buffer(header)
-                get_codec(header.codec).decode_into(payload, header.block_size, part)
             self.counters.bytes_received += payload.numel()
-            reserved = False  # contribute() owns the slot from here (it frees it if it rejects)
-            self.accumulator.contribute(header, part)
+            reserved = False  # accept() owns the slot from here (it frees it if it rejects)
+            accept(header, payload)
             return pb.PushAck(received_bytes=payload.numel())
         except CommError as exc:
-            self._release(header if reserved else None, receiver)
+            self._release(header if reserved else None, receiver, abandon)
             held.close()
-            log.info("PushGradient rejected: %s", exc)
+            log.info("%s rejected: %s", name, exc)
             await context.abort(status_for(exc), str(exc))
             raise AssertionError("unreachable") from None
         except BaseException:
-            self._release(header if reserved else None, receiver)
+            self._release(header if reserved else None, receiver, abandon)
             raise
         finally:
             held.close()
@@ -275,12 +321,17 @@ class WireServicer:
         plan = self.accumulator.plan
         return max(self.limits.per_peer, len(plan) if plan is not None else 0)
 
-    def _release(self, header: pb.TensorHeader | None, receiver: PayloadReceiver | None) -> None:
-        """Free a failed contribution's slot, once no copy into its buffer is pending."""
+    @staticmethod
+    def _release(
+        header: pb.TensorHeader | None,
+        receiver: PayloadReceiver | None,
+        abandon: Callable[[pb.TensorHeader], None],
+    ) -> None:
+        """Free a failed stream's slot, once no copy into its buffer is pending."""
         if receiver is not None:
             receiver.settle()
         if header is not None:
-            self.accumulator.abandon(header)
+            abandon(header)
 
     async def _next(self, it: AsyncIterator[bytes], deadline: float) -> bytes | None:
         """The next message, within the idle timeout and the stream's deadline (loop time)."""

@@ -1,6 +1,6 @@
 """Parameter shards this rank publishes for its peers, kept until the step is committed.
 
-`publish` stores the encoded payload of (epoch, step, unit), in the backend's one codec and block;
+`publish` stores the encoded payload of (epoch, step, unit), in the codec of the call that published it;
 `wait` blocks a peer's request until the shard is published, the epoch moves on, or the deadline
 passes. A request for another codec or block is refused: nothing is encoded on a peer's request. With
 a declared partition plan, a request is checked against it before it waits. Runs on the backend's
@@ -101,10 +101,10 @@ class ShardStore:
         if self.plan is not None and self.plan.epoch == req.epoch:
             self.plan.check_fetch(req)
 
-    def lookup(self, key: StoreKey, source: torch.Tensor) -> Published | None:
-        """The already encoded payload of `key` if `source` is the same, unchanged tensor."""
+    def lookup(self, key: StoreKey, source: torch.Tensor, codec: int) -> Published | None:
+        """The already encoded payload of `key` if `source` is the same, unchanged tensor in `codec`."""
         slot = self._slots.get(key)
-        if slot is None or slot.version != tensor_version(source):
+        if slot is None or slot.version != tensor_version(source) or slot.pub.header.codec != codec:
             return None
         return slot.pub
 
@@ -112,7 +112,7 @@ class ShardStore:
         if group.epoch < self.epoch:
             raise EpochChanged(f"publishing in epoch {group.epoch}, but epoch {self.epoch} is known")
         if self.plan is not None and self.plan.epoch == group.epoch:
-            self.plan.check_local(unit, pub.header.numel, "this rank's shard")
+            self.plan.check_local(unit, pub.header.numel, pub.header.codec, "this rank's shard")
         key = (group.epoch, step, unit)
         self._slots[key] = _Slot(source, tensor_version(source), pub)
         self._published[group.epoch] = max(step, self._published.get(group.epoch, step))

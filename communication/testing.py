@@ -2,7 +2,10 @@
 
 `FakeHub(world_size)` is shared by the ranks (threads of one process); `hub.backend(rank)` gives each
 rank a CollectiveBackend with the same semantics as the gRPC one: rank-order fp32 reduction on the
-owner, epoch fencing, timeouts, and calls checked against the declared partition plan. A deterministic
+owner, epoch fencing, timeouts, and calls checked against the declared partition plan (numel and codec).
+Every codec is served exactly: "int8" calls carry raw fp32 here, as on the torch.distributed lane (tests
+of quantization use the gRPC backend). Point-to-point messages wait in the hub until received (`send`
+resolves at once, `recv` when its message is there). A deterministic
 `FaultInjector` keyed by (rank, step) makes a rank fail as if it had died.
 """
 
@@ -16,11 +19,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from communication.backend import WireStats
+from communication.backend import Codec, UnitSpec, WireStats
+from communication.compression import DEFAULT_INT8_BLOCK, codec_id_for
 from communication.errors import CollectiveTimeout, EpochChanged, InvalidMessage, PeerLost
 from communication.group import PeerGroup
+from communication.handle import Handle
+from communication.p2p import check_call
 from communication.wire_plan import WirePlan
-from protos import zerowire_pb2 as pb
 
 
 @dataclass
@@ -41,6 +46,7 @@ class FakeHub:
         self._cond = threading.Condition()
         self._shards: dict[tuple[int, int, int, int], torch.Tensor] = {}  # (epoch, step, unit, rank)
         self._grads: dict[tuple[int, int, int, int, int], torch.Tensor] = {}  # (+dest, sender)
+        self._mail: dict[tuple[int, int, int, int], torch.Tensor] = {}  # (epoch, src, dest, key)
         self.epoch = 0
 
     def backend(self, rank: int) -> FakeBackend:
@@ -49,6 +55,8 @@ class FakeHub:
     def set_epoch(self, epoch: int) -> None:
         with self._cond:
             self.epoch = max(self.epoch, epoch)
+            for key in [k for k in self._mail if k[0] < self.epoch]:
+                del self._mail[key]
             self._cond.notify_all()
 
     def _wait(self, group: PeerGroup, step: int, ready: object, deadline: float) -> None:
@@ -81,13 +89,16 @@ class FakeBackend:
         if self.hub.faults.is_dead(self.rank, step):
             raise PeerLost(f"rank {self.rank} is dead at step {step} (injected)")
 
-    def _off_plan(self, group: PeerGroup, unit: int, numel: int, what: str) -> Future[torch.Tensor] | None:
+    def _off_plan(
+        self, group: PeerGroup, unit: int, numel: int, codec: Codec, what: str
+    ) -> Future[torch.Tensor] | None:
         """A failed future if the declared plan of the group's epoch does not have this call."""
+        codec_id = codec_id_for(codec)
         plan = self._plan
         if plan is None or plan.epoch != group.epoch:
             return None
         try:
-            plan.check_local(unit, numel, what)
+            plan.check_local(unit, numel, codec_id, what)
         except InvalidMessage as exc:
             failed: Future[torch.Tensor] = Future()
             failed.set_exception(exc)
@@ -95,13 +106,21 @@ class FakeBackend:
         return None
 
     def all_gather(
-        self, group: PeerGroup, step: int, unit: int, shard: torch.Tensor, out: torch.Tensor, timeout: float
+        self,
+        group: PeerGroup,
+        step: int,
+        unit: int,
+        shard: torch.Tensor,
+        out: torch.Tensor,
+        timeout: float,
+        *,
+        codec: Codec = "none",
     ) -> Future[torch.Tensor]:
         self._check(group, step)
         n = shard.numel()
         if out.numel() != n * group.world_size:
             raise ValueError(f"out has {out.numel()} elements, expected {n * group.world_size}")
-        if (failed := self._off_plan(group, unit, n, "this rank's shard")) is not None:
+        if (failed := self._off_plan(group, unit, n, codec, "this rank's shard")) is not None:
             return failed
         hub = self.hub
         with hub._cond:
@@ -125,13 +144,21 @@ class FakeBackend:
         return self._pool.submit(run)
 
     def reduce_scatter(
-        self, group: PeerGroup, step: int, unit: int, full: torch.Tensor, out: torch.Tensor, timeout: float
+        self,
+        group: PeerGroup,
+        step: int,
+        unit: int,
+        full: torch.Tensor,
+        out: torch.Tensor,
+        timeout: float,
+        *,
+        codec: Codec = "none",
     ) -> Future[torch.Tensor]:
         self._check(group, step)
         n = out.numel()
         if full.numel() != n * group.world_size:
             raise ValueError(f"full has {full.numel()} elements, expected {n * group.world_size}")
-        if (failed := self._off_plan(group, unit, n, "this rank's gradient")) is not None:
+        if (failed := self._off_plan(group, unit, n, codec, "this rank's gradient")) is not None:
             return failed
         hub = self.hub
         flat = full.detach().reshape(-1)
@@ -156,6 +183,60 @@ class FakeBackend:
 
         return self._pool.submit(run)
 
+    def send(self, tensor: torch.Tensor, *, group: PeerGroup, dest: int, key: int, timeout: float) -> Handle:
+        """See CollectiveBackend: the message waits in the hub until `dest` receives it."""
+        flat = check_call(group, dest, key, tensor, "send")
+        self._check(group, 0)
+        handle = Handle()
+        hub, mail_key = self.hub, (group.epoch, self.rank, dest, key)
+        with hub._cond:
+            if group.epoch < hub.epoch:
+                handle.set_exception(EpochChanged(f"{group.describe()}: epoch moved to {hub.epoch}"))
+            elif mail_key in hub._mail:
+                handle.set_exception(InvalidMessage(f"key {key} to rank {dest} still waits to be received"))
+            else:
+                hub._mail[mail_key] = flat.clone()
+                hub._cond.notify_all()
+                self._sent += 4 * flat.numel()
+                handle.set_result(tensor)
+        return handle
+
+    def recv(self, out: torch.Tensor, *, group: PeerGroup, src: int, key: int, timeout: float) -> Handle:
+        """See CollectiveBackend; cancelling a receive not yet matched withdraws it."""
+        flat = check_call(group, src, key, out, "recv")
+        self._check(group, 0)
+        handle, hub, mail_key = Handle(), self.hub, (group.epoch, src, self.rank, key)
+        withdrawn = threading.Event()
+
+        def withdraw() -> bool:
+            with hub._cond:
+                if handle.done():
+                    return False
+                withdrawn.set()
+                hub._cond.notify_all()
+                return True
+
+        def run() -> None:
+            try:
+                with hub._cond:
+                    ready = lambda: withdrawn.is_set() or mail_key in hub._mail  # noqa: E731
+                    hub._wait(group, 0, ready, time.monotonic() + timeout)
+                    if withdrawn.is_set():
+                        handle.fail_cancelled(f"{group.describe()}: recv of key {key} from rank {src}")
+                        return
+                    if (got := hub._mail[mail_key].numel()) != flat.numel():
+                        raise InvalidMessage(f"key {key}: {got} values, out has {flat.numel()}")
+                    flat.copy_(hub._mail.pop(mail_key))
+                    self._received += 4 * flat.numel()
+                    handle.set_result(out)
+            except Exception as exc:
+                if not handle.done():
+                    handle.set_exception(exc)
+
+        handle.bind(withdraw)
+        self._pool.submit(run)
+        return handle
+
     def commit(self, group: PeerGroup, step: int) -> None:
         with self.hub._cond:
             for key in [k for k in self.hub._shards if k[3] == self.rank and k[1] <= step]:
@@ -164,8 +245,8 @@ class FakeBackend:
     def set_group(self, group: PeerGroup) -> None:
         self.hub.set_epoch(group.epoch)
 
-    def set_plan(self, group: PeerGroup, shard_numels: Mapping[int, int]) -> None:
-        self._plan = WirePlan.build(group.epoch, shard_numels, pb.CODEC_NONE, 0)
+    def set_plan(self, group: PeerGroup, units: Mapping[int, UnitSpec]) -> None:
+        self._plan = WirePlan.build(group.epoch, units, DEFAULT_INT8_BLOCK)
 
     def set_epoch(self, epoch: int) -> None:
         self.hub.set_epoch(epoch)

@@ -18,7 +18,10 @@ afterwards. Those staging buffers are reused across calls, up to `pool_bytes` ke
 - reduce_scatter: an all-to-all moves slice r of every rank to rank r; the owner then sums the N slices
   in rank order 0..N-1 in fp32, so the result equals the sequential sum bit for bit (a library
   reduce-scatter does not promise an order).
-- Raw fp32 only (this lane carries no codec).
+- Raw fp32 only: a call's codec must be its unit's planned codec, and "int8" is served exactly (the
+  local lane carries raw fp32 whatever the codec; compression pays only across hosts).
+- send / recv: the group's own point-to-point calls, in call order too (communication/torchdist_calls.py).
+- Handle.cancel() withdraws a call the dispatcher has not started yet; a started one runs to its end.
 - all_gather(..., ready=future): the shard is only filled in once `future` resolves (another lane's
   result): the call keeps its place in the call order and reads the shard then. If `future` fails, the
   epoch's group fails with its error (the co-located members would run that collective without us).
@@ -38,37 +41,32 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
+from concurrent.futures import Future
 from typing import Any
 
 import torch
 
-from communication.backend import WireStats
+from communication.backend import Codec, UnitSpec, WireStats
+from communication.compression import DEFAULT_INT8_BLOCK, codec_id_for
 from communication.errors import CollectiveTimeout, CommError, EpochChanged, InvalidMessage, PeerLost
 from communication.group import PeerGroup
+from communication.handle import Handle
 from communication.staging import StagingBuffers
-from communication.torchdist_group import POLL_S, EpochGroup, device_has_cuda, parse_rendezvous
+from communication.torchdist_calls import Launch, QueuedCall, TorchDistCalls
+from communication.torchdist_group import (
+    POLL_S,
+    EpochGroup,
+    device_has_cuda,
+    on_device,
+    parse_rendezvous,
+    settle,
+)
 from communication.wire_plan import WirePlan
-from protos import zerowire_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# Issues the library call on the formed group; returns its Work and what to do once it completed.
-Launch = Callable[[Any], tuple[Any, Callable[[], torch.Tensor]]]
 
-
-@dataclass(eq=False)
-class _Call:
-    eg: EpochGroup
-    launch: Launch
-    future: Future[torch.Tensor]
-    deadline: float
-    nbytes: int
-    ready: Future[Any] | None = None  # what the input waits for (deferred all_gather)
-
-
-class TorchDistBackend:
+class TorchDistBackend(TorchDistCalls):
     def __init__(
         self,
         *,
@@ -85,7 +83,7 @@ class TorchDistBackend:
         self._lock = threading.Lock()
         self._epoch = -1
         self._current: EpochGroup | None = None
-        self._pending: dict[EpochGroup, set[Future[torch.Tensor]]] = {}
+        self._pending: dict[EpochGroup, set[Handle]] = {}
         # abandoned groups whose library work is still running
         self._aside: list[tuple[EpochGroup, list[Any]]] = []
         self._plan: WirePlan | None = None
@@ -93,7 +91,7 @@ class TorchDistBackend:
         self._received = 0
         self._closed = False
         self._buffers = StagingBuffers(pool_bytes)
-        self._jobs: queue.SimpleQueue[EpochGroup | _Call | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[EpochGroup | QueuedCall | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._dispatch, name="torchdist-dispatch", daemon=True)
         self._thread.start()
 
@@ -118,8 +116,8 @@ class TorchDistBackend:
             self._pending[eg] = set()
         self._jobs.put(eg)
 
-    def set_plan(self, group: PeerGroup, shard_numels: Mapping[int, int]) -> None:
-        self._plan = WirePlan.build(group.epoch, shard_numels, pb.CODEC_NONE, 0)
+    def set_plan(self, group: PeerGroup, units: Mapping[int, UnitSpec]) -> None:
+        self._plan = WirePlan.build(group.epoch, units, DEFAULT_INT8_BLOCK)
 
     def set_epoch(self, epoch: int) -> None:
         with self._lock:
@@ -133,7 +131,7 @@ class TorchDistBackend:
             eg.abandoned.set()
             error = EpochChanged(f"{eg.group.describe()}: epoch is now {epoch}")
             for fut in self._pending.pop(eg):
-                _settle(fut, error=error)
+                settle(fut, error=error)
             if self._current is eg:
                 self._current = None
 
@@ -148,9 +146,11 @@ class TorchDistBackend:
         out: torch.Tensor,
         timeout: float,
         *,
+        codec: Codec = "none",
         ready: Future[Any] | None = None,
-    ) -> Future[torch.Tensor]:
+    ) -> Handle:
         """See CollectiveBackend; with `ready`, `shard` is read once `ready` resolved (module doc)."""
+        codec_id = codec_id_for(codec)
         n = shard.numel()
         if out.numel() != n * group.world_size:
             raise ValueError(f"out has {out.numel()} elements, expected {n * group.world_size}")
@@ -160,7 +160,7 @@ class TorchDistBackend:
 
         def launch(eg: EpochGroup) -> tuple[Any, Callable[[], torch.Tensor]]:
             staged = early if early is not None else self._stage(shard)
-            src = _on(staged, eg)
+            src = on_device(staged, eg)
             dst = self._buffers.take(n * group.world_size, src.device)
             work = eg.pg._allgather_base(dst, src)
 
@@ -172,18 +172,27 @@ class TorchDistBackend:
             return work, finish
 
         nbytes = 4 * n * (group.world_size - 1)
-        return self._submit(group, unit, n, "this rank's shard", launch, timeout, nbytes, ready)
+        return self._submit(group, unit, n, codec_id, "this rank's shard", launch, timeout, nbytes, ready)
 
     def reduce_scatter(
-        self, group: PeerGroup, step: int, unit: int, full: torch.Tensor, out: torch.Tensor, timeout: float
-    ) -> Future[torch.Tensor]:
+        self,
+        group: PeerGroup,
+        step: int,
+        unit: int,
+        full: torch.Tensor,
+        out: torch.Tensor,
+        timeout: float,
+        *,
+        codec: Codec = "none",
+    ) -> Handle:
+        codec_id = codec_id_for(codec)
         n, world = out.numel(), group.world_size
         if full.numel() != n * world:
             raise ValueError(f"full has {full.numel()} elements, expected {n * world}")
         staged = self._stage(full)
 
         def launch(eg: EpochGroup) -> tuple[Any, Callable[[], torch.Tensor]]:
-            src = _on(staged, eg)
+            src = on_device(staged, eg)
             slices = self._buffers.take(n * world, src.device)
             work = eg.pg.alltoall_base(slices, src, [n] * world, [n] * world)
 
@@ -197,7 +206,8 @@ class TorchDistBackend:
 
             return work, finish
 
-        return self._submit(group, unit, n, "this rank's gradient", launch, timeout, 4 * n * (world - 1))
+        nbytes = 4 * n * (world - 1)
+        return self._submit(group, unit, n, codec_id, "this rank's gradient", launch, timeout, nbytes)
 
     def _stage(self, tensor: torch.Tensor) -> torch.Tensor:
         """What this rank sends, copied now (as fp32 on the backend's device): the caller may reuse it."""
@@ -210,28 +220,23 @@ class TorchDistBackend:
         group: PeerGroup,
         unit: int,
         numel: int,
+        codec: int,
         what: str,
         launch: Launch,
         timeout: float,
         nbytes: int,
         ready: Future[Any] | None = None,
-    ) -> Future[torch.Tensor]:
-        fut: Future[torch.Tensor] = Future()
-        fut.set_running_or_notify_cancel()
+    ) -> Handle:
+        """A collective: checked against the plan, then queued in call order."""
         plan = self._plan
-        try:
-            if plan is not None and plan.epoch == group.epoch:
-                plan.check_local(unit, numel, what)
-            with self._lock:
-                eg = self._current
-                if eg is None or eg.epoch != group.epoch or eg.group != group:
-                    raise EpochChanged(f"{group.describe()}: not the installed group (epoch {self._epoch})")
-                self._pending[eg].add(fut)
-        except (InvalidMessage, EpochChanged) as exc:
-            fut.set_exception(exc)
-            return fut
-        self._jobs.put(_Call(eg, launch, fut, time.monotonic() + timeout, nbytes, ready))
-        return fut
+        if plan is not None and plan.epoch == group.epoch:
+            try:
+                plan.check_local(unit, numel, codec, what)
+            except InvalidMessage as exc:
+                failed = Handle()
+                failed.set_exception(exc)
+                return failed
+        return self._enqueue(group, launch, timeout, nbytes, nbytes, ready)
 
     def commit(self, group: PeerGroup, step: int) -> None:
         """Nothing is kept per step on this lane (shards are not served after their collective)."""
@@ -257,10 +262,14 @@ class TorchDistBackend:
         except RuntimeError as exc:  # the library's own rendezvous errors
             self._fail_group(eg, PeerLost(f"{eg.group.describe()}: group formation failed: {exc}"))
 
-    def _run(self, call: _Call) -> None:
+    def _run(self, call: QueuedCall) -> None:
         eg, fut = call.eg, call.future
         if fut.done() or (call.ready is not None and not self._await_input(call)):
             return
+        with self._lock:
+            if fut.done():  # withdrawn meanwhile
+                return
+            call.started = True
         try:
             eg.check_live()
             work, finish = call.launch(eg)
@@ -286,11 +295,11 @@ class TorchDistBackend:
             self._fail_group(eg, PeerLost(f"{eg.group.describe()}: {exc}"))
             return
         with self._lock:
-            self._sent += call.nbytes
-            self._received += call.nbytes
+            self._sent += call.sent
+            self._received += call.received
         self._finish(eg, fut, result=result)
 
-    def _await_input(self, call: _Call) -> bool:
+    def _await_input(self, call: QueuedCall) -> bool:
         """Wait for a deferred input like for a collective (epoch, deadline); False when it failed."""
         eg, ready = call.eg, call.ready
         assert ready is not None
@@ -318,7 +327,7 @@ class TorchDistBackend:
     ) -> None:
         with self._lock:
             self._pending.get(eg, set()).discard(fut)
-        _settle(fut, result=result, error=error)
+        settle(fut, result=result, error=error)
 
     def _fail_group(self, eg: EpochGroup, error: CommError, work: Any = None) -> None:
         """The group cannot be used again: fail its calls, and those queued after them, with `error`."""
@@ -329,7 +338,7 @@ class TorchDistBackend:
             futures = list(pending)
             pending.clear()
         for fut in futures:
-            _settle(fut, error=error)
+            settle(fut, error=error)
         self._set_aside(eg, work)
 
     def _set_aside(self, eg: EpochGroup, work: Any) -> None:
@@ -365,21 +374,3 @@ class TorchDistBackend:
             log.warning("closing with %d abandoned group(s) still busy", len(self._aside))
         self._aside.clear()
         self._buffers.clear()
-
-
-def _on(staged: torch.Tensor, eg: EpochGroup) -> torch.Tensor:
-    """The tensor as the group's library wants it: on the device for NCCL, in host memory for gloo."""
-    return staged if eg.backend_name == "nccl" or staged.device.type == "cpu" else staged.cpu()
-
-
-def _settle(
-    fut: Future[torch.Tensor], *, result: torch.Tensor | None = None, error: BaseException | None = None
-) -> None:
-    try:
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            assert result is not None
-            fut.set_result(result)
-    except InvalidStateError:
-        pass  # already failed by an epoch change

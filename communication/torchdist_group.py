@@ -18,6 +18,7 @@ import datetime
 import logging
 import threading
 import time
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,3 +134,21 @@ class EpochGroup:
 
 def device_has_cuda(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available()
+
+
+def on_device(staged: torch.Tensor, eg: EpochGroup) -> torch.Tensor:
+    """The tensor as the group's library wants it: on the device for NCCL, in host memory for gloo."""
+    return staged if eg.backend_name == "nccl" or staged.device.type == "cpu" else staged.cpu()
+
+
+def settle(
+    fut: Future[torch.Tensor], *, result: torch.Tensor | None = None, error: BaseException | None = None
+) -> None:
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            assert result is not None
+            fut.set_result(result)
+    except InvalidStateError:
+        pass  # already failed by an epoch change

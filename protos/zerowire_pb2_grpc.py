@@ -44,6 +44,11 @@ class WireStub:
                 request_serializer=protos_dot_zerowire__pb2.TensorChunk.SerializeToString,
                 response_deserializer=protos_dot_zerowire__pb2.PushAck.FromString,
                 _registered_method=True)
+        self.SendTensor = channel.stream_unary(
+                '/zerowire.v1.Wire/SendTensor',
+                request_serializer=protos_dot_zerowire__pb2.TensorChunk.SerializeToString,
+                response_deserializer=protos_dot_zerowire__pb2.PushAck.FromString,
+                _registered_method=True)
 
 
 class WireServicer:
@@ -64,6 +69,13 @@ class WireServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendTensor(self, request_iterator, context):
+        """A point-to-point message (TensorHeader.step carries its key), held by the receiver until received.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WireServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +86,11 @@ def add_WireServicer_to_server(servicer, server):
             ),
             'PushGradient': grpc.stream_unary_rpc_method_handler(
                     servicer.PushGradient,
+                    request_deserializer=protos_dot_zerowire__pb2.TensorChunk.FromString,
+                    response_serializer=protos_dot_zerowire__pb2.PushAck.SerializeToString,
+            ),
+            'SendTensor': grpc.stream_unary_rpc_method_handler(
+                    servicer.SendTensor,
                     request_deserializer=protos_dot_zerowire__pb2.TensorChunk.FromString,
                     response_serializer=protos_dot_zerowire__pb2.PushAck.SerializeToString,
             ),
@@ -130,6 +147,33 @@ class Wire:
             request_iterator,
             target,
             '/zerowire.v1.Wire/PushGradient',
+            protos_dot_zerowire__pb2.TensorChunk.SerializeToString,
+            protos_dot_zerowire__pb2.PushAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendTensor(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/zerowire.v1.Wire/SendTensor',
             protos_dot_zerowire__pb2.TensorChunk.SerializeToString,
             protos_dot_zerowire__pb2.PushAck.FromString,
             options,

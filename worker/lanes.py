@@ -11,15 +11,15 @@ from worker.job import JobSpec
 
 
 def default_backend_factory(job: JobSpec, token: str, *, cfg: WorkerConfig) -> Any:
-    """The worker's collective backend: a HierarchicalBackend over a GrpcBackend (the job's codec, the
-    worker's TLS) and a TorchDistBackend on the worker's device (NCCL when every co-located member has
-    CUDA, gloo otherwise), both with the worker's collective timeout."""
-    from communication.hierarchical import HierarchicalBackend
-
+    """The worker's collective backend: a HierarchicalBackend over a GrpcBackend (the job's int8 block
+    size, the worker's TLS; the engine names each call's codec) and a TorchDistBackend on the worker's
+    device (NCCL when every co-located member has CUDA, gloo otherwise), both with the worker's
+    collective timeout."""
     from communication.grpc_backend import GrpcBackend
+    from communication.hierarchical import HierarchicalBackend
     from communication.torchdist import TorchDistBackend
 
-    remote = GrpcBackend(token, compression=job.compression, int8_block=job.int8_block, tls=cfg.tls)
+    remote = GrpcBackend(token, int8_block=job.int8_block, tls=cfg.tls)
     device, _, _ = describe_device(cfg.device)
     local = TorchDistBackend(
         device=device,

@@ -39,9 +39,9 @@ from worker.job import JobSpec
 from worker.models import build_model
 from worker.zero3 import precision, snapshot
 from worker.zero3 import state as zstate
-from worker.zero3.materialize import materialize
+from worker.zero3.channels import Channel
+from worker.zero3.materialize import build_sharded
 from worker.zero3.optim import ShardedOptimizer, clip_coefficient, local_sq_norm
-from worker.zero3.sharded import ShardedModule
 
 logger = logging.getLogger(__name__)
 
@@ -104,27 +104,20 @@ class Trainer:
         self.device = device
         self.checkpoint_dir = checkpoint_dir
         self.data = load_dataset(job.dataset, data_dir, job.seed)
+        backend.set_group(group)
+        self.param_dtype = precision.param_dtype(job.param_dtype)
         with _INIT_LOCK:  # the initialisation draws from torch's global RNG; ranks may be threads of a test
             torch.manual_seed(job.seed)
             # built on the meta device; only this rank's shards are materialized, as an eager build would
-            made = materialize(
+            self.engine = build_sharded(
                 lambda: build_model(job.model, self.data.num_classes, self.data.in_channels),
-                group.world_size,
-                group.rank,
+                group,
+                backend,
+                device=device,
+                timeout=collective_timeout,
+                codec=job.compression,
+                param_dtype=self.param_dtype,
             )
-        backend.set_group(group)
-        self.param_dtype = precision.param_dtype(job.param_dtype)
-        self.engine = ShardedModule(
-            made.model,
-            group,
-            backend,
-            device=device,
-            plan=made.plan,
-            shards=made.shards,
-            timeout=collective_timeout,
-            wire_block=job.int8_block,
-            param_dtype=self.param_dtype,
-        )
         self.optimizer = ShardedOptimizer(self.engine.shards, job)
         self.sampler = GlobalBatchSampler(int(self.data.train_x.shape[0]), job.global_batch, job.seed)
         self.steps_done = 0
@@ -201,14 +194,14 @@ class Trainer:
             # Every peer has now contributed its gradients of `step`, so it is done with everything of
             # `step - 1` (including pulling our small all-gathers of it): release what we serve for it.
             self.backend.commit(group, step - 1)
-        loss_fut, loss_out, _ = zstate.allgather_values_async(engine, step, zstate.METRICS, loss.reshape(1))
+        loss_fut, loss_out = zstate.allgather_values_async(engine, step, Channel.METRICS, loss.reshape(1))
         grads = [g.div_(job.global_batch) for g in engine.grad_shards]
         coef = 1.0
         if job.grad_clip > 0:
-            parts = zstate.allgather_values(engine, step, zstate.GRAD_NORM, local_sq_norm(grads).reshape(1))
+            parts = zstate.allgather_values(engine, step, Channel.GRAD_NORM, local_sq_norm(grads).reshape(1))
             coef = clip_coefficient(float(zstate.rank_order_sum(parts)), job.grad_clip)
         engine._wait(loss_fut)  # before the update: a step that fails anywhere changes nothing here
-        losses = zstate.decode_values(engine, loss_out, 1)
+        losses = zstate.split_values(engine, loss_out)
         total_loss = float(zstate.rank_order_sum(losses)) / job.global_batch
         lr = self.optimizer.step(grads, step, coef)
         self.steps_done = step + 1
@@ -260,7 +253,7 @@ class Trainer:
                     sums[2] += float(y.numel())
         finally:
             engine.model.train()
-        total = zstate.rank_order_sum(zstate.allgather_values(engine, key, zstate.EVAL, sums.float()))
+        total = zstate.rank_order_sum(zstate.allgather_values(engine, key, Channel.EVAL, sums.float()))
         count = max(1.0, float(total[2]))
         report = EvalReport(
             step=key, test_loss=float(total[0]) / count, test_accuracy=float(total[1]) / count
@@ -312,7 +305,7 @@ class Trainer:
         key = self.steps_done
         count = self._barriers.get(key, 0)
         self._barriers = {key: count + 1}
-        zstate.barrier(self.engine, key, zstate.BARRIER + count)
+        zstate.barrier(self.engine, key, count)
 
     def _sync_buffers(self, key: int) -> None:
         if self._buffers_synced_at != key:

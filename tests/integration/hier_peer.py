@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from communication.backend import UnitSpec
 from communication.errors import CommError
 from communication.group import PeerGroup
 from communication.grpc_backend import GrpcBackend
@@ -50,7 +51,7 @@ def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
 def _measure(backend: HierarchicalBackend, group: PeerGroup) -> dict[str, Any]:
     """One reduce-scatter of MEASURE_NUMEL per rank: bytes per lane, seconds, how it compares."""
     world, rank, n = group.world_size, group.rank, MEASURE_NUMEL
-    backend.set_plan(group, {0: n})
+    backend.set_plan(group, {0: UnitSpec(n)})
     fulls = [_data(9000 + r, world * n) for r in range(world)]
     # a first step (gather, reduce): once its reduce-scatter is done here, every peer has fetched this
     # rank's shard, so the counters then move only with the measured reduce-scatter of step 1
@@ -90,6 +91,11 @@ def _conformance(
         lanes.append(_delta(backend.bytes_by_lane(), before))
     result: dict[str, Any] = {"rank": runs[0]["rank"], "runs": runs, "lanes": lanes, "mode": backend.mode}
     result["measure"] = [_measure(backend, make(3)), _measure(backend, make(4, flat=True))]
+    group = make(5)  # int8 and raw units in one plan: the gRPC stage encodes, the local lane carries raw
+    backend.set_group(group)
+    before = backend.bytes_by_lane()
+    result["mixed"] = run_cases(backend, group, "mixed", 1024, 30)
+    result["mixed_lanes"] = _delta(backend.bytes_by_lane(), before)
     if plain is not None and plain_group is not None:
         plain.set_group(plain_group)
         result["plain"] = run_cases(plain, plain_group, "none", 1024, 30)
@@ -99,7 +105,7 @@ def _conformance(
 def _kill(backend: HierarchicalBackend, group: PeerGroup, directory: Path, victim: int) -> dict[str, Any]:
     world, rank, n = group.world_size, group.rank, 100_000
     backend.set_group(group)
-    backend.set_plan(group, {0: n})
+    backend.set_plan(group, {0: UnitSpec(n)})
     out = torch.empty(world * n)
     backend.all_gather(group, 0, 0, torch.full((n,), float(rank)), out, 30).result(40)
     backend.reduce_scatter(group, 0, 0, torch.ones(world * n), torch.empty(n), 30).result(40)

@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import ProcessReaper
 from tests.integration.hier_peer import KILL_TIMEOUT, MEASURE_NUMEL
-from tests.integration.wire_harness import REPO, check_results, rounding_bound
+from tests.integration.wire_harness import REPO, check_results, payload_bytes, rounding_bound
 
 pytestmark = [pytest.mark.slow]
 
@@ -71,7 +71,9 @@ def test_hierarchical_conformance(hosts: str, mode: str, reaper: ProcessReaper, 
     exact = mode != "hierarchical"
     for run in (0, 1):
         check_results([r["runs"][run] for r in results], "none", exact_reduce=exact)
+    check_results([r["mixed"] for r in results], "mixed", exact_reduce=exact)
     sizes = [c["numel"] for c in results[0]["runs"][0]["cases"]]
+    mixed = [(c["numel"], c["codec"]) for c in results[0]["mixed"]["cases"]]
     for r in results:
         assert r["mode"] == mode, r["mode"]
         _same_cases(r["runs"][0], r["runs"][1])  # deterministic: the same bits in two epochs
@@ -82,6 +84,10 @@ def test_hierarchical_conformance(hosts: str, mode: str, reaper: ProcessReaper, 
         for lanes in r["lanes"]:
             assert lanes["grpc"] == sum(2 * 4 * n * grpc_peers for n in sizes), lanes
             assert lanes["local"] == sum(2 * 4 * num_hosts * n * local_peers for n in sizes), lanes
+        # each call's codec reaches the gRPC stage (int8 payloads there); the local lane carries raw fp32
+        lanes = r["mixed_lanes"]
+        assert lanes["grpc"] == sum(2 * payload_bytes(n, c, 1024) * grpc_peers for n, c in mixed), lanes
+        assert lanes["local"] == sum(2 * 4 * num_hosts * n * local_peers for n, _ in mixed), lanes
         hier, flat = r["measure"]
         assert flat["mode"] == "flat" and flat["exact"], flat
         assert flat["lanes"] == {"grpc": 4 * MEASURE_NUMEL * (world - 1), "local": 0}

@@ -45,7 +45,7 @@ def worker_main(argv: list[str]) -> int:
         degrade_codec(args.degrade_codec)
     ports = [int(p) for p in args.ports.split(",")]
     job = JobSpec.model_validate(json.loads(args.job))
-    backend = GrpcBackend(token="bar-token", compression=job.compression, int8_block=job.int8_block)
+    backend = GrpcBackend(token="bar-token", int8_block=job.int8_block)
     backend.start(f"127.0.0.1:{ports[args.rank]}")
     try:
         # Start-up barrier of the harness (the daemon uses the coordinator's ready barrier instead).

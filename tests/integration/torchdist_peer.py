@@ -23,7 +23,7 @@ import torch
 from communication.errors import CommError
 from communication.group import PeerGroup
 from communication.torchdist import TorchDistBackend
-from tests.integration.wire_harness import run_cases
+from tests.integration.wire_harness import run_cases, run_p2p_cases
 
 
 def _write(path: Path, data: Any) -> None:
@@ -106,6 +106,9 @@ def main(argv: list[str]) -> int:
             group = _group(1, rank, world)
             backend.set_group(group, rdv)
             result = run_cases(backend, group, "none", 1024, 30)
+            p2p = run_p2p_cases(backend, group, 30, in_call_order=True)
+            result["mixed"] = run_cases(backend, group, "mixed", 1024, 30)  # int8 calls served raw
+            result["p2p"] = p2p
         else:
             backend.set_group(_group(1, rank, world), rdv)
             result = _fault(backend, directory, rank, world, argv[5])

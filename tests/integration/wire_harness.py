@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from communication.backend import CollectiveBackend
+from communication.backend import CODECS, Codec, CollectiveBackend, UnitSpec
+from communication.errors import Cancelled, CommError
 from communication.group import PeerGroup
 from tests.conftest import ProcessReaper
 
@@ -66,9 +67,22 @@ def int8_boundary_numel(block: int, extra: int = 0) -> int:
 def case_sizes(compression: str, block: int) -> list[int]:
     # the last one is large enough to be fetched as parallel striped streams
     sizes = [1, 7, 1000, 12_345, CHUNK // 4, CHUNK // 4 + 1, 3 * CHUNK // 4 + 3, 5 * CHUNK // 4 + 1]
-    if compression == "int8":
+    if compression != "none":
         sizes += [int8_boundary_numel(block), int8_boundary_numel(block, 1), block - 1, block + 1]
     return sizes
+
+
+def case_codecs(compression: str, n_cases: int) -> list[Codec]:
+    """The codec of each case: all "none", all "int8", or ("mixed") int8 and raw units alternating in
+    one plan, every call naming its own."""
+    if compression == "mixed":
+        return ["int8" if case % 2 == 0 else "none" for case in range(n_cases)]
+    return [next(c for c in CODECS if c == compression)] * n_cases
+
+
+def payload_bytes(numel: int, codec: str, block: int) -> int:
+    """Bytes of one shard of `numel` fp32 values on the gRPC wire in `codec`."""
+    return 4 * numel if codec == "none" else numel + 4 * -(-numel // block)
 
 
 def _data(case: int, rank: int, numel: int) -> torch.Tensor:
@@ -101,21 +115,24 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_cases(
     backend: CollectiveBackend, group: PeerGroup, compression: str, block: int, timeout: float = 30.0
 ) -> dict[str, Any]:
-    """all_gather then reduce_scatter for every size; a step and a unit per case (the declared plan);
-    commit after each."""
+    """all_gather then reduce_scatter for every size; a step and a unit per case (the declared plan, each
+    unit in its case's codec: `case_codecs`); commit after each."""
     world, rank = group.world_size, group.rank
     results: list[dict[str, Any]] = []
     sizes = case_sizes(compression, block)
-    backend.set_plan(group, dict(enumerate(sizes)))
-    for case, numel in enumerate(sizes):
+    codecs = case_codecs(compression, len(sizes))
+    backend.set_plan(group, {u: UnitSpec(n, c) for u, (n, c) in enumerate(zip(sizes, codecs, strict=True))})
+    for case, (numel, codec) in enumerate(zip(sizes, codecs, strict=True)):
         step, unit = case, case
         shards = [_data(case, r, numel) for r in range(world)]
         out = torch.full((world * numel,), float("nan"))
-        backend.all_gather(group, step, unit, shards[rank], out, timeout).result(timeout + 5)
+        backend.all_gather(group, step, unit, shards[rank], out, timeout, codec=codec).result(timeout + 5)
         expected = torch.cat(shards)
         fulls = [_data(case + 500, r, world * numel) for r in range(world)]
         reduced = torch.full((numel,), float("nan"))
-        backend.reduce_scatter(group, step, unit, fulls[rank], reduced, timeout).result(timeout + 5)
+        backend.reduce_scatter(group, step, unit, fulls[rank], reduced, timeout, codec=codec).result(
+            timeout + 5
+        )
         parts = [fulls[r][rank * numel : (rank + 1) * numel] for r in range(world)]
         want = parts[0].clone()
         for r in range(1, world):
@@ -124,6 +141,7 @@ def run_cases(
         results.append(
             {
                 "numel": numel,
+                "codec": codec,
                 "gather_exact": bool(torch.equal(out, expected)),
                 "gather_own_exact": bool(torch.equal(out[rank * numel : (rank + 1) * numel], shards[rank])),
                 "gather_rel_err": rel_err(out, expected),
@@ -144,10 +162,13 @@ def run_cases(
     }
 
 
-def check_results(per_rank: list[dict[str, Any]], compression: str, exact_reduce: bool = True) -> None:
-    """Assertions shared by every backend (called by the tests on all ranks' results). Without
-    `exact_reduce` (another fixed summation order), raw reductions need only be within
-    `rounding_bound` of the rank-order sum."""
+def check_results(
+    per_rank: list[dict[str, Any]], compression: str, exact_reduce: bool = True, int8_exact: bool = False
+) -> None:
+    """Assertions shared by every backend (called by the tests on all ranks' results), each case by its
+    own codec. Without `exact_reduce` (another fixed summation order), raw reductions need only be within
+    `rounding_bound` of the rank-order sum. With `int8_exact` (a lane that serves int8 calls raw), int8
+    cases are held to the raw cases' standard."""
     world = len(per_rank)
     assert sorted(r["rank"] for r in per_rank) == list(range(world))
     n_cases = len(per_rank[0]["cases"])
@@ -158,7 +179,7 @@ def check_results(per_rank: list[dict[str, Any]], compression: str, exact_reduce
         assert len({c["gather_digest"] for c in cases}) == 1, f"ranks disagree on all_gather of {numel}"
         for c in cases:
             assert c["gather_finite"], c
-            if compression == "none":
+            if c["codec"] == "none" or int8_exact:
                 assert c["gather_exact"], c
                 assert c["reduce_exact"] if exact_reduce else c["reduce_units"] <= rounding_bound(world), c
             else:
@@ -168,3 +189,64 @@ def check_results(per_rank: list[dict[str, Any]], compression: str, exact_reduce
         # raw fp32: every byte of every shard except one's own crossed the wire exactly once per peer
         for r in per_rank:
             assert r["bytes_received"] >= 0
+
+
+def p2p_sizes(world: int) -> dict[tuple[int, int], int]:
+    """The numel of the message from a to b: one value, a few, one past a 1 MiB chunk."""
+    sizes = [1, 1000, CHUNK // 4 + 1]
+    return {(a, b): sizes[(a * world + b) % len(sizes)] for a in range(world) for b in range(world) if a != b}
+
+
+def run_p2p_cases(
+    backend: CollectiveBackend, group: PeerGroup, timeout: float = 30.0, *, in_call_order: bool = False
+) -> dict[str, Any]:
+    """Point-to-point between every ordered pair of ranks. "scheduled": the pairs in one global order,
+    every rank posting its sends and receives in that order (what a lane that runs calls in call order
+    needs). Unless `in_call_order`, also "held": every rank sends to every peer and waits for its sends
+    (the messages wait at their receivers), then receives; and "cancelled": a receive nobody sends to,
+    cancelled, fails with Cancelled."""
+    world, rank = group.world_size, group.rank
+    sizes = p2p_sizes(world)
+
+    def data(a: int, b: int, key: int) -> torch.Tensor:
+        return _data(700 + key, a * world + b, sizes[(a, b)])
+
+    def exchange(key: int, sends_first: bool) -> list[bool]:
+        sends, recvs = [], []
+        got = {a: torch.full((sizes[(a, rank)],), float("nan")) for a in range(world) if a != rank}
+        for a, b in sorted(sizes):  # the global order
+            if a == rank:
+                sends.append(backend.send(data(a, b, key), group=group, dest=b, key=key, timeout=timeout))
+            elif b == rank and not sends_first:
+                recvs.append(backend.recv(got[a], group=group, src=a, key=key, timeout=timeout))
+        if sends_first:
+            for h in sends:
+                h.wait(timeout + 5)
+            recvs = [backend.recv(got[a], group=group, src=a, key=key, timeout=timeout) for a in sorted(got)]
+        for h in [*sends, *recvs]:
+            h.wait(timeout + 5)
+        return [bool(torch.equal(got[a], data(a, rank, key))) for a in sorted(got)]
+
+    result: dict[str, Any] = {"rank": rank, "scheduled": exchange(1, sends_first=False)}
+    if not in_call_order:
+        result["held"] = exchange(2, sends_first=True)
+        pending = backend.recv(torch.empty(3), group=group, src=(rank + 1) % world, key=99, timeout=timeout)
+        cancelled = pending.cancel()
+        try:
+            pending.wait(timeout)
+            outcome = "completed"
+        except Cancelled:
+            outcome = "Cancelled"
+        except CommError as exc:
+            outcome = type(exc).__name__
+        result["cancelled"] = {"accepted": cancelled, "outcome": outcome, "cancel_again": pending.cancel()}
+    return result
+
+
+def check_p2p(per_rank: list[dict[str, Any]], in_call_order: bool = False) -> None:
+    """Every message arrived bit for bit; a cancelled receive failed with Cancelled."""
+    for r in per_rank:
+        assert r["scheduled"] and all(r["scheduled"]), r
+        if not in_call_order:
+            assert r["held"] and all(r["held"]), r
+            assert r["cancelled"] == {"accepted": True, "outcome": "Cancelled", "cancel_again": False}, r

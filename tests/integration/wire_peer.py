@@ -4,7 +4,8 @@ Starts a GrpcBackend on 127.0.0.1 port 0, writes its port to DIR/port.RANK, wait
 port, installs the group (with a data-plane key per pair of ranks, as the coordinator hands out), runs
 SCENARIO and writes DIR/result.RANK.json.
 
-Scenarios: `conformance` (tests/integration/wire_harness.py, raw and int8 backends side by side), and
+Scenarios: `conformance` (tests/integration/wire_harness.py: raw, int8 and mixed runs side by side, on
+backends built alike: each call names its codec; then the point-to-point cases), and
 `hang-gather`, `hang-reduce` (a victim rank stops after step 0; the others block in step 1 until the
 test kills it; if DIR/epoch appears they call set_epoch and time how fast the collective fails).
 """
@@ -25,7 +26,7 @@ import torch
 from communication.errors import CommError
 from communication.group import PeerGroup
 from communication.grpc_backend import GrpcBackend
-from tests.integration.wire_harness import run_cases
+from tests.integration.wire_harness import run_cases, run_p2p_cases
 
 TOKEN = "test-token"
 
@@ -109,6 +110,10 @@ def _hang(
     }
 
 
+async def _mailbox_bytes(backend: GrpcBackend) -> int:
+    return backend._mailbox.held_bytes
+
+
 async def _count_tasks() -> int:
     return len([t for t in asyncio.all_tasks() if t is not asyncio.current_task()])
 
@@ -116,8 +121,8 @@ async def _count_tasks() -> int:
 def main(argv: list[str]) -> int:
     directory, rank, world, scenario = Path(argv[0]), int(argv[1]), int(argv[2]), argv[3]
     timeout = float(argv[4]) if len(argv) > 4 else 30.0
-    codecs = ["none", "int8"] if scenario == "conformance" else ["none"]
-    backends = {c: GrpcBackend(TOKEN, compression=c, int8_block=1024) for c in codecs}
+    codecs = ["none", "int8", "mixed"] if scenario == "conformance" else ["none"]
+    backends = {c: GrpcBackend(TOKEN, int8_block=1024) for c in codecs}
     try:
         ports = [backends[c].start("127.0.0.1:0") for c in codecs]
         _write(directory / f"port.{rank}", ports)
@@ -133,6 +138,9 @@ def main(argv: list[str]) -> int:
             backends[c].set_group(groups[c])
         if scenario == "conformance":
             result = {c: run_cases(backends[c], groups[c], c, 1024, timeout) for c in codecs}
+            p2p = run_p2p_cases(backends["none"], groups["none"], timeout)
+            p2p["mailbox_bytes"] = backends["none"].call_soon(_mailbox_bytes(backends["none"])).result(5)
+            result["p2p"] = p2p
         else:
             result = _hang(backends["none"], groups["none"], directory, scenario, timeout)
         _write(directory / f"result.{rank}.json", result)

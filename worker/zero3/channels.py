@@ -1,30 +1,49 @@
-"""Control channels: collective unit ids beyond the partition plan's units (``len(units) + channel``) that
-carry small exact values, and the size of each rank's shard on each, so that the plan the engine
-declares to its backend covers everything it sends.
+"""Control channels: the small exact values ranks exchange besides parameters and gradients, each under
+its own unit id in the wire's control key space (``communication.backend.control_unit``), and the size
+of each rank's shard on each, so that the plan the engine declares to its backend covers everything it
+sends.
 
-Each all-gather channel carries a fixed number of fp32 values per rank, encoded exactly for the wire
-(``worker.zero3.exact``): BatchNorm statistics (every floating buffer of the model), the step's loss, the
-squared gradient norm, the evaluation sums (loss, correct, count) and the checkpoint step a rank would
-resume from. A barrier is a reduce-scatter of one value per rank; a step key has at most
-``BARRIER_SLOTS`` of them. A caller that sends another size fails with InvalidMessage (off the plan).
+Every channel travels uncompressed (codec "none", whatever the job's codec), so values arrive bit for
+bit. The all-gather channels carry a fixed number of fp32 values per rank: BatchNorm statistics (every
+floating buffer of the model), the step's loss, the squared gradient norm, the evaluation sums (loss,
+correct, count) and the checkpoint step a rank would resume from. A barrier is a reduce-scatter of one
+value per rank; a step key has at most ``BARRIER_SLOTS`` of them. A caller that sends another size
+fails with InvalidMessage (off the plan).
 """
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 import torch
 from torch import nn
 
-from worker.zero3 import exact
+from communication.backend import UnitSpec, control_unit
 
-BUFFERS = 0
-METRICS = 1
-GRAD_NORM = 2
-EVAL = 3
-RESUME = 4
-BARRIER = 8  # BARRIER + k: the k-th barrier of a step key
+
+class Channel(IntEnum):
+    BUFFERS = 0
+    METRICS = 1
+    GRAD_NORM = 2
+    EVAL = 3
+    RESUME = 4
+    BARRIER = 8  # the first of BARRIER_SLOTS barrier channels (see barrier_unit)
+
+
 BARRIER_SLOTS = 8
+_VALUES = {Channel.METRICS: 1, Channel.GRAD_NORM: 1, Channel.EVAL: 3, Channel.RESUME: 1}  # fp32 per rank
 
-_VALUES = {METRICS: 1, GRAD_NORM: 1, EVAL: 3, RESUME: 1}  # fp32 values per rank
+
+def channel_unit(channel: Channel) -> int:
+    """The unit id `channel` travels under."""
+    return control_unit(int(Channel(channel)))
+
+
+def barrier_unit(slot: int) -> int:
+    """The unit id of the `slot`-th barrier of a step key."""
+    if not 0 <= slot < BARRIER_SLOTS:
+        raise ValueError(f"barrier slot {slot} outside 0..{BARRIER_SLOTS - 1}")
+    return control_unit(Channel.BARRIER + slot)
 
 
 def float_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -32,12 +51,12 @@ def float_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
 
 
-def channel_numels(n_units: int, model: nn.Module, block: int) -> dict[int, int]:
-    """unit id -> shard numel of every control channel of an engine with `n_units` plan units."""
-    numels = {n_units + channel: exact.encoded_numel(n, block) for channel, n in _VALUES.items()}
+def channel_specs(model: nn.Module) -> dict[int, UnitSpec]:
+    """unit id -> shard spec (raw fp32) of every control channel of an engine over `model`."""
+    specs = {channel_unit(channel): UnitSpec(n) for channel, n in _VALUES.items()}
     buffer_values = sum(b.numel() for _, b in float_buffers(model))
     if buffer_values:
-        numels[n_units + BUFFERS] = exact.encoded_numel(buffer_values, block)
-    for k in range(BARRIER_SLOTS):
-        numels[n_units + BARRIER + k] = 1
-    return numels
+        specs[channel_unit(Channel.BUFFERS)] = UnitSpec(buffer_values)
+    for slot in range(BARRIER_SLOTS):
+        specs[barrier_unit(slot)] = UnitSpec(1)
+    return specs

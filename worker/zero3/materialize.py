@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -133,23 +134,11 @@ def build_sharded(
     group: PeerGroup,
     backend: CollectiveBackend,
     *,
-    device: torch.device | None = None,
     plan: PartitionPlan | None = None,
-    timeout: float = 30.0,
-    keep_last: int = 2,
-    wire_block: int = 1024,
+    **engine_options: Any,
 ) -> ShardedModule:
-    """A :class:`ShardedModule` over the model ``build()`` makes, never holding it whole (seed first, as for
-    an eager build: the shards are those an eager build would give)."""
+    """A :class:`ShardedModule` (``engine_options`` are its keyword options) over the model ``build()``
+    makes, never holding it whole (seed first, as for an eager build: the shards are those an eager build
+    would give)."""
     made = materialize(build, group.world_size, group.rank, plan=plan)
-    return ShardedModule(
-        made.model,
-        group,
-        backend,
-        device=device,
-        plan=made.plan,
-        shards=made.shards,
-        timeout=timeout,
-        keep_last=keep_last,
-        wire_block=wire_block,
-    )
+    return ShardedModule(made.model, group, backend, plan=made.plan, shards=made.shards, **engine_options)

@@ -12,11 +12,9 @@ Per training pass (``begin(step)``, forward, ``loss.backward()``, ``finish_backw
   backward; it waits unit k's gather and prefetches the unit before it (or the one before that, as in
   forward). When every parameter of unit k has its gradient accumulated, the gradient is flattened
   (padded), handed to ``reduce_scatter`` and the full parameters are freed. Only ``finish_backward`` waits
-  for the reductions. The engine lets go of a unit's full gradient as soon as its reduction has completed
-  (checked whenever a unit's backward starts and whenever a parameter's gradient has been accumulated, on
-  the training thread), not at the end of backward; a backend keeps what it still has to send for as long
-  as it needs it. A unit's gradient shard is allocated when its reduction is issued (the reduction writes
-  it) and dropped by the next ``begin``, so a pass holds only the shards reduced so far.
+  for the reductions. A unit's full gradient is let go as soon as its reduction completed (checked at every
+  backward and gradient hook, on the training thread); a backend keeps what it still has to send. A
+  gradient shard exists from its reduction's issue to the next ``begin``.
 - the root unit (parameters outside every unit) is gathered at the start of the forward pass and reduced at
   the end of backward.
 - mixed precision (``param_dtype``, see ``worker.zero3.precision``): gathered parameters are cast to it for
@@ -43,11 +41,11 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from communication.backend import CollectiveBackend
+from communication.backend import Codec, CollectiveBackend, UnitSpec
 from communication.errors import CollectiveTimeout
 from communication.group import PeerGroup
 from worker.zero3 import precision
-from worker.zero3.channels import channel_numels
+from worker.zero3.channels import channel_specs
 from worker.zero3.flat_unit import FlatUnit, UnitState
 from worker.zero3.plan import PartitionPlan, plan_model
 from worker.zero3.staging import StagingPool
@@ -84,7 +82,7 @@ class ShardedModule:
         plan: PartitionPlan | None = None,
         timeout: float = 30.0,
         keep_last: int = 2,
-        wire_block: int = 1024,
+        codec: Codec = "none",
         param_dtype: torch.dtype = torch.float32,
         shards: Sequence[torch.Tensor] | None = None,
     ) -> None:
@@ -92,7 +90,7 @@ class ShardedModule:
         if keep_last < 0:
             raise ValueError(f"keep_last must be >= 0, got {keep_last}")
         self.keep_last = keep_last
-        self.wire_block = wire_block  # the wire codec's block (exact control values, see exact.py)
+        self.codec: Codec = codec  # of parameter gathers and gradient reductions (control values: raw)
         self.device = device or torch.device("cpu")
         self.model = model.to(self.device)
         self.group = group
@@ -149,11 +147,11 @@ class ShardedModule:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
-    def wire_plan(self) -> dict[int, int]:
-        """Unit id -> shard numel of everything this engine sends: its units and its control channels."""
-        numels = {u.index: u.plan.shard_numel for u in self.units}
-        numels.update(channel_numels(len(self.units), self.model, self.wire_block))
-        return numels
+    def wire_plan(self) -> dict[int, UnitSpec]:
+        """Unit id -> spec of everything this engine sends: its units (its codec), control channels (raw)."""
+        specs = {u.index: UnitSpec(u.plan.shard_numel, self.codec) for u in self.units}
+        specs.update(channel_specs(self.model))
+        return specs
 
     def declare_plan(self) -> None:
         """Tell the backend this epoch's plan, so peers' messages are checked against it (called once the
@@ -166,8 +164,7 @@ class ShardedModule:
 
     @property
     def grad_shards(self) -> list[torch.Tensor]:
-        """The reduced gradient shards, after ``finish_backward`` and until the next ``begin`` (which lets
-        go of them: they live only from a unit's reduction to the optimizer step)."""
+        """The reduced gradient shards, from ``finish_backward`` until the next ``begin``."""
         return [u.grad_shard for u in self.units]
 
     def begin(self, step: int) -> None:
@@ -206,9 +203,8 @@ class ShardedModule:
             raise RuntimeError("call begin(step) before running the sharded model")
         out = unit.gather_target()
         self._account(unit.full_bytes)
-        fut = self.backend.all_gather(
-            self.group, self._step, unit.index, unit.shard_for_wire(), out, self.timeout
-        )
+        group, step, shard = self.group, self._step, unit.shard_for_wire()
+        fut = self.backend.all_gather(group, step, unit.index, shard, out, self.timeout, codec=self.codec)
         self._track(fut)
         unit.future = fut
         self.stats.gathers += 1
@@ -379,7 +375,8 @@ class ShardedModule:
         self._release_reduced()
         flat = unit.flat_grad()
         target = unit.grad_target()
-        fut = self.backend.reduce_scatter(self.group, self._step, unit.index, flat, target, self.timeout)
+        group, step, codec = self.group, self._step, self.codec
+        fut = self.backend.reduce_scatter(group, step, unit.index, flat, target, self.timeout, codec=codec)
         self._track(fut)
         self._pending.append((fut, [flat], target, unit))
         del flat  # the pending entry holds the only engine reference, dropped once the reduction is done

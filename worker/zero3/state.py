@@ -7,8 +7,8 @@ floating-point buffers with their mean over ranks (fp32 sum in rank order, divid
 every rank evaluates, checkpoints and saves the very same model. Integer buffers (``num_batches_tracked``)
 advance identically on every rank and are left alone.
 
-Collective unit ids beyond the plan's units: ``len(units) + k`` for the channels of
-``worker.zero3.channels`` (their ids are re-exported here).
+Small all-gathers and barriers travel on the control channels of ``worker.zero3.channels``, uncompressed
+whatever the job's codec: every rank receives every value bit for bit.
 """
 
 from __future__ import annotations
@@ -18,75 +18,65 @@ from concurrent.futures import Future
 
 import torch
 
-from worker.zero3 import channels, exact
-from worker.zero3.channels import BARRIER, BUFFERS, EVAL, GRAD_NORM, METRICS, RESUME
+from worker.zero3 import channels
+from worker.zero3.channels import Channel, barrier_unit, channel_unit
 from worker.zero3.sharded import ShardedModule
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "BARRIER",
-    "BUFFERS",
-    "EVAL",
-    "GRAD_NORM",
-    "METRICS",
-    "RESUME",
+    "Channel",
     "allgather_values",
     "allgather_values_async",
     "barrier",
-    "decode_values",
-    "extra_unit",
     "full_parameters",
     "full_state_dict",
     "load_full_parameters",
     "rank_order_sum",
+    "split_values",
     "sync_buffers",
 ]
 
 
-def extra_unit(engine: ShardedModule, channel: int) -> int:
-    return len(engine.units) + channel
-
-
 def allgather_values(
-    engine: ShardedModule, step: int, channel: int, values: torch.Tensor
+    engine: ShardedModule, step: int, channel: Channel, values: torch.Tensor
 ) -> list[torch.Tensor]:
-    """Every rank's fp32 vector ``values`` (same length on every rank), in rank order, bit-exact whatever
-    the wire's codec (see ``worker.zero3.exact``)."""
-    fut, out, n = allgather_values_async(engine, step, channel, values)
+    """Every rank's fp32 vector ``values`` (same length on every rank), in rank order, bit for bit (the
+    control channels travel uncompressed)."""
+    fut, out = allgather_values_async(engine, step, channel, values)
     engine._wait(fut)
-    return decode_values(engine, out, n)
+    return split_values(engine, out)
 
 
 def allgather_values_async(
-    engine: ShardedModule, step: int, channel: int, values: torch.Tensor
-) -> tuple[Future[torch.Tensor], torch.Tensor, int]:
-    vec = values.detach().to(torch.float32).reshape(-1).cpu()
-    enc = exact.encode(vec, engine.wire_block)
-    out = torch.empty(enc.numel() * engine.group.world_size, dtype=torch.float32)
-    unit = extra_unit(engine, channel)
-    fut = engine.backend.all_gather(engine.group, step, unit, enc, out, engine.timeout)
-    return fut, out, vec.numel()
+    engine: ShardedModule, step: int, channel: Channel, values: torch.Tensor
+) -> tuple[Future[torch.Tensor], torch.Tensor]:
+    """Start ``allgather_values``; ``split_values`` of the returned tensor once the future is done."""
+    vec = values.detach().to("cpu", torch.float32, copy=True).reshape(-1)  # served until the commit
+    out = torch.empty(vec.numel() * engine.group.world_size, dtype=torch.float32)
+    unit = channel_unit(channel)
+    fut = engine.backend.all_gather(engine.group, step, unit, vec, out, engine.timeout, codec="none")
+    return fut, out
 
 
-def decode_values(engine: ShardedModule, out: torch.Tensor, n: int) -> list[torch.Tensor]:
-    parts = out.view(engine.group.world_size, -1).unbind(0)
-    return [exact.decode(p, n, engine.wire_block) for p in parts]
+def split_values(engine: ShardedModule, out: torch.Tensor) -> list[torch.Tensor]:
+    """The per-rank vectors of a completed ``allgather_values_async``, in rank order."""
+    return list(out.view(engine.group.world_size, -1).unbind(0))
 
 
-def barrier(engine: ShardedModule, step: int, channel: int) -> None:
+def barrier(engine: ShardedModule, step: int, slot: int) -> None:
     """Return once every rank has reached this point and received what this rank sends here.
 
     A reduce-scatter of one value per rank: its future resolves only when this rank's contributions are
     delivered and every peer's have arrived, so after it no peer still needs anything this rank served
-    before the barrier (used before a rank may close its backend).
+    before the barrier (used before a rank may close its backend). ``slot``: the barrier's index among
+    those of step key ``step`` (``0 .. channels.BARRIER_SLOTS - 1``).
     """
     world = engine.group.world_size
     full = torch.zeros(world, dtype=torch.float32)
     out = torch.zeros(1, dtype=torch.float32)
-    fut = engine.backend.reduce_scatter(
-        engine.group, step, extra_unit(engine, channel), full, out, engine.timeout
-    )
+    unit = barrier_unit(slot)
+    fut = engine.backend.reduce_scatter(engine.group, step, unit, full, out, engine.timeout, codec="none")
     engine._wait(fut)
 
 
@@ -107,7 +97,7 @@ def sync_buffers(engine: ShardedModule, step: int) -> None:
     if not buffers or engine.group.world_size == 1:
         return
     flat = torch.cat([b.detach().reshape(-1).to(torch.float32).cpu() for _, b in buffers])
-    mean = rank_order_sum(allgather_values(engine, step, BUFFERS, flat)).div_(engine.group.world_size)
+    mean = rank_order_sum(allgather_values(engine, step, Channel.BUFFERS, flat)).div_(engine.group.world_size)
     offset = 0
     with torch.no_grad():
         for _, b in buffers:

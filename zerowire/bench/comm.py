@@ -202,7 +202,7 @@ def _peer(rank: int, directory: Path, size_mb: float, repeats: int, tls: bool = 
     numel = int(size_mb * 1e6) // 4 // 2 * 2
     half = numel // 2
     nbytes = numel * 4
-    backend = GrpcBackend(os.environ["ZEROWIRE_BENCH_TOKEN"], compression="none")
+    backend = GrpcBackend(os.environ["ZEROWIRE_BENCH_TOKEN"])
     port = backend.start("127.0.0.1:0")
     bare = BareGrpc(timeout=120)
     bare_port = bare.start("127.0.0.1:0")
@@ -211,7 +211,7 @@ def _peer(rank: int, directory: Path, size_mb: float, repeats: int, tls: bool = 
     if tls:
         certs = directory / "tls"
         config = TlsConfig.load(certs / "localhost.pem", certs / "localhost.key", certs / "ca.pem")
-        secure = GrpcBackend(os.environ["ZEROWIRE_BENCH_TOKEN"], compression="none", tls=config)
+        secure = GrpcBackend(os.environ["ZEROWIRE_BENCH_TOKEN"], tls=config)
         secure_port = secure.start("127.0.0.1:0")
     listener = socket.create_server(("127.0.0.1", 0))
     gloo_port = lane_port = 0

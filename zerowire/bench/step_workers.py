@@ -133,7 +133,7 @@ def _zerowire_plane(a: argparse.Namespace, job_id: str, ports: list[int]) -> tup
     from communication.group import PeerGroup
     from communication.grpc_backend import GrpcBackend
 
-    remote = GrpcBackend(token="bench", compression=a.compression)
+    remote = GrpcBackend(token="bench")
     addresses = tuple(f"127.0.0.1:{p}" for p in ports)
     if a.worker != "zerowire_local":
         remote.start(addresses[a.rank])

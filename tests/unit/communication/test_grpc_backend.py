@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from communication.errors import CommError, EpochChanged, PeerLost
+from communication.backend import UnitSpec, control_unit
+from communication.errors import CommError, EpochChanged, InvalidMessage, PeerLost
 from communication.group import PeerGroup
 from communication.grpc_backend import GrpcBackend
 from tests.conftest import free_port
@@ -21,10 +22,7 @@ pytestmark = pytest.mark.timeout(60)
 def pair() -> Iterator[tuple[list[GrpcBackend], list[PeerGroup]]]:
     # tiny stripes: every fetch is split into 3 parallel range streams, received by copy threads
     backends = [
-        GrpcBackend(
-            "tok", compression="int8", int8_block=256, stripes=3, stripe_min_bytes=1024, copy_threads=2
-        )
-        for _ in range(2)
+        GrpcBackend("tok", int8_block=256, stripes=3, stripe_min_bytes=1024, copy_threads=2) for _ in range(2)
     ]
     try:
         ports = [b.start() for b in backends]
@@ -45,7 +43,7 @@ def test_collectives_then_epoch_change_cancels_in_flight_at_once(
     n = 5000
     shards = [torch.randn(n) for _ in range(2)]
     outs = [torch.empty(2 * n) for _ in range(2)]
-    futs = [backends[r].all_gather(groups[r], 0, 0, shards[r], outs[r], 10) for r in range(2)]
+    futs = [backends[r].all_gather(groups[r], 0, 0, shards[r], outs[r], 10, codec="int8") for r in range(2)]
     for f in futs:
         f.result(15)
     assert torch.equal(outs[0], outs[1])  # both ranks see the same decoded parameters
@@ -56,8 +54,8 @@ def test_collectives_then_epoch_change_cancels_in_flight_at_once(
     for r in range(2):
         backends[r].commit(groups[r], 0)
     # rank 1 never joins step 1: rank 0's gather and reduce wait until the epoch moves on
-    gather = backends[0].all_gather(groups[0], 1, 0, shards[0], outs[0], 30)
-    reduce = backends[0].reduce_scatter(groups[0], 1, 0, torch.ones(2 * n), torch.empty(n), 30)
+    gather = backends[0].all_gather(groups[0], 1, 0, shards[0], outs[0], 30, codec="int8")
+    reduce = backends[0].reduce_scatter(groups[0], 1, 0, torch.ones(2 * n), torch.empty(n), 30, codec="int8")
     time.sleep(0.3)
     assert not gather.done() and not reduce.done()
     assert backends[0].inflight() == 2
@@ -126,11 +124,13 @@ def test_bad_arguments_are_value_errors(pair: tuple[list[GrpcBackend], list[Peer
     with pytest.raises(ValueError):
         backends[0].reduce_scatter(groups[0], 0, 0, torch.ones(21), torch.empty(10), 5)
     with pytest.raises(ValueError):
-        GrpcBackend("tok", compression="fp4")
+        backends[0].all_gather(groups[0], 0, 0, torch.ones(10), torch.empty(20), 5, codec="fp4")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        backends[0].reduce_scatter(groups[0], 0, 0, torch.ones(20), torch.empty(10), 5, codec="fp4")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         GrpcBackend("")
     with pytest.raises(ValueError):
-        GrpcBackend("tok", compression="int8", int8_block=0)
+        GrpcBackend("tok", int8_block=0)
 
 
 def test_world_of_one() -> None:
@@ -145,3 +145,48 @@ def test_world_of_one() -> None:
         backend.commit(group, 0)
     finally:
         backend.close()
+
+
+def test_one_backend_carries_each_call_in_its_own_codec(
+    pair: tuple[list[GrpcBackend], list[PeerGroup]],
+) -> None:
+    """In one step, unit 0 travels int8 (approximate, with error feedback on its reduction) and the
+    control channel travels raw (bit for bit, no residual kept); a call in another codec than its unit's
+    is off the plan."""
+    backends, groups = pair
+    n, control = 3000, control_unit(0)
+    plan = {0: UnitSpec(n, "int8"), control: UnitSpec(3)}
+    for b, g in zip(backends, groups, strict=True):
+        b.set_plan(g, plan)
+    gen = torch.Generator().manual_seed(7)
+    shards = [torch.randn(n, generator=gen) for _ in range(2)]
+    values = [torch.randn(3, generator=gen) / 3e4 for _ in range(2)]  # nothing an int8 block keeps exactly
+    fulls = [torch.randn(2 * n, generator=gen) for _ in range(2)]
+    outs = [torch.empty(2 * n) for _ in range(2)]
+    exact = [torch.empty(6) for _ in range(2)]
+    reduced = [torch.empty(n) for _ in range(2)]
+    sums = [torch.empty(3) for _ in range(2)]
+    futs = []
+    for r in range(2):
+        b, g = backends[r], groups[r]
+        futs += [
+            b.all_gather(g, 0, 0, shards[r], outs[r], 10, codec="int8"),
+            b.all_gather(g, 0, control, values[r], exact[r], 10, codec="none"),
+            b.reduce_scatter(g, 0, 0, fulls[r], reduced[r], 10, codec="int8"),
+            b.reduce_scatter(g, 0, control, torch.cat(values), sums[r], 10),
+        ]
+    for f in futs:
+        f.result(15)
+    want = torch.cat(shards)
+    for r in range(2):
+        assert torch.equal(exact[r], torch.cat(values))  # raw: bit for bit
+        assert torch.equal(sums[r], values[r] + values[r])  # own slice first, then the peer's: same values
+        assert not torch.equal(outs[r], want) and float((outs[r] - want).norm() / want.norm()) < 0.01
+        part = fulls[0][r * n : (r + 1) * n] + fulls[1][r * n : (r + 1) * n]
+        assert float((reduced[r] - part).norm() / part.norm()) < 0.03
+        # one residual, for the int8 unit's slice to the peer: n values + one fp32 scale per 256-block
+        assert backends[r]._feedback.residual_bytes == n + 4 * -(-n // 256)
+    with pytest.raises(InvalidMessage, match="plan says"):
+        backends[0].all_gather(groups[0], 1, 0, shards[0], outs[0], 5, codec="none").result(5)
+    with pytest.raises(InvalidMessage, match="plan says"):
+        backends[0].reduce_scatter(groups[0], 1, control, torch.ones(6), sums[0], 5, codec="int8").result(5)

@@ -16,6 +16,7 @@ from concurrent.futures import Future
 import pytest
 import torch
 
+from communication.backend import UnitSpec
 from communication.errors import EpochChanged
 from communication.group import PeerGroup
 from communication.grpc_backend import GrpcBackend
@@ -145,7 +146,7 @@ def test_reduce_scatter_within_rounding_and_epoch_change_fails_calls(cluster: _C
     groups = [cluster.group(r) for r in range(world)]
     for b, g in zip(cluster.backends, groups, strict=True):
         b.set_group(g)
-        b.set_plan(g, {7: n})
+        b.set_plan(g, {7: UnitSpec(n)})
         assert b.mode == "hierarchical"
     shards = [torch.randn(n) for _ in range(world)]
     gathered = [torch.empty(world * n) for _ in range(world)]
@@ -180,7 +181,7 @@ def test_reduce_scatter_within_rounding_and_epoch_change_fails_calls(cluster: _C
     # the local lane keeps the call order
     sizes = {7: n, 8: 3}
     for b, g in zip(cluster.backends, groups, strict=True):
-        b.set_plan(g, sizes)
+        b.set_plan(g, {u: UnitSpec(m) for u, m in sizes.items()})
     data = {u: [torch.randn(m) for _ in range(world)] for u, m in sizes.items()}
     grads = {u: [torch.randn(world * m) for _ in range(world)] for u, m in sizes.items()}
     got: dict[tuple[int, int, str], torch.Tensor] = {}
@@ -336,3 +337,26 @@ def test_a_rendezvous_store_listens_on_loopback_only() -> None:
     finally:
         store.close()
     assert _listeners(store.port) == set()
+
+
+@pytest.mark.parametrize("cluster", ["a,a,b,b"], indirect=True)
+def test_point_to_point_takes_the_lane_that_reaches_the_peer(cluster: _Cluster) -> None:
+    groups = [cluster.group(r) for r in range(cluster.world)]
+    for b, g in zip(cluster.backends, groups, strict=True):
+        b.set_group(g)
+    x, y = torch.randn(1000), torch.randn(7)
+    got = [torch.full((1000,), float("nan")), torch.full((7,), float("nan"))]
+    b0, b1, b2 = cluster.backends[:3]
+    before = b0.bytes_by_lane()
+    handles: list[Future[torch.Tensor]] = [
+        b0.send(x, group=groups[0], dest=1, key=3, timeout=20),  # same host: the local lane
+        b1.recv(got[0], group=groups[1], src=0, key=3, timeout=20),
+        b0.send(y, group=groups[0], dest=2, key=3, timeout=20),  # host b, local index 0: gRPC
+        b2.recv(got[1], group=groups[2], src=0, key=3, timeout=20),
+    ]
+    _all(handles)
+    assert torch.equal(got[0], x) and torch.equal(got[1], y)
+    after = b0.bytes_by_lane()
+    assert {lane: after[lane] - before[lane] for lane in after} == {"grpc": 4 * 7, "local": 4 * 1000}
+    with pytest.raises(ValueError, match="no lane reaches rank 3"):  # host b, local index 1
+        b0.send(x, group=groups[0], dest=3, key=3, timeout=20)

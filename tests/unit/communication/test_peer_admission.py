@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from communication import peer_auth
+from communication.backend import UnitSpec
 from communication.group import PeerGroup
 from communication.grpc_backend import GrpcBackend
 from communication.server import token_metadata
@@ -29,7 +30,7 @@ TOKEN = "s3cret"
 AUTH = token_metadata(TOKEN)
 EPOCH = 4
 N = 1000  # values in every rank's shard of every planned unit
-PLAN = {0: N, 1: N}
+PLAN = {0: UnitSpec(N), 1: UnitSpec(N)}
 UNIT = 0
 IDLE_S, STREAM_S = 0.4, 1.5
 pytestmark = pytest.mark.timeout(60)

@@ -1,0 +1,61 @@
+"""Handle: a call in flight that can be waited on or cancelled.
+
+A Handle is a concurrent Future (the engine keeps using `result`, `done`, `add_done_callback`) with two
+additions: `wait(timeout)` raises CollectiveTimeout rather than the executor's TimeoutError, and
+`cancel()` withdraws the call from its backend, which releases what the call reserved (a receive
+buffer, a held message, a stream) and then fails the handle with Cancelled. `cancel()` returns False
+when the call is already done or can no longer be withdrawn (its backend says which calls can).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import torch
+
+from communication.errors import Cancelled, CollectiveTimeout
+
+
+class Handle(Future[torch.Tensor]):
+    def __init__(self) -> None:
+        super().__init__()
+        self.set_running_or_notify_cancel()
+        self._guard = threading.Lock()
+        self._canceller: Callable[[], bool] | None = None
+        self.cancel_requested = False
+
+    def wait(self, timeout: float | None = None) -> torch.Tensor:
+        """The call's result (its output tensor), or its error; CollectiveTimeout after `timeout` s."""
+        try:
+            return self.result(timeout)
+        except FutureTimeout:
+            raise CollectiveTimeout(f"the call did not complete within {timeout} s") from None
+
+    def bind(self, canceller: Callable[[], bool]) -> None:
+        """Called by the backend once the call can be withdrawn: `canceller()` withdraws it (True) or
+        says it cannot be any more (False). A cancel asked for before runs now."""
+        with self._guard:
+            self._canceller = canceller
+            asked = self.cancel_requested
+        if asked:
+            canceller()
+
+    def cancel(self) -> bool:
+        if self.done():
+            return False
+        with self._guard:
+            self.cancel_requested = True
+            canceller = self._canceller
+        if canceller is None or canceller():  # not bound yet: withdrawn as soon as it is
+            return True
+        with self._guard:
+            self.cancel_requested = False
+        return False
+
+    def fail_cancelled(self, what: str) -> None:
+        """Settle the handle as cancelled (by the backend, after releasing what the call held)."""
+        if not self.done():
+            self.set_exception(Cancelled(f"{what}: cancelled by the caller"))

@@ -1,0 +1,176 @@
+"""The call queue of the torch.distributed lane: every call (collective or point-to-point) is queued in
+call order for the backend's dispatcher, and its handle can withdraw it until the dispatcher starts it.
+
+Point-to-point `send` / `recv` (communication/p2p.py for the semantics) are the epoch's process group's
+own send / recv, with the key as the library's tag.
+
+Like the collectives, they run in call order on the backend's dispatcher, one at a time, so the two
+sides of a transfer must reach it at the same place of their call order: a rank's sends and receives
+are matched in the order the ranks make them (a send waits for its receive to be posted). A call can be
+withdrawn (Handle.cancel) until the dispatcher starts it; a running one cannot. A message of another
+numel than the receive buffer surfaces as the library's error, and the epoch's group fails with it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from communication.errors import EpochChanged
+from communication.group import PeerGroup
+from communication.handle import Handle
+from communication.p2p import check_call
+from communication.staging import StagingBuffers
+from communication.torchdist_group import EpochGroup, on_device
+
+# Issues the library call on the formed group; returns its Work and what to do once it completed.
+Launch = Callable[[Any], tuple[Any, Callable[[], torch.Tensor]]]
+
+
+@dataclass(eq=False)
+class QueuedCall:
+    eg: EpochGroup
+    launch: Launch
+    future: Handle
+    deadline: float
+    sent: int  # bytes this rank sends and receives by the call
+    received: int
+    ready: Future[Any] | None = None  # what the input waits for (deferred all_gather)
+    started: bool = False  # handed to the library: it can no longer be withdrawn
+
+
+class ThreadedWork:
+    """A library Work without a future (gloo's send / recv: `get_future` is not implemented there), waited
+    on by a thread of its own for at most `timeout` seconds, that looks like one with a future. The thread
+    lets go of the library's Work before it reports, and `wait()` joins it, so no thread outlives the call
+    on the normal path."""
+
+    def __init__(self, work: Any, timeout: float) -> None:
+        self._done: Future[None] = Future()
+        self._work: Any = work
+        self._thread = threading.Thread(
+            target=self._wait, args=(timeout,), name="torchdist-p2p-wait", daemon=True
+        )
+        self._thread.start()
+
+    def _wait(self, timeout: float) -> None:
+        work, self._work = self._work, None
+        error: BaseException | None = None
+        try:
+            work.wait(datetime.timedelta(seconds=max(timeout, 0.001)))
+        except Exception as exc:  # the library's error, raised again by wait()
+            error = exc
+        del work  # released on this thread, before anyone is told
+        if error is None:
+            self._done.set_result(None)
+        else:
+            self._done.set_exception(error)
+
+    def get_future(self) -> Future[None]:
+        return self._done
+
+    def is_completed(self) -> bool:
+        return self._done.done()
+
+    def wait(self) -> None:
+        self._thread.join()
+        exc = self._done.exception()
+        if exc is not None:
+            raise RuntimeError(str(exc))
+
+
+def waitable(work: Any, timeout: float) -> Any:
+    """`work` if it has a future (NCCL), else a ThreadedWork around it (gloo's point-to-point)."""
+    try:
+        work.get_future()
+    except RuntimeError:
+        return ThreadedWork(work, timeout)
+    return work
+
+
+class TorchDistCalls:
+    """Mixed into TorchDistBackend, whose state and dispatcher it uses."""
+
+    _buffers: StagingBuffers
+    device: torch.device
+    _lock: threading.Lock
+    _epoch: int
+    _current: EpochGroup | None
+    _pending: dict[EpochGroup, set[Handle]]
+    _jobs: queue.SimpleQueue[EpochGroup | QueuedCall | None]
+
+    def _stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # TorchDistBackend's
+
+    def _enqueue(
+        self,
+        group: PeerGroup,
+        launch: Launch,
+        timeout: float,
+        sent: int,
+        received: int,
+        ready: Future[Any] | None = None,
+    ) -> Handle:
+        """Queue a call in call order; its handle can withdraw it until the dispatcher starts it."""
+        fut = Handle()
+        with self._lock:
+            eg = self._current
+            if eg is None or eg.epoch != group.epoch or eg.group != group:
+                fut.set_exception(
+                    EpochChanged(f"{group.describe()}: not the installed group (epoch {self._epoch})")
+                )
+                return fut
+            self._pending[eg].add(fut)
+        call = QueuedCall(eg, launch, fut, time.monotonic() + timeout, sent, received, ready)
+        fut.bind(lambda: self._withdraw(call))
+        self._jobs.put(call)
+        return fut
+
+    def _withdraw(self, call: QueuedCall) -> bool:
+        with self._lock:
+            if call.started or call.future.done():
+                return False
+            self._pending.get(call.eg, set()).discard(call.future)
+        call.future.fail_cancelled(call.eg.group.describe())
+        return True
+
+    def send(self, tensor: torch.Tensor, *, group: PeerGroup, dest: int, key: int, timeout: float) -> Handle:
+        """See CollectiveBackend: resolves once the library delivered the tensor (copied at the call)."""
+        staged = self._stage(check_call(group, dest, key, tensor, "send"))
+
+        def launch(eg: EpochGroup) -> tuple[Any, Callable[[], torch.Tensor]]:
+            work = waitable(eg.pg.send([on_device(staged, eg)], dest, key), timeout)
+
+            def finish() -> torch.Tensor:
+                self._buffers.give(staged)
+                return tensor
+
+            return work, finish
+
+        return self._enqueue(group, launch, timeout, 4 * tensor.numel(), 0)
+
+    def recv(self, out: torch.Tensor, *, group: PeerGroup, src: int, key: int, timeout: float) -> Handle:
+        """See CollectiveBackend: `out` is written only once the message arrived whole."""
+        flat = check_call(group, src, key, out, "recv")
+
+        def launch(eg: EpochGroup) -> tuple[Any, Callable[[], torch.Tensor]]:
+            device = self.device if eg.backend_name == "nccl" else torch.device("cpu")
+            buf = self._buffers.take(flat.numel(), device)
+            work = waitable(eg.pg.recv([buf], src, key), timeout)
+
+            def finish() -> torch.Tensor:
+                flat.copy_(buf)
+                self._buffers.give(buf)
+                return out
+
+            return work, finish
+
+        return self._enqueue(group, launch, timeout, 0, 4 * flat.numel())
