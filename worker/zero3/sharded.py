@@ -52,10 +52,9 @@ from worker.zero3.staging import StagingPool
 
 logger = logging.getLogger(__name__)
 
-# Grace on top of the collective timeout before the compute thread gives up on a future itself.
-_WAIT_GRACE_S = 5.0
-# Host staging buffers of the largest unit's size (accelerator units): at most two gathers are outstanding
-# (one prefetch in flight, one landed and not yet used); the third spares a fallback allocation.
+_WAIT_GRACE_S = 5.0  # on top of the collective timeout, before the compute thread gives up on a future
+# Host staging buffers of the largest unit's size (accelerator units): at most two gathers outstanding, and
+# a third to spare a fallback allocation.
 STAGING_BUFFERS = 3
 
 
