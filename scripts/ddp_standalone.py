@@ -124,4 +124,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything is closed and written: skip the interpreter's teardown, where torch.distributed's native
+    # threads can abort the process (SIGABRT) after the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

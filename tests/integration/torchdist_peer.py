@@ -12,6 +12,7 @@ DIR/result.RANK.json.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -123,4 +124,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    # Everything is closed and written: skip the interpreter's teardown, where torch.distributed's native
+    # threads can abort the process (SIGABRT) after the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

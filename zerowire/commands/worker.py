@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
+import sys
 from typing import Any
 
 from zerowire.commands import CommandError
@@ -132,7 +134,13 @@ def handle(args: argparse.Namespace) -> int:
         coordinator_grace_s=args.coordinator_grace,
         tls=tls,
     )
-    return run_worker(cfg)
+    code = run_worker(cfg)
+    # The worker has left the cluster and closed its lanes: exit without the interpreter's teardown, where
+    # torch.distributed's native threads can abort the process (SIGABRT) after the work is done.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _tls(args: argparse.Namespace) -> tuple[Any, str]:

@@ -166,16 +166,23 @@ def test_one_backend_carries_each_call_in_its_own_codec(
     exact = [torch.empty(6) for _ in range(2)]
     reduced = [torch.empty(n) for _ in range(2)]
     sums = [torch.empty(3) for _ in range(2)]
-    futs = []
-    for r in range(2):
+    gathers = []
+    for r in range(2):  # a step gathers first: a peer's pushes are taken once this rank has published
         b, g = backends[r], groups[r]
-        futs += [
+        gathers += [
             b.all_gather(g, 0, 0, shards[r], outs[r], 10, codec="int8"),
             b.all_gather(g, 0, control, values[r], exact[r], 10, codec="none"),
+        ]
+    for f in gathers:
+        f.result(15)
+    reductions = []
+    for r in range(2):
+        b, g = backends[r], groups[r]
+        reductions += [
             b.reduce_scatter(g, 0, 0, fulls[r], reduced[r], 10, codec="int8"),
             b.reduce_scatter(g, 0, control, torch.cat(values), sums[r], 10),
         ]
-    for f in futs:
+    for f in reductions:
         f.result(15)
     want = torch.cat(shards)
     for r in range(2):

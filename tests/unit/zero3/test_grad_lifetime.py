@@ -4,6 +4,7 @@ next pass, and a pass holds only the shards of the units reduced so far."""
 from __future__ import annotations
 
 from concurrent.futures import Future
+from typing import Any
 
 import pytest
 import torch
@@ -35,10 +36,16 @@ def test_gradient_shards_live_from_their_reduction_to_the_next_pass() -> None:
         inner = backend.reduce_scatter
 
         def spy(
-            g: PeerGroup, step: int, unit: int, full: torch.Tensor, out: torch.Tensor, timeout: float
+            g: PeerGroup,
+            step: int,
+            unit: int,
+            full: torch.Tensor,
+            out: torch.Tensor,
+            timeout: float,
+            **options: Any,
         ) -> Future[torch.Tensor]:
             held_at_reduce.append(sum(u.grad_shard.numel() > 0 for u in engine.units))
-            return inner(g, step, unit, full, out, timeout)
+            return inner(g, step, unit, full, out, timeout, **options)
 
         backend.reduce_scatter = spy  # type: ignore[method-assign]
         after_begin: list[int] = []
