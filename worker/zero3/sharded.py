@@ -53,9 +53,7 @@ from worker.zero3.staging import StagingPool
 logger = logging.getLogger(__name__)
 
 _WAIT_GRACE_S = 5.0  # on top of the collective timeout, before the compute thread gives up on a future
-# Host staging buffers of the largest unit's size (accelerator units): at most two gathers outstanding, and
-# a third to spare a fallback allocation.
-STAGING_BUFFERS = 3
+STAGING_BUFFERS = 3  # host staging of accelerator units: two gathers outstanding at most, and one spare
 
 
 @dataclass
