@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import sys
 import threading
 import time
@@ -173,9 +172,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    # Everything is closed and written: skip the interpreter's teardown, where torch.distributed's native
-    # threads can abort the process (SIGABRT) after the work is done.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from zerowire.process_exit import exit_without_teardown
+
+    exit_without_teardown(main(sys.argv[1:]))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import statistics
 import sys
@@ -182,10 +181,6 @@ def _worker_main(argv: list[str], started_s: float) -> int:
 
 
 if __name__ == "__main__":
-    code = _worker_main(sys.argv[1:], started_s=time.time())
-    # The report is written and every group closed: skip the interpreter's teardown of torch (seconds of
-    # CPU on a busy host, between one contender's run and the next).
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from zerowire.process_exit import exit_without_teardown
+
+    exit_without_teardown(_worker_main(sys.argv[1:], started_s=time.time()))

@@ -134,20 +134,15 @@ def handle(args: argparse.Namespace) -> int:
         coordinator_grace_s=args.coordinator_grace,
         tls=tls,
     )
-    code = run_worker(cfg)
-    # The worker has left the cluster and closed its lanes: exit without the interpreter's teardown, where
-    # torch.distributed's native threads can abort the process (SIGABRT) after the work is done.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from zerowire.process_exit import exit_without_teardown
+
+    # the worker has left the cluster and closed its lanes
+    exit_without_teardown(run_worker(cfg))
 
 
 def _tls(args: argparse.Namespace) -> tuple[Any, str]:
     """The loaded TLS configuration (None: plaintext, announced when bound beyond loopback) and the
     coordinator URL (https:// by default with TLS)."""
-    import logging
-    import sys
 
     from communication.tls import TlsConfig, is_loopback, plaintext_banner
     from worker.identity import split_host_port
