@@ -2,8 +2,8 @@
 
 Training runs on its own thread; the asyncio loop runs the heartbeat (tied to the lifecycle, see
 worker/heartbeat.py), the barrier long-poll and signal handling. On EpochChanged / PeerLost /
-CollectiveTimeout (or a lost lease) the worker goes back to the barrier for a newer epoch and builds
-a new Trainer, which resumes from the newest complete checkpoint in the shared checkpoint folder.
+CollectiveTimeout (or a lost lease) the worker goes back to the barrier for a newer epoch, and its
+Manager (worker/manager.py) forms it: the members continue from the state they hold, without a rollback.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ from worker.identity import (
 )
 from worker.job import JobSpec, check_nested_timeouts
 from worker.lanes import default_backend_factory
-from worker.session import (
+from worker.manager import (
+    Manager,
     TrainerFactory,
-    TrainingSession,
     default_trainer_factory,
     in_thread,
     outcome_dict,
@@ -79,7 +79,7 @@ class WorkerDaemon:
         self.register_body: dict[str, Any] = {}
         self.interval_s = 0.5
         self.timeout_s = 2.0
-        self.session: TrainingSession | None = None
+        self.session: Manager | None = None
         self.formations = 0
         self.members: tuple[str, ...] = ()
 
@@ -154,7 +154,7 @@ class WorkerDaemon:
         except ValueError as exc:
             await self.client.leave(self.worker_id)
             raise ConfigError(str(exc)) from None
-        self.session = TrainingSession(self.cfg, self.t, self.backend, self.trainer_factory)
+        self.session = Manager(self.cfg, self.t, self.backend, self.trainer_factory)
         self.heartbeat = Heartbeat(
             self.client,
             self.t,
@@ -230,7 +230,9 @@ class WorkerDaemon:
                 self.t.update(state="training", epoch=group.epoch)
                 self.formations += 1
                 log.info("worker %s: training in %s", self.worker_id, group.describe())
-                outcome = await in_thread(partial(session.run, job, group), f"train-{self.worker_id}")
+                outcome = await in_thread(
+                    partial(session.run, job, group, self.members), f"train-{self.worker_id}"
+                )
             except (CommError, LeaseLost) as exc:
                 if isinstance(exc, Unauthenticated):
                     raise

@@ -6,9 +6,11 @@ to their owners, summed in rank order in fp32), divide the owned gradient shards
 clip by global norm if asked, step the sharded optimizer on the owned shards. The reported loss is the
 global mean (per-rank sums all-gathered, added in rank order).
 
-Commit lags one step: ``commit(s - 1)`` is sent once the gradients of step ``s`` are reduced, because only
-then is every peer certainly done pulling what this rank serves for step ``s - 1`` (parameter shards and
-the small all-gathers of losses and norms). The backend therefore keeps at most two steps' shards.
+Step commit (``worker.commit``): the averaged gradient shards are mirrored to the buddy (``worker.buddy``),
+the update is staged, and it is applied, here and on the buddy's replica, only once the exact vote of every
+member arrived; a non-finite loss or gradient anywhere skips the step on every rank. The wire's own
+``commit(s - 1)`` (releasing what this rank serves) is sent once the gradients of step ``s`` are reduced,
+because only then is every peer certainly done pulling what this rank serves for step ``s - 1``.
 
 Precision: the job's ``param_dtype`` is the compute dtype of the gathered parameters and of the inputs
 (no autocast); the loss is computed in fp32 from the logits, gradients are reduced in fp32 and the fp32
@@ -33,6 +35,8 @@ import torch.nn.functional as F
 
 from communication.backend import CollectiveBackend
 from communication.group import PeerGroup
+from worker import commit
+from worker.buddy import GradExchange, Replica
 from worker.data import GlobalBatchSampler, load_dataset, rank_slice
 from worker.durable import write_atomic
 from worker.job import JobSpec
@@ -41,7 +45,8 @@ from worker.zero3 import precision, snapshot
 from worker.zero3 import state as zstate
 from worker.zero3.channels import Channel
 from worker.zero3.materialize import build_sharded
-from worker.zero3.optim import ShardedOptimizer, clip_coefficient, local_sq_norm
+from worker.zero3.optim import ShardedOptimizer, local_sq_norm
+from worker.zero3.schedule import lr_at
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +65,7 @@ class StepReport:
     comm_s: float  # summed in-flight time of the step's collectives (overlaps compute)
     wait_s: float  # compute thread blocked on collectives
     lr: float = 0.0
+    skipped: bool = False  # a non-finite loss or gradient somewhere: nothing was applied
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,9 @@ class Trainer:
         data_dir: Path | None = None,
         checkpoint_dir: Path | None = None,
         collective_timeout: float = 30.0,
+        restore: bool = True,
     ) -> None:
+        """``restore``: resume from the newest complete checkpoint now (else see ``restore_checkpoint``)."""
         if job.global_batch < group.world_size:
             raise ValueError(
                 f"global_batch {job.global_batch} is smaller than the world size {group.world_size}"
@@ -125,7 +133,13 @@ class Trainer:
         self._buffers_synced_at: int | None = None
         self._evaluated: dict[int, EvalReport] = {}
         self._barriers: dict[int, int] = {}
-        if checkpoint_dir is not None:
+        self.exchange = GradExchange(backend, group, collective_timeout)
+        self.replica: Replica | None = None  # the ward's mirror (set once the formation replicated)
+        self.staged: commit.Staged | None = None
+        self.last_decision: commit.Decision | None = None
+        self.skipped = 0
+        self.may_commit: Callable[[], None] = lambda: None  # raises when this rank must not commit
+        if checkpoint_dir is not None and restore:
             self._resume(checkpoint_dir)
 
     # -- public --------------------------------------------------------------------------------------------
@@ -194,22 +208,19 @@ class Trainer:
             # Every peer has now contributed its gradients of `step`, so it is done with everything of
             # `step - 1` (including pulling our small all-gathers of it): release what we serve for it.
             self.backend.commit(group, step - 1)
-        loss_fut, loss_out = zstate.allgather_values_async(engine, step, Channel.METRICS, loss.reshape(1))
         grads = [g.div_(job.global_batch) for g in engine.grad_shards]
-        coef = 1.0
-        if job.grad_clip > 0:
-            parts = zstate.allgather_values(engine, step, Channel.GRAD_NORM, local_sq_norm(grads).reshape(1))
-            coef = clip_coefficient(float(zstate.rank_order_sum(parts)), job.grad_clip)
-        engine._wait(loss_fut)  # before the update: a step that fails anywhere changes nothing here
-        losses = zstate.split_values(engine, loss_out)
-        total_loss = float(zstate.rank_order_sum(losses)) / job.global_batch
-        lr = self.optimizer.step(grads, step, coef)
-        self.steps_done = step + 1
+        ward_grads = self.exchange.exchange(grads, step) if self.replica is not None else None
+        self.staged = commit.Staged(step, grads, ward_grads)
+        vote = commit.vote_values(loss, local_sq_norm(grads), not engine.nonfinite)
+        self.may_commit()
+        votes = zstate.allgather_values(engine, step, Channel.VOTE, vote)
+        decision = commit.decide(step, votes, job.global_batch)
+        lr = self.apply(decision)
         elapsed = time.perf_counter() - t0
         stats = engine.stats
         report = StepReport(
             step=step,
-            loss=total_loss,
+            loss=decision.loss,
             samples=job.global_batch,
             world_size=group.world_size,
             step_time_s=elapsed,
@@ -217,16 +228,44 @@ class Trainer:
             comm_s=stats.comm_s,
             wait_s=stats.wait_s,
             lr=lr,
+            skipped=decision.skip,
         )
         logger.debug(
             "%s step=%d loss=%.4f time=%.3fs wait=%.3fs",
             group.describe(),
             step,
-            total_loss,
+            decision.loss,
             elapsed,
             stats.wait_s,
         )
         return report
+
+    def apply(self, decision: commit.Decision) -> float:
+        """Apply the staged update of ``decision.step`` (own shards, the ward's replica); returns the lr."""
+        staged = self.staged
+        if staged is None or staged.step != decision.step or decision.step != self.steps_done:
+            raise RuntimeError(f"no staged update of step {decision.step} (next step {self.steps_done})")
+        if decision.skip:
+            self.skipped += 1
+            logger.warning(
+                "%s: step %d skipped on every rank (non-finite values)", self.group.describe(), decision.step
+            )
+            lr = lr_at(self.job, decision.step)
+        else:
+            coef = decision.clip_coef(self.job)
+            lr = self.optimizer.step(staged.grads, decision.step, coef)
+            if self.replica is not None and staged.ward_grads is not None:
+                self.replica.apply(staged.ward_grads, decision.step, coef)
+        self.staged = None
+        self.last_decision = decision
+        self.steps_done = decision.step + 1
+        return lr
+
+    def restore_checkpoint(self) -> int | None:
+        """Collective: resume from the newest complete checkpoint every rank sees; its step, or None."""
+        if self.checkpoint_dir is not None:
+            self._resume(self.checkpoint_dir)
+        return self.resumed_from
 
     def evaluate(self) -> EvalReport:
         """Test loss and accuracy of the current model (collective; every rank returns the same report)."""

@@ -40,6 +40,11 @@ CLIP_EPS = 1e-6
 _STATE_NAMES = {"sgd": ("momentum_buffer",), "adamw": ("exp_avg", "exp_avg_sq")}
 
 
+def state_names(job: JobSpec) -> tuple[str, ...]:
+    """The per-unit optimizer-state tensors of ``job``'s optimizer, each shaped like a shard."""
+    return _STATE_NAMES[job.optimizer]
+
+
 def local_sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """fp32 sum of squares of this rank's gradient shards (0-dim tensor). Padding is zero and adds nothing."""
     total = torch.zeros((), dtype=torch.float32)

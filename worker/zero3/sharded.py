@@ -44,6 +44,7 @@ from torch.utils._pytree import tree_flatten
 from communication.backend import Codec, CollectiveBackend, UnitSpec
 from communication.errors import CollectiveTimeout
 from communication.group import PeerGroup
+from communication.tensor_stream import all_finite
 from worker.zero3 import precision
 from worker.zero3.channels import channel_specs
 from worker.zero3.flat_unit import FlatUnit, UnitState
@@ -121,6 +122,7 @@ class ShardedModule:
         self._order: list[int] = [u.index for u in self._body]  # predicted forward order
         self._seen: list[int] = []  # this pass's forward order
         self._step: int | None = None
+        self.nonfinite = False
         self._prefetching: FlatUnit | None = None
         # Reductions in flight: (future, [full gradient, until the future is done], target, unit).
         self._pending: list[tuple[Future[torch.Tensor], list[torch.Tensor], torch.Tensor, FlatUnit]] = []
@@ -168,6 +170,7 @@ class ShardedModule:
         """Start a pass whose collectives use step key ``step``; drops the leftovers of an aborted pass."""
         self._abandon()
         self._step = step
+        self.nonfinite = False  # a gradient of this pass was not finite (zeros were reduced instead)
         self.stats = PassStats()
         for u in self.units:
             u.reset_pass()
@@ -371,6 +374,9 @@ class ShardedModule:
         assert self._step is not None
         self._release_reduced()
         flat = unit.flat_grad()
+        if not all_finite(flat):  # never sent: the step's vote skips it on every rank (worker.commit)
+            self.nonfinite = True
+            flat.zero_()
         target = unit.grad_target()
         group, step, codec = self.group, self._step, self.codec
         fut = self.backend.reduce_scatter(group, step, unit.index, flat, target, self.timeout, codec=codec)

@@ -169,7 +169,7 @@ def test_the_engine_declares_its_units_and_control_channels() -> None:
             u.index: UnitSpec(u.plan.shard_numel, "int8") for u in engine.units
         }
         # control channels: raw fp32 values under their own ids, apart from the units'
-        assert plan[channel_unit(Channel.METRICS)] == UnitSpec(1) and plan[
+        assert plan[channel_unit(Channel.VOTE)] == UnitSpec(3) and plan[
             channel_unit(Channel.EVAL)
         ] == UnitSpec(3)
         assert all(plan[barrier_unit(k)] == UnitSpec(1) for k in range(BARRIER_SLOTS))
