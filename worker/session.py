@@ -90,6 +90,7 @@ class TrainingSession:
             data_dir=self.cfg.data_dir,
             checkpoint_dir=self.cfg.checkpoint_dir,
             collective_timeout=self.cfg.collective_timeout_s,
+            startup_timeout=self.cfg.startup_timeout_s,
         )
         outcome = trainer.run(
             on_step=lambda report: self.on_step(group, report),

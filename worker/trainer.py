@@ -93,6 +93,7 @@ class Trainer:
         data_dir: Path | None = None,
         checkpoint_dir: Path | None = None,
         collective_timeout: float = 30.0,
+        startup_timeout: float | None = None,  # until the first step is committed (default: collective)
     ) -> None:
         if job.global_batch < group.world_size:
             raise ValueError(
@@ -114,11 +115,12 @@ class Trainer:
                 group,
                 backend,
                 device=device,
-                timeout=collective_timeout,
+                timeout=collective_timeout if startup_timeout is None else startup_timeout,
                 codec=job.compression,
                 param_dtype=self.param_dtype,
             )
         self.optimizer = ShardedOptimizer(self.engine.shards, job)
+        self.collective_timeout = collective_timeout
         self.sampler = GlobalBatchSampler(int(self.data.train_x.shape[0]), job.global_batch, job.seed)
         self.steps_done = 0
         self.resumed_from: int | None = None
@@ -205,6 +207,7 @@ class Trainer:
         total_loss = float(zstate.rank_order_sum(losses)) / job.global_batch
         lr = self.optimizer.step(grads, step, coef)
         self.steps_done = step + 1
+        engine.timeout = self.collective_timeout  # past start-up: the steady-state timeout
         elapsed = time.perf_counter() - t0
         stats = engine.stats
         report = StepReport(
