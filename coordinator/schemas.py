@@ -146,6 +146,12 @@ class ReadyResponse(BaseModel):
 class JobResponse(BaseModel):
     job: dict[str, Any]
     job_hash: str
+    collective_timeout_s: float = Field(description="workers' collective timeout after an epoch's first step")
+    startup_timeout_s: float = Field(
+        description="workers' collective timeout until an epoch's first step is committed (model build, "
+        "resume, first step); >= collective_timeout_s"
+    )
+    barrier_timeout_s: float = Field(description="how long a worker waits at the barrier for an epoch")
 
 
 class ClusterStatus(BaseModel):

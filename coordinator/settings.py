@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.job import check_nested_timeouts
+from worker.job import check_timeouts
 
 
 class CoordinatorSettings(BaseSettings):
@@ -29,7 +29,10 @@ class CoordinatorSettings(BaseSettings):
     insecure_no_auth: bool = False
     heartbeat_interval: float = Field(0.5, gt=0.0, le=3600.0)
     heartbeat_timeout: float = Field(2.0, gt=0.0, le=86_400.0)
-    collective_timeout: float = Field(30.0, gt=0.0)
+    collective_timeout: float = Field(30.0, gt=0.0, description="workers' collective timeout once training")
+    startup_timeout: float = Field(
+        120.0, gt=0.0, description="workers' collective timeout before an epoch's first step is committed"
+    )
     barrier_timeout: float = Field(600.0, gt=0.0)
     restart_grace: float | None = Field(
         None,
@@ -57,13 +60,12 @@ class CoordinatorSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> CoordinatorSettings:
-        check_nested_timeouts(
-            [
-                ("heartbeat interval", self.heartbeat_interval),
-                ("heartbeat timeout", self.heartbeat_timeout),
-                ("collective timeout", self.collective_timeout),
-                ("barrier timeout", self.barrier_timeout),
-            ]
+        check_timeouts(
+            self.heartbeat_interval,
+            self.heartbeat_timeout,
+            self.collective_timeout,
+            self.startup_timeout,
+            self.barrier_timeout,
         )
         if not self.insecure_no_auth and (self.token is None or not self.token.get_secret_value()):
             raise ValueError(

@@ -38,11 +38,13 @@ from worker.formation import (
 from worker.heartbeat import Heartbeat, LeaseLost, Telemetry, run_tied
 from worker.identity import (
     WorkerConfig,
+    adopt_timeouts,
     advertised_address,
+    check_worker_timeouts,
     describe_device,
     parse_job_answer,
 )
-from worker.job import JobSpec, check_nested_timeouts
+from worker.job import JobSpec
 from worker.lanes import default_backend_factory
 from worker.manager import (
     Manager,
@@ -67,7 +69,9 @@ class WorkerDaemon:
     ) -> None:
         self.cfg = cfg
         self.trainer_factory = trainer_factory
-        self.backend_factory = backend_factory or partial(default_backend_factory, cfg=cfg)
+        self.backend_factory = backend_factory or (  # built with the coordinator's timeouts
+            lambda job, token: default_backend_factory(job, token, cfg=self.cfg)
+        )
         self.client = CoordinatorClient(
             cfg.coordinator, cfg.token, transport=transport, verify=client_ssl_context(cfg.tls)
         )
@@ -101,7 +105,9 @@ class WorkerDaemon:
 
     async def _run(self) -> int:
         try:
-            job, job_hash = parse_job_answer(await self.client.job())
+            answer = await self.client.job()
+            job, job_hash = parse_job_answer(answer)
+            self.cfg = adopt_timeouts(self.cfg, answer)  # the coordinator's timeouts win
         except ValueError as exc:  # pydantic's ValidationError included
             raise JobMismatch(
                 f"cannot read the coordinator's job (another zerowire version?): {exc}"
@@ -143,14 +149,7 @@ class WorkerDaemon:
         tls = describe_tls(self.cfg.tls)
         log.info("worker %s: registered as %s:%d (gRPC on %s, %s)", self.worker_id, host, adv_port, port, tls)
         try:
-            check_nested_timeouts(
-                [
-                    ("heartbeat interval", self.interval_s),
-                    ("heartbeat timeout", self.timeout_s),
-                    ("collective timeout", self.cfg.collective_timeout_s),
-                    ("barrier timeout", self.cfg.barrier_timeout_s),
-                ]
-            )
+            check_worker_timeouts(self.cfg, self.interval_s, self.timeout_s)
         except ValueError as exc:
             await self.client.leave(self.worker_id)
             raise ConfigError(str(exc)) from None

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import logging
+import math
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from communication.tls import TlsConfig
-from worker.job import JobSpec
+from worker.job import JobSpec, check_timeouts
+
+log = logging.getLogger(__name__)
+COORDINATOR_TIMEOUTS = ("collective_timeout_s", "startup_timeout_s", "barrier_timeout_s")
 
 
 @dataclass(frozen=True)
@@ -30,7 +37,9 @@ class WorkerConfig:
     min_workers: int | None = None
     threads: int | None = None
     expect_job_hash: str | None = None
-    collective_timeout_s: float = 30.0
+    # The coordinator's values (GET /job) replace these three; see adopt_timeouts.
+    collective_timeout_s: float = 30.0  # a collective once the epoch has committed a step
+    startup_timeout_s: float = 120.0  # a collective before that (model build, resume, first steps)
     barrier_timeout_s: float = 600.0
     barrier_poll_s: float = 10.0
     coordinator_grace_s: float = 30.0
@@ -129,3 +138,33 @@ def parse_job_answer(body: dict[str, Any]) -> tuple[JobSpec, str]:
     if not isinstance(announced, str):
         raise ValueError("GET /job answered no job hash")
     return JobSpec(**spec), announced
+
+
+def adopt_timeouts(cfg: WorkerConfig, job_answer: Mapping[str, Any]) -> WorkerConfig:
+    """``cfg`` with the collective, start-up and barrier timeouts of the coordinator's `GET /job` answer:
+    the coordinator's values win, so every worker of a job uses the same. ValueError if one is missing."""
+    values: list[float] = []
+    for key in COORDINATOR_TIMEOUTS:
+        v = job_answer.get(key)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v > 0):
+            raise ValueError(f"GET /job answered no valid {key}: {v!r}")
+        values.append(float(v))
+    log.info(
+        "timeouts from the coordinator: %s",
+        ", ".join(f"{k} {v:g}" for k, v in zip(COORDINATOR_TIMEOUTS, values, strict=True)),
+    )
+    collective, startup, barrier = values
+    return dataclasses.replace(
+        cfg, collective_timeout_s=collective, startup_timeout_s=startup, barrier_timeout_s=barrier
+    )
+
+
+def check_worker_timeouts(cfg: WorkerConfig, heartbeat_interval_s: float, heartbeat_timeout_s: float) -> None:
+    """ValueError unless the heartbeat settings and ``cfg``'s timeouts nest (worker.job.check_timeouts)."""
+    check_timeouts(
+        heartbeat_interval_s,
+        heartbeat_timeout_s,
+        cfg.collective_timeout_s,
+        cfg.startup_timeout_s,
+        cfg.barrier_timeout_s,
+    )

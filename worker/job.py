@@ -10,7 +10,7 @@ import hashlib
 import itertools
 import json
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -79,15 +79,33 @@ def load_job_file(path: str | Path) -> dict[str, object]:
     return dict(table)
 
 
-def check_nested_timeouts(order: Sequence[tuple[str, float]]) -> None:
-    """ValueError unless every named timeout is shorter than the next one (and the first is positive):
-    heartbeat interval < heartbeat timeout < collective timeout < barrier timeout."""
-    chain = " < ".join(f"{n} ({v:g} s)" for n, v in order)
+def check_nested_timeouts(order: Sequence[tuple[str, float]], *, may_equal: Collection[str] = ()) -> None:
+    """ValueError unless every named timeout is shorter than the next one (and the first is positive); a
+    timeout named in ``may_equal`` may also equal the one before it."""
+    chain = "".join(
+        f"{' <= ' if n in may_equal else ' < '}{n} ({v:g} s)" if i else f"{n} ({v:g} s)"
+        for i, (n, v) in enumerate(order)
+    )
     if order and not order[0][1] > 0:
         raise ValueError(f"timeouts must be positive: {chain}")
     for (name_a, a), (name_b, b) in itertools.pairwise(order):
-        if not a < b:
+        if not (a <= b if name_b in may_equal else a < b):
+            relation = "must not be longer than" if name_b in may_equal else "must be shorter than"
             raise ValueError(
-                f"timeouts must nest: {name_a} ({a:g} s) must be shorter than {name_b} ({b:g} s); "
-                f"required: {chain}"
+                f"timeouts must nest: {name_a} ({a:g} s) {relation} {name_b} ({b:g} s); required: {chain}"
             )
+
+
+def check_timeouts(
+    heartbeat_interval: float, heartbeat_timeout: float, collective: float, startup: float, barrier: float
+) -> None:
+    """The nesting coordinator and workers both check (ValueError otherwise): heartbeat interval <
+    heartbeat timeout < collective timeout <= startup timeout < barrier timeout."""
+    order = [
+        ("heartbeat interval", heartbeat_interval),
+        ("heartbeat timeout", heartbeat_timeout),
+        ("collective timeout", collective),
+        ("startup timeout", startup),
+        ("barrier timeout", barrier),
+    ]
+    check_nested_timeouts(order, may_equal={"startup timeout"})

@@ -13,8 +13,8 @@ from worker.job import JobSpec
 def default_backend_factory(job: JobSpec, token: str, *, cfg: WorkerConfig) -> Any:
     """The worker's collective backend: a HierarchicalBackend over a GrpcBackend (the job's int8 block
     size, the worker's TLS; the engine names each call's codec) and a TorchDistBackend on the worker's
-    device (NCCL when every co-located member has CUDA, gloo otherwise), both with the worker's
-    collective timeout."""
+    device (NCCL when every co-located member has CUDA, gloo otherwise). Each call names its own
+    timeout; the library's is the start-up timeout, the longest any call is given."""
     from communication.grpc_backend import GrpcBackend
     from communication.hierarchical import HierarchicalBackend
     from communication.torchdist import TorchDistBackend
@@ -23,7 +23,7 @@ def default_backend_factory(job: JobSpec, token: str, *, cfg: WorkerConfig) -> A
     device, _, _ = describe_device(cfg.device)
     local = TorchDistBackend(
         device=device,
-        collective_timeout=cfg.collective_timeout_s,
+        collective_timeout=cfg.startup_timeout_s,
         rendezvous_timeout=cfg.collective_timeout_s,
     )
     return HierarchicalBackend(remote, local)

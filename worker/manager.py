@@ -112,6 +112,7 @@ class Manager:
             data_dir=self.cfg.data_dir,
             checkpoint_dir=self.cfg.checkpoint_dir,
             collective_timeout=self.cfg.collective_timeout_s,
+            startup_timeout=self.cfg.startup_timeout_s,
             restore=False,
         )
         if isinstance(trainer, Trainer):  # a scripted stand-in (tests) carries no state to hand over

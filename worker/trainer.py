@@ -99,6 +99,7 @@ class Trainer:
         data_dir: Path | None = None,
         checkpoint_dir: Path | None = None,
         collective_timeout: float = 30.0,
+        startup_timeout: float | None = None,  # until the first step is committed (default: collective)
         restore: bool = True,
     ) -> None:
         """``restore``: resume from the newest complete checkpoint now (else see ``restore_checkpoint``)."""
@@ -122,11 +123,12 @@ class Trainer:
                 group,
                 backend,
                 device=device,
-                timeout=collective_timeout,
+                timeout=collective_timeout if startup_timeout is None else startup_timeout,
                 codec=job.compression,
                 param_dtype=self.param_dtype,
             )
         self.optimizer = ShardedOptimizer(self.engine.shards, job)
+        self.collective_timeout = collective_timeout
         self.sampler = GlobalBatchSampler(int(self.data.train_x.shape[0]), job.global_batch, job.seed)
         self.steps_done = 0
         self.resumed_from: int | None = None
@@ -209,6 +211,7 @@ class Trainer:
             # `step - 1` (including pulling our small all-gathers of it): release what we serve for it.
             self.backend.commit(group, step - 1)
         grads = [g.div_(job.global_batch) for g in engine.grad_shards]
+        self.exchange.timeout = engine.timeout  # the start-up timeout until the first step is done
         ward_grads = self.exchange.exchange(grads, step) if self.replica is not None else None
         self.staged = commit.Staged(step, grads, ward_grads)
         vote = commit.vote_values(loss, local_sq_norm(grads), not engine.nonfinite)
@@ -216,6 +219,7 @@ class Trainer:
         votes = zstate.allgather_values(engine, step, Channel.VOTE, vote)
         decision = commit.decide(step, votes, job.global_batch)
         lr = self.apply(decision)
+        engine.timeout = self.collective_timeout  # past start-up: the steady-state timeout
         elapsed = time.perf_counter() - t0
         stats = engine.stats
         report = StepReport(

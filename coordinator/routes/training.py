@@ -66,4 +66,12 @@ def _ranked(w: RankedWorker) -> RankedWorkerView:
     responses=errors(401),
 )
 async def job(service: ServiceDep) -> JobResponse:
-    return JobResponse(job=service.job.model_dump(mode="json"), job_hash=service.job_hash)
+    """The job spec and its hash, and the timeouts every worker adopts (they win over the worker's own)."""
+    s = service.settings
+    return JobResponse(
+        job=service.job.model_dump(mode="json"),
+        job_hash=service.job_hash,
+        collective_timeout_s=s.collective_timeout,
+        startup_timeout_s=s.startup_timeout,
+        barrier_timeout_s=s.barrier_timeout,
+    )

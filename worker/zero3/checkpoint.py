@@ -3,7 +3,7 @@
 Layout (``step`` = steps completed, i.e. the first step to run after resuming)::
 
     DIR/step-000120/rank-00001-of-00003.safetensors   tensors of rank 1 of 3
-    DIR/step-000120/rank-00001-of-00003.json          its manifest (step, world size, job hash, sha256, ...)
+    DIR/step-000120/rank-00001-of-00003.json          its manifest (epoch, step, world size, sha256, ...)
 
 Tensor names: ``u{k}.param`` is the rank's flat shard of unit k, ``u{k}.<state>`` an optimizer-state tensor
 of the same layout (both are *sharded*); any other name (``buffer.<name>``, ``step``, ...) is *replicated*:
@@ -16,6 +16,12 @@ file, so a part exists only once both are durable. A checkpoint is complete iff 
 exist, agree with each other and match their checksums. Loading never returns a partial result: any missing,
 corrupt or mismatched part raises ``CheckpointError``. Every rank reads every part when re-sharding, so the
 directory must be visible to all ranks (same host or a shared file system).
+
+Fencing: every manifest carries the membership ``epoch`` of the group that wrote it, and the N parts of a
+complete checkpoint all carry the same one (manifests of format v1, without an epoch, are not parts). A
+writer refuses (``CheckpointError``) to replace a part whose manifest carries a newer epoch, checked before
+each rename, so a worker of an old epoch that writes late loses; should it race past that check, the part
+no longer matches the others' epoch or its checksum, and the checkpoint is incomplete, never mixed.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from worker.durable import fsync_dir, sha256_file, write_atomic
 logger = logging.getLogger(__name__)
 
 FORMAT = "zerowire-shard-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: manifests carry the membership epoch
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _MANIFEST = re.compile(r"^rank-(\d+)-of-(\d+)\.json$")
 _SHARDED = re.compile(r"^u(\d+)\.(.+)$")
@@ -48,13 +54,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupt, or belongs to another job or model."""
 
 
+class _MixedEpochs(CheckpointError):
+    """The parts of one world size come from different membership epochs."""
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """A complete, verified checkpoint: ``step`` steps done, saved by ``world_size`` ranks."""
+    """A complete, verified checkpoint: ``step`` steps done, saved by ``world_size`` ranks of ``epoch``."""
 
     path: Path
     step: int
     world_size: int
+    epoch: int
     job_hash: str
     unit_numels: tuple[int, ...]
     extra: dict[str, Any] = field(compare=False, hash=False)
@@ -98,14 +109,19 @@ def save_shards(
     unit_numels: list[int],
     tensors: dict[str, torch.Tensor],
     extra: dict[str, Any],
+    *,
+    epoch: int,
 ) -> Path:
-    """Write this rank's part of the checkpoint of ``step``; returns the manifest path.
+    """Write this rank's part of the checkpoint of ``step``, written by membership ``epoch``.
 
-    ``extra`` must be JSON-serialisable (stored in the manifest; rank 0's is exposed as
-    ``CheckpointInfo.extra``). Bad input raises ``ValueError`` before anything is written.
+    Returns the manifest path. ``extra`` must be JSON-serialisable (stored in the manifest; rank 0's is
+    exposed as ``CheckpointInfo.extra``). Bad input raises ``ValueError`` before anything is written; a part
+    already written by a newer epoch raises ``CheckpointError`` and is left as it is.
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
+    if not _is_epoch(epoch):
+        raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of {world_size}")
     if not job_hash:
@@ -129,10 +145,13 @@ def save_shards(
     if created:
         fsync_dir(out.parent)
     base = part_name(rank, world_size)
+    manifest_path = out / f"{base}.json"
+    _refuse_if_newer(manifest_path, epoch)
     write_atomic(out / f"{base}.safetensors", data)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
+        "epoch": epoch,
         "step": step,
         "world_size": world_size,
         "rank": rank,
@@ -145,10 +164,24 @@ def save_shards(
         "tensors": {name: {"dtype": str(t.dtype), "shape": list(t.shape)} for name, t in payload.items()},
         "extra": extra_json,
     }
-    manifest_path = out / f"{base}.json"
+    _refuse_if_newer(manifest_path, epoch)
     write_atomic(manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
-    logger.info("checkpoint step %d: rank %d/%d wrote %d bytes to %s", step, rank, world_size, len(data), out)
+    logger.info("checkpoint step %d: rank %d/%d of epoch %d wrote %s", step, rank, world_size, epoch, out)
     return manifest_path
+
+
+def _is_epoch(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _refuse_if_newer(manifest_path: Path, epoch: int) -> None:
+    """Raise if the part at ``manifest_path`` was written by an epoch newer than ``epoch``."""
+    try:
+        existing = _read_manifest(manifest_path)["epoch"] if manifest_path.exists() else -1
+    except CheckpointError:
+        return  # not a part (unreadable or of another format): may be replaced
+    if existing > epoch:
+        raise CheckpointError(f"{manifest_path}: epoch {existing} wrote it, newer than epoch {epoch}: kept")
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -157,7 +190,11 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable manifest: {e}") from e
     if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
-        raise CheckpointError(f"{path}: not a {FORMAT} v{VERSION} manifest")
+        old = isinstance(m, dict) and m.get("version") == 1
+        why = " (v1 manifests carry no membership epoch)" if old else ""
+        raise CheckpointError(f"{path}: not a {FORMAT} v{VERSION} manifest{why}")
+    if not _is_epoch(m.get("epoch")):
+        raise CheckpointError(f"{path}: manifest has no valid membership epoch: {m.get('epoch')!r}")
     return m
 
 
@@ -169,6 +206,9 @@ def _verify_parts(directory: Path, world_size: int, check_data: bool) -> Checkpo
         if not path.exists():
             raise CheckpointError(f"{directory}: part {rank} of {world_size} is missing ({path.name})")
         manifests.append(_read_manifest(path))
+    epochs = [m["epoch"] for m in manifests]
+    if len(set(epochs)) > 1:
+        raise _MixedEpochs(f"{directory}: the {world_size} parts come from epochs {epochs} (by rank)")
     first = manifests[0]
     for rank, m in enumerate(manifests):
         for key in ("step", "world_size", "job_hash", "unit_numels"):
@@ -190,6 +230,7 @@ def _verify_parts(directory: Path, world_size: int, check_data: bool) -> Checkpo
         path=directory,
         step=int(first["step"]),
         world_size=world_size,
+        epoch=int(first["epoch"]),
         job_hash=str(first["job_hash"]),
         unit_numels=tuple(int(n) for n in first["unit_numels"]),
         extra=dict(first.get("extra") or {}),
@@ -208,15 +249,18 @@ def _step_dirs(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def _worlds(path: Path) -> list[int]:
+    """The world sizes of the manifests in a step directory."""
+    return sorted({int(m.group(2)) for p in path.iterdir() if (m := _MANIFEST.match(p.name))})
+
+
 def _complete_in(path: Path, job_hash: str | None, verify: bool) -> CheckpointInfo | None:
-    worlds = set()
-    for p in path.iterdir():
-        m = _MANIFEST.match(p.name)
-        if m:
-            worlds.add(int(m.group(2)))
-    for world_size in sorted(worlds):
+    for world_size in _worlds(path):
         try:
             info = _verify_parts(path, world_size, check_data=verify)
+        except _MixedEpochs as e:
+            logger.warning("checkpoint %s is not complete: %s", path, e)
+            continue
         except CheckpointError as e:
             logger.debug("checkpoint %s at world size %d is not complete: %s", path, world_size, e)
             continue
@@ -248,7 +292,7 @@ def _resolve(source: Path | str | CheckpointInfo, job_hash: str) -> CheckpointIn
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if _STEP_DIR.match(path.name):
-        worlds = sorted({int(m.group(2)) for p in path.iterdir() if (m := _MANIFEST.match(p.name))})
+        worlds = _worlds(path)
         if not worlds:
             raise CheckpointError(f"{path}: no manifests")
         errors = []
@@ -299,6 +343,8 @@ def load_resharded(
             data = data_path.read_bytes()
         except OSError as e:
             raise CheckpointError(f"{data_path}: unreadable: {e}") from e
+        if manifest["epoch"] != info.epoch:
+            raise CheckpointError(f"{data_path}: part replaced by epoch {manifest['epoch']}")
         digest = hashlib.sha256(data).hexdigest()
         if digest != manifest.get("sha256") or digest != info.sha256[old_rank]:
             raise CheckpointError(f"{data_path}: sha256 mismatch (corrupt or replaced)")
@@ -335,14 +381,8 @@ def load_resharded(
             lo, hi = max(old_start, new_start), min(old_stop, new_stop, n)
             if lo < hi:
                 dest[lo - new_start : hi - new_start] = t[lo - old_start : hi - old_start]
-    logger.info(
-        "checkpoint step %d loaded from world size %d for rank %d/%d (%d tensors)",
-        info.step,
-        old_n,
-        new_rank,
-        new_world_size,
-        len(out),
-    )
+    msg = "checkpoint step %d (epoch %d, world size %d) loaded for rank %d/%d"
+    logger.info(msg, info.step, info.epoch, old_n, new_rank, new_world_size)
     return out
 
 
@@ -369,7 +409,5 @@ def prune(directory: Path | str, keep: int = 2) -> list[Path]:
         removed.append(path)
     if removed:
         fsync_dir(Path(directory))
-        logger.info(
-            "pruned %d checkpoint directories under %s (kept steps %s)", len(removed), directory, kept
-        )
+        logger.info("pruned %d checkpoint directories under %s (kept %s)", len(removed), directory, kept)
     return removed

@@ -33,7 +33,10 @@ def unit_numels(engine: ShardedModule) -> list[int]:
 def save(
     engine: ShardedModule, optimizer: ShardedOptimizer, job: JobSpec, directory: Path, step: int
 ) -> Path:
-    """Write this rank's part of the checkpoint of ``step`` (steps done); buffers must be synced already."""
+    """Write this rank's part of the checkpoint of ``step`` (steps done), fenced by the group's epoch.
+
+    Buffers must be synced already. Raises ``CheckpointError`` when a newer epoch already wrote this part.
+    """
     tensors: dict[str, torch.Tensor] = {f"u{u.index}.param": u.shard for u in engine.units}
     tensors.update(optimizer.state_tensors())
     for name, b in engine.model.named_buffers():
@@ -47,7 +50,8 @@ def save(
         job.hash,
         unit_numels(engine),
         tensors,
-        {"model": job.model, "epoch": group.epoch},
+        {"model": job.model},
+        epoch=group.epoch,
     )
     if group.rank == 0:
         ckpt.prune(directory, keep=KEEP)

@@ -27,6 +27,7 @@ SERVER_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
     ("--heartbeat-interval", "heartbeat_interval", float, "seconds between worker heartbeats (default 0.5)"),
     ("--heartbeat-timeout", "heartbeat_timeout", float, "silence after which a worker is dead (default 2)"),
     ("--collective-timeout", "collective_timeout", float, "workers' collective timeout (default 30)"),
+    ("--startup-timeout", "startup_timeout", float, "workers' start-up collective timeout (default 120)"),
     ("--barrier-timeout", "barrier_timeout", float, "workers' ready-barrier timeout (default 600)"),
     ("--restart-grace", "restart_grace", float, "extra seconds for live workers after a restart"),
     ("--max-workers", "max_workers", int, "most live workers accepted (default 1024)"),

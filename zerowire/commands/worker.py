@@ -22,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "worker",
         help="run a worker daemon that joins a coordinator and trains its job",
         description="Start a worker: gRPC server, register with the coordinator, wait for the cluster, "
-        "train, save the model, leave. Every option also reads ZEROWIRE_<OPTION> from the environment.",
+        "train, save the model, leave. Every option also reads ZEROWIRE_<OPTION> from the environment. "
+        "The collective, start-up and barrier timeouts are the coordinator's (see zerowire coordinator).",
     )
     p.add_argument(
         "--coordinator", default=_env("COORDINATOR"), help="coordinator URL, e.g. http://10.0.0.1:8765"
@@ -57,18 +58,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--expect-job-hash", default=_env("EXPECT_JOB_HASH"), help="refuse any other job (hash prefix)"
     )
     p.add_argument(
-        "--collective-timeout",
-        type=float,
-        default=float(_env("COLLECTIVE_TIMEOUT", "30") or 30),
-        help="seconds one collective may take (default 30)",
-    )
-    p.add_argument(
-        "--barrier-timeout",
-        type=float,
-        default=float(_env("BARRIER_TIMEOUT", "600") or 600),
-        help="seconds to wait for the cluster to form (default 600)",
-    )
-    p.add_argument(
         "--coordinator-grace",
         type=float,
         default=float(_env("COORDINATOR_GRACE", "30") or 30),
@@ -89,7 +78,6 @@ def handle(args: argparse.Namespace) -> int:
 
     from worker.daemon import run_worker
     from worker.identity import WorkerConfig, default_host_id
-    from worker.job import check_nested_timeouts
 
     if not args.coordinator:
         raise CommandError("--coordinator URL (or ZEROWIRE_COORDINATOR) is required")
@@ -97,12 +85,6 @@ def handle(args: argparse.Namespace) -> int:
         raise CommandError("no cluster token: pass --token or set ZEROWIRE_TOKEN")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         raise CommandError(f"--device must be auto, cpu, cuda or cuda:i, not {args.device!r}")
-    try:
-        check_nested_timeouts(
-            [("collective timeout", args.collective_timeout), ("barrier timeout", args.barrier_timeout)]
-        )
-    except ValueError as exc:
-        raise CommandError(str(exc)) from None
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     if args.save_model:
         save_model = Path(args.save_model)
@@ -129,8 +111,6 @@ def handle(args: argparse.Namespace) -> int:
         min_workers=int(args.min_workers) if args.min_workers else None,
         threads=int(args.threads) if args.threads else None,
         expect_job_hash=args.expect_job_hash,
-        collective_timeout_s=args.collective_timeout,
-        barrier_timeout_s=args.barrier_timeout,
         coordinator_grace_s=args.coordinator_grace,
         tls=tls,
     )

@@ -24,10 +24,54 @@ def test_timeouts_must_nest_with_a_clear_message() -> None:
     text = str(exc.value)
     assert "heartbeat interval (1 s) must be shorter than heartbeat timeout (0.5 s)" in text
     assert "required: heartbeat interval (1 s) < heartbeat timeout (0.5 s) < collective timeout" in text
-    with pytest.raises(ValueError, match=r"collective timeout .* must be shorter than barrier timeout"):
-        CoordinatorSettings(token="t", collective_timeout=700.0)
+    with pytest.raises(ValueError, match=r"startup timeout .* must be shorter than barrier timeout"):
+        CoordinatorSettings(token="t", collective_timeout=700.0, startup_timeout=700.0)
     s = CoordinatorSettings(token="t")
     assert s.reaper_tick_s == 0.25 and s.grace_s == s.heartbeat_timeout
+
+
+def test_the_startup_timeout_is_at_least_the_collective_timeout_and_below_the_barrier_timeout() -> None:
+    s = CoordinatorSettings(token="t")
+    assert (s.collective_timeout, s.startup_timeout, s.barrier_timeout) == (30.0, 120.0, 600.0)
+    with pytest.raises(ValueError) as exc:
+        CoordinatorSettings(token="t", collective_timeout=60.0, startup_timeout=59.0)
+    text = str(exc.value)
+    assert "collective timeout (60 s) must not be longer than startup timeout (59 s)" in text
+    assert "collective timeout (60 s) <= startup timeout (59 s) < barrier timeout (600 s)" in text
+    with pytest.raises(ValueError, match=r"startup timeout \(600 s\) must be shorter than barrier"):
+        CoordinatorSettings(token="t", startup_timeout=600.0)
+    assert CoordinatorSettings(token="t", startup_timeout=30.0).startup_timeout == 30.0  # equal is allowed
+    with pytest.raises(ValueError, match="greater than 0"):
+        CoordinatorSettings(token="t", startup_timeout=0.0)
+    args = parse("--startup-timeout", "90", "--collective-timeout", "45")
+    assert (args.startup_timeout, args.collective_timeout) == (90.0, 45.0)
+
+
+def test_a_startup_timeout_below_the_collective_timeout_exits_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = str(tmp_path / "c.db")
+    argv = [
+        "coordinator",
+        "--db",
+        db,
+        "--token",
+        "t",
+        "--collective-timeout",
+        "40",
+        "--startup-timeout",
+        "20",
+    ]
+    assert main(argv) == 2
+    assert (
+        "collective timeout (40 s) must not be longer than startup timeout (20 s)" in capsys.readouterr().err
+    )
+    monkeypatch.setenv("ZEROWIRE_STARTUP_TIMEOUT", "10")  # the environment is checked the same way
+    assert main(["coordinator", "--db", db, "--token", "t"]) == 2
+    assert (
+        "collective timeout (30 s) must not be longer than startup timeout (10 s)" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "c.db").exists()
 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,6 +45,13 @@ class FakeCoordinator:
     next_id: int = 0
     secrets: dict[str, str] = field(default_factory=dict)  # worker id -> its secret
     credentials: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, bearer)
+    timeouts: dict[str, Any] = field(  # announced in GET /job, as the real coordinator's settings
+        default_factory=lambda: {
+            "collective_timeout_s": 30.0,
+            "startup_timeout_s": 120.0,
+            "barrier_timeout_s": 600.0,
+        }
+    )
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
@@ -94,7 +101,11 @@ class FakeCoordinator:
         if path == "/job":
             return httpx.Response(
                 200,
-                json={"job": self.job.model_dump(mode="json"), "job_hash": self.served_hash or self.job.hash},
+                json={
+                    "job": self.job.model_dump(mode="json"),
+                    "job_hash": self.served_hash or self.job.hash,
+                    **self.timeouts,
+                },
             )
         if path == "/workers/register":
             wid = body.get("worker_id") or f"w{self.next_id}"

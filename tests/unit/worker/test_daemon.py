@@ -250,7 +250,8 @@ async def test_a_finished_worker_keeps_serving_until_its_peers_finish(tmp_path: 
 
 async def test_timeouts_that_do_not_nest_are_refused_and_the_worker_leaves(tmp_path: Path) -> None:
     fake = FakeCoordinator()  # its heartbeat timeout is 0.3 s
-    daemon, _ = make_daemon(fake, tmp_path, collective_timeout_s=0.2)
+    fake.timeouts["collective_timeout_s"] = 0.2
+    daemon, _ = make_daemon(fake, tmp_path)
     with pytest.raises(ConfigError, match=r"heartbeat timeout \(0.3 s\) < collective timeout \(0.2 s\)"):
         await daemon.run()
     assert fake.calls("DELETE", "/workers/w0")

@@ -26,6 +26,7 @@ from worker.zero3.checkpoint import (
 
 REPO = Path(__file__).resolve().parents[3]
 JOB_HASH = "a" * 64
+EPOCH = 3  # the membership epoch that writes the checkpoints of these tests
 # Awkward unit sizes: one smaller than some world sizes (ranks with only padding), primes, an exact multiple.
 UNIT_NUMELS = [1, 7, 97, 120, 1001]
 STATE_NAMES = ["param", "exp_avg", "exp_avg_sq"]
@@ -51,7 +52,9 @@ def rank_tensors(full: dict[str, list[torch.Tensor]], world: int, rank: int) -> 
     return out
 
 
-def save_all(directory: Path, step: int, world: int, seed: int = 0, job_hash: str = JOB_HASH) -> None:
+def save_all(
+    directory: Path, step: int, world: int, seed: int = 0, job_hash: str = JOB_HASH, epoch: int = EPOCH
+) -> None:
     full = full_tensors(seed)
     for r in range(world):
         save_shards(
@@ -63,6 +66,7 @@ def save_all(directory: Path, step: int, world: int, seed: int = 0, job_hash: st
             UNIT_NUMELS,
             rank_tensors(full, world, r),
             {"loss": 1.5, "r": r},
+            epoch=epoch,
         )
 
 
@@ -85,7 +89,7 @@ def test_round_trip_at_the_same_world_size(tmp_path: Path) -> None:
     info = latest_complete(tmp_path, JOB_HASH)
     assert info is not None
     assert (info.step, info.world_size, info.unit_numels) == (120, 3, tuple(UNIT_NUMELS))
-    assert info.extra == {"loss": 1.5, "r": 0}
+    assert info.extra == {"loss": 1.5, "r": 0} and info.epoch == EPOCH
     assert (tmp_path / "step-000120" / "rank-00001-of-00003.safetensors").is_file()
     full = full_tensors(0)
     for r in range(3):
@@ -97,7 +101,7 @@ def test_round_trip_at_the_same_world_size(tmp_path: Path) -> None:
             assert torch.equal(got[name], t) and got[name].dtype == t.dtype, name
     manifest = json.loads((tmp_path / "step-000120" / "rank-00002-of-00003.json").read_text())
     assert manifest["padded_numels"] == [3, 9, 99, 120, 1002]
-    assert manifest["rank"] == 2 and len(manifest["sha256"]) == 64
+    assert manifest["rank"] == 2 and len(manifest["sha256"]) == 64 and manifest["epoch"] == EPOCH
 
 
 @pytest.mark.parametrize("new_world", [1, 2, 4, 5, 8])
@@ -120,7 +124,7 @@ def test_chain_of_reshards_is_lossless(tmp_path: Path) -> None:
     for step, new_world in enumerate([5, 2, 4, 1], start=2):
         for r in range(new_world):
             t = load_resharded(tmp_path, new_world, r, UNIT_NUMELS, job_hash=JOB_HASH)
-            save_shards(tmp_path, step, r, new_world, JOB_HASH, UNIT_NUMELS, t, {})
+            save_shards(tmp_path, step, r, new_world, JOB_HASH, UNIT_NUMELS, t, {}, epoch=step)
         world = new_world
     info = latest_complete(tmp_path)
     assert info is not None and (info.step, info.world_size) == (5, world)
@@ -182,7 +186,7 @@ def test_wrong_job_hash_or_model_is_a_clear_error(tmp_path: Path) -> None:
 def test_parts_that_disagree_are_not_a_checkpoint(tmp_path: Path) -> None:
     save_all(tmp_path, 10, 2)
     full = full_tensors(0)
-    save_shards(tmp_path, 10, 1, 2, "c" * 64, UNIT_NUMELS, rank_tensors(full, 2, 1), {})
+    save_shards(tmp_path, 10, 1, 2, "c" * 64, UNIT_NUMELS, rank_tensors(full, 2, 1), {}, epoch=EPOCH)
     assert latest_complete(tmp_path) is None
     with pytest.raises(CheckpointError, match="disagrees"):
         load_resharded(step_dir(tmp_path, 10), 2, 0, UNIT_NUMELS, job_hash=JOB_HASH)
@@ -210,10 +214,19 @@ def test_bad_save_input_writes_nothing(tmp_path: Path) -> None:
         (dict(rank=0, tensors={**good, "u9.param": torch.zeros(1)}), "unit 9"),
         (dict(rank=0, tensors=good, extra={"x": object()}), "JSON"),
         (dict(rank=0, tensors=good, job_hash=""), "job_hash"),
+        (dict(rank=0, tensors=good, epoch=-1), "epoch"),
+        (dict(rank=0, tensors=good, epoch=True), "epoch"),
+        (dict(rank=0, tensors=good, epoch=2.0), "epoch"),
     ]
     for kw, match in cases:
         args: dict[str, object] = dict(
-            directory=tmp_path, step=5, world_size=2, job_hash=JOB_HASH, unit_numels=UNIT_NUMELS, extra={}
+            directory=tmp_path,
+            step=5,
+            world_size=2,
+            job_hash=JOB_HASH,
+            unit_numels=UNIT_NUMELS,
+            extra={},
+            epoch=EPOCH,
         )
         args.update(kw)
         with pytest.raises(ValueError, match=match):
@@ -223,7 +236,7 @@ def test_bad_save_input_writes_nothing(tmp_path: Path) -> None:
 
 def test_views_sharing_one_buffer_are_saved(tmp_path: Path) -> None:
     buf = torch.arange(12, dtype=torch.float32)
-    save_shards(tmp_path, 0, 0, 1, JOB_HASH, [4, 8], {"u0.param": buf[:4], "u1.param": buf[4:]}, {})
+    save_shards(tmp_path, 0, 0, 1, JOB_HASH, [4, 8], {"u0.param": buf[:4], "u1.param": buf[4:]}, {}, epoch=0)
     got = load_resharded(tmp_path, 2, 1, [4, 8], job_hash=JOB_HASH)
     assert torch.equal(got["u0.param"], torch.tensor([2.0, 3.0]))
     assert torch.equal(got["u1.param"], torch.tensor([8.0, 9.0, 10.0, 11.0]))
@@ -247,7 +260,7 @@ CRASH_SCRIPT = textwrap.dedent(
     os.replace = crashing_replace
     for rank in range(2):
         tensors = {"u0.param": torch.full((3,), float(step + rank)), "step": torch.tensor(step)}
-        ck.save_shards(directory, step, rank, 2, "JOB_HASH", [5], tensors, {})
+        ck.save_shards(directory, step, rank, 2, "JOB_HASH", [5], tensors, {}, epoch=1)
     """
 ).replace("JOB_HASH", JOB_HASH)
 
@@ -269,7 +282,7 @@ def test_crash_between_tmp_write_and_rename_keeps_previous_latest(
 
     for rank in range(2):  # the previous checkpoint, written in-process exactly as the script does
         tensors = {"u0.param": torch.full((3,), float(100 + rank)), "step": torch.tensor(100)}
-        save_shards(tmp_path, 100, rank, 2, JOB_HASH, [5], tensors, {})
+        save_shards(tmp_path, 100, rank, 2, JOB_HASH, [5], tensors, {}, epoch=1)
     assert run(200, crash_rank=1) == 17
     leftovers = [p.name for p in step_dir(tmp_path, 200).iterdir() if ".tmp-" in p.name]
     assert leftovers, "the crash should have left a temporary file behind"
@@ -285,7 +298,9 @@ def test_prune_keeps_newest_complete_and_newer_incomplete(tmp_path: Path) -> Non
         save_all(tmp_path, step, 2)
     full = full_tensors(0)
     (step_dir(tmp_path, 40) / "rank-00001-of-00002.json").unlink()  # a crashed save between complete ones
-    save_shards(tmp_path, 60, 0, 2, JOB_HASH, UNIT_NUMELS, rank_tensors(full, 2, 0), {})  # in progress
+    save_shards(
+        tmp_path, 60, 0, 2, JOB_HASH, UNIT_NUMELS, rank_tensors(full, 2, 0), {}, epoch=EPOCH
+    )  # in progress
     removed = prune(tmp_path, keep=2)
     assert sorted(p.name for p in removed) == ["step-000010", "step-000020", "step-000040"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000030", "step-000050", "step-000060"]
@@ -299,7 +314,9 @@ def test_prune_keeps_newest_complete_and_newer_incomplete(tmp_path: Path) -> Non
 
 def test_complete_world_size_is_found_beside_an_incomplete_one(tmp_path: Path) -> None:
     full = full_tensors(3)
-    save_shards(tmp_path, 10, 0, 3, JOB_HASH, UNIT_NUMELS, rank_tensors(full, 3, 0), {})  # 1 of 3 parts
+    save_shards(
+        tmp_path, 10, 0, 3, JOB_HASH, UNIT_NUMELS, rank_tensors(full, 3, 0), {}, epoch=2
+    )  # 1 of 3 parts
     save_all(tmp_path, 10, 2, seed=3)
     info = latest_complete(tmp_path, JOB_HASH)
     assert info is not None and (info.step, info.world_size) == (10, 2)
@@ -318,7 +335,7 @@ def test_resume_optimizer_from_checkpoint_at_another_world_size_is_bit_exact(tmp
     for r in range(3):
         tensors = {f"u{k}.param": s for k, s in enumerate(old.shards[r])}
         tensors.update(old.opts[r].state_tensors())
-        save_shards(tmp_path, 3, r, 3, job.hash, numels, tensors, {"next_step": 3})
+        save_shards(tmp_path, 3, r, 3, job.hash, numels, tensors, {"next_step": 3}, epoch=EPOCH)
     info = latest_complete(tmp_path, job.hash)
     assert info is not None and info.extra["next_step"] == 3
     new = ref.ShardedRun(job, seed=6, world=2)
