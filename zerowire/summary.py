@@ -79,6 +79,20 @@ def world_size_runs(steps: dict[int, dict[str, Any]]) -> list[list[int]]:
     return runs
 
 
+def world_sizes(steps: dict[int, dict[str, Any]]) -> list[int | None]:
+    """The world size of every step as committed (index = step; None for a step nobody recorded)."""
+    out: list[int | None] = [None] * (max(steps) + 1 if steps else 0)
+    for step, rec in steps.items():
+        out[step] = int(rec["world_size"])
+    return out
+
+
+def skipped_steps(steps: dict[int, dict[str, Any]]) -> list[int]:
+    """Steps whose record says ``"skipped": true`` (skipped on every rank: batch consumed, nothing
+    applied; a record without the field was not skipped)."""
+    return sorted(step for step, rec in steps.items() if rec.get("skipped") is True)
+
+
 def build_summary(
     *,
     job: dict[str, Any],
@@ -111,6 +125,9 @@ def build_summary(
         "steps": int(job.get("steps", 0)),
         "steps_done": done,
         "world_size_per_step": world_size_runs(tel.steps),
+        # per step (index = step), the latest record of a step run again after a rollback winning
+        "world_sizes": world_sizes(tel.steps),
+        "skipped_steps": skipped_steps(tel.steps),
         "epochs_trained": epochs,
         "final_loss": result.get("final_loss") if result else (last_step or {}).get("loss"),
         "test_accuracy": result.get("test_accuracy") if result else None,

@@ -65,7 +65,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         description="Start a coordinator and N workers on loopback, train the job, and write summary.json, "
         "model.safetensors and training.png into --output.",
     )
-    p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default 2; 1 with --replay)")
     p.add_argument(
         "--hosts",
         type=int,
@@ -106,6 +106,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         type=int,
         default=None,
         help="fault drill: SIGKILL the last worker once the cluster reaches this step",
+    )
+    p.add_argument(
+        "--replay",
+        metavar="SUMMARY",
+        default=None,
+        help="re-run the world-size schedule of the run that wrote SUMMARY (its summary.json) in one "
+        "process, one micro-batch per rank of each step, and write its model into --output (needs "
+        "--workers 1; the job, thread count and schedule come from SUMMARY)",
     )
     p.set_defaults(handler=handle)
 
@@ -167,6 +175,11 @@ def handle(args: argparse.Namespace) -> int:
     from zerowire.localcluster import LocalCluster, write_job_toml
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per status poll is noise
+    if args.replay is not None:
+        from zerowire.replay import replay_run
+
+        return replay_run(args, JOB_FLAGS)
+    args.workers = 2 if args.workers is None else args.workers
     if not 1 <= args.workers <= 64:
         raise CommandError("--workers must be between 1 and 64")
     if not 1 <= args.hosts <= args.workers:
@@ -305,6 +318,8 @@ def _drive(cluster: Any, job: Any, args: argparse.Namespace) -> int:
         plot_path=plot if wrote_plot else None,
     )
     summary["cluster_state"] = final_status.get("state")
+    # what a replay needs besides the job and the schedule (`zerowire run --replay`)
+    summary.update(workers=args.workers, hosts=cluster.hosts, threads=cluster.threads, device=args.device)
     if drill is not None:
         drill["recovery_s"] = recovery_after(tel, drill["time"])
         summary["fault_drill"] = drill

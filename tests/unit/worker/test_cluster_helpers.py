@@ -21,7 +21,14 @@ from worker.job import JobSpec
 from zerowire.commands.status import render
 from zerowire.localcluster import write_job_toml
 from zerowire.progress import Progress
-from zerowire.summary import build_summary, read_telemetry, recovery_after, world_size_runs
+from zerowire.summary import (
+    build_summary,
+    read_telemetry,
+    recovery_after,
+    skipped_steps,
+    world_size_runs,
+    world_sizes,
+)
 
 
 @pytest.mark.parametrize(
@@ -171,6 +178,36 @@ def test_summary_merges_workers_and_keeps_the_latest_record_of_a_redone_step(tmp
     assert recovery_after(tel, 100.0) is None
 
 
+def test_summary_records_the_world_size_and_skip_of_every_step_as_committed(tmp_path: Path) -> None:
+    # Epoch 1: three workers train steps 0..4; step 3 is skipped everywhere, and so is step 4, which a
+    # rollback re-runs. Epoch 2: two workers resume from the checkpoint of step 4 and train steps 4..5.
+    for w in "abc":
+        write_records(
+            tmp_path / f"{w}.jsonl",
+            [step(w, s, 10.0 + s, 3, 1, **({"skipped": True} if s in (3, 4) else {})) for s in range(5)],
+        )
+    for w in "ab":
+        write_records(
+            tmp_path / f"{w}.jsonl", [step(w, s, 20.0 + s, 2, 2, skipped=False) for s in range(4, 6)]
+        )
+    tel = read_telemetry(tmp_path)
+    summary = build_summary(
+        job=JobSpec(steps=6, warmup_steps=0).model_dump(mode="json"),
+        job_hash="h",
+        tel=tel,
+        events=[],
+        wall_time_s=1.0,
+        worker_exit_codes={},
+        model_path=None,
+        plot_path=None,
+    )
+    assert summary["world_sizes"] == [3, 3, 3, 3, 2, 2]
+    assert summary["skipped_steps"] == [3]  # records without the field were not skipped
+    assert summary["world_size_per_step"] == [[0, 3], [4, 2]]
+    assert world_sizes({0: {"world_size": 2}, 2: {"world_size": 1}}) == [2, None, 1]  # a step nobody recorded
+    assert skipped_steps({}) == [] and world_sizes({}) == []
+
+
 def test_summary_of_a_run_that_never_stepped_is_not_completed(tmp_path: Path) -> None:
     summary = build_summary(
         job={"steps": 5, "global_batch": 8},
@@ -183,6 +220,7 @@ def test_summary_of_a_run_that_never_stepped_is_not_completed(tmp_path: Path) ->
         plot_path=None,
     )
     assert not summary["completed"] and summary["steps_done"] == 0 and summary["world_size_per_step"] == []
+    assert summary["world_sizes"] == [] and summary["skipped_steps"] == []
 
 
 STATUS = {
