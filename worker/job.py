@@ -52,6 +52,12 @@ class JobSpec(BaseModel):
     )
     eval_every: int = Field(default=0, ge=0, description="evaluate every N steps; 0 = only at the end")
     checkpoint_every: int = Field(default=0, ge=0, description="checkpoint every N steps; 0 disables")
+    replicas: int = Field(
+        default=1,
+        ge=0,
+        le=1,
+        description="buddy replicas per shard; 0: a lost worker costs a checkpoint",
+    )
     min_workers: int = Field(default=1, ge=1, le=4096)
 
     @model_validator(mode="after")

@@ -172,7 +172,8 @@ class Manager:
                 )
             mode = "fresh" if choice.layout < 0 else "checkpoint"
             resumed = resumed_from or 0
-        trainer.replica = handover.replicate(engine, trainer.optimizer, job, trainer.optimizer.steps_done)
+        if job.replicas:
+            trainer.replica = handover.replicate(engine, trainer.optimizer, job, trainer.optimizer.steps_done)
         keep = held if mode == "handover" else None  # confirmed: kept until a step commits in the new layout
         for h in (self.current, self.previous):
             if h is not None and h is not keep:

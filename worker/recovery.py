@@ -140,7 +140,7 @@ def choose(reports: list[Report]) -> Choice:
 def lost_ranks(holding: Holding, choice: Choice, new_ids: tuple[str, ...]) -> list[int]:
     """Old ranks of the chosen layout whose shard has neither its owner nor its buddy among the holders."""
     holders = {new_ids[r] for r in choice.holders}
-    buddies = buddy_ranks(holding.host_ids, len(holding.ids))
+    buddies = buddy_ranks(holding.host_ids, len(holding.ids)) if holding.trainer.replica is not None else []
     lost = []
     for old, wid in enumerate(holding.ids):
         buddy = holding.ids[buddies[old]] if buddies else None

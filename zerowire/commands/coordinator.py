@@ -63,6 +63,7 @@ JOB_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--param-dtype", "param_dtype", "float32 | bfloat16 | float16 (compute precision; master stays fp32)"),
     ("--eval-every", "eval_every", "evaluate every N steps (0: at the end)"),
     ("--checkpoint-every", "checkpoint_every", "checkpoint every N steps (0: never)"),
+    ("--replicas", "replicas", "buddy replicas of every shard: 1 (default) or 0"),
     ("--min-workers", "min_workers", "workers needed before training starts"),
 )
 

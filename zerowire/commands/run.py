@@ -39,7 +39,16 @@ JOB_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("int8-block", int, "int8 block size"),
     ("param-dtype", str, "float32 | bfloat16 | float16 (compute precision; master weights stay fp32)"),
     ("eval-every", int, "evaluate every N steps (0: only at the end)"),
-    ("checkpoint-every", int, "checkpoint every N steps (0: never; re-forms then restart from step 0)"),
+    (
+        "checkpoint-every",
+        int,
+        "checkpoint every N steps (0: never; losing a shard and its replica stops the job)",
+    ),
+    (
+        "replicas",
+        int,
+        "buddy replicas of every shard: 1 (default) or 0 (a death costs a checkpoint)",
+    ),
     ("min-workers", int, "workers the first formation waits for (default: --workers)"),
 )
 

@@ -64,7 +64,11 @@ def epoch(
         w = workers[rank]
         group = PeerGroup("job", number, rank, addresses, host_ids=ids)
         trainer = Trainer(
-            job, group, hub.backend(rank), device=torch.device("cpu"), checkpoint_dir=w.checkpoint_dir,
+            job,
+            group,
+            hub.backend(rank),
+            device=torch.device("cpu"),
+            checkpoint_dir=w.checkpoint_dir,
             restore=False,
         )
         w.trainer = trainer
