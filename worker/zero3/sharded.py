@@ -266,13 +266,8 @@ class ShardedModule:
             self.stats.wait_s += time.perf_counter() - t0
 
     def _track(self, fut: Future[torch.Tensor]) -> None:
-        t0 = time.perf_counter()
-        stats = self.stats
-
-        def done(_: Future[torch.Tensor]) -> None:
-            stats.comm_s += time.perf_counter() - t0
-
-        fut.add_done_callback(done)
+        t0, stats = time.perf_counter(), self.stats
+        fut.add_done_callback(lambda _: setattr(stats, "comm_s", stats.comm_s + time.perf_counter() - t0))
 
     def _abandon(self) -> None:
         """Forget an unfinished pass: wait what is in flight (bounded by the timeout), free everything."""
@@ -300,11 +295,7 @@ class ShardedModule:
         return hook
 
     def _next_in_order(self, unit: FlatUnit, order: list[int], delta: int) -> FlatUnit | None:
-        try:
-            pos = order.index(unit.index)
-        except ValueError:
-            return None
-        nxt = pos + delta
+        nxt = order.index(unit.index) + delta if unit.index in order else -1
         return self.units[order[nxt]] if 0 <= nxt < len(order) else None
 
     def _root_pre_forward(self, module: nn.Module, args: Any) -> None:

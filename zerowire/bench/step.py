@@ -46,6 +46,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--vs", default="fsdp2,ddp", help="comma list of contenders: fsdp2, ddp (default both)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--compression", choices=("none", "int8"), default="none", help="zerowire wire codec")
+    p.add_argument(
+        "--replicas",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="zerowire buddy replicas (default 1)",
+    )
     p.add_argument("--steps", type=int, default=20, help="measured steps (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured first steps of every run (default 3)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds, steps split among them")
@@ -87,6 +94,7 @@ def _summary(kinds: list[str], runs: list[Run], args: argparse.Namespace) -> dic
         "workers": args.workers,
         "batch_per_worker": args.batch,
         "compression": args.compression,
+        "replicas": args.replicas,
         "steps": args.steps,
         "median_step_s": medians,
         "ratios": ratios,
@@ -167,6 +175,7 @@ def _worker_main(argv: list[str], started_s: float) -> int:
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--compression", default="none")
+    p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--memory", action="store_true")
     a = p.parse_args(argv)
     from zerowire.bench import step_workers

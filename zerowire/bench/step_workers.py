@@ -82,6 +82,7 @@ def _ready_barrier(directory: Path, rank: int, world: int, timeout: float = 120.
 
 def _zerowire(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
     from communication.backend import lane_bytes
+    from worker import handover
     from worker.job import JobSpec
     from worker.trainer import StepReport, Trainer
 
@@ -92,7 +93,7 @@ def _zerowire(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
         dict(
             job_id="bench", model=a.model, dataset=f"synthetic:3x32x32:{samples}",
             steps=a.warmup + a.steps, global_batch=a.batch * a.world, lr=0.01, momentum=0.9,
-            schedule="constant", warmup_steps=0, compression=a.compression,
+            schedule="constant", warmup_steps=0, compression=a.compression, replicas=a.replicas,
         )
     )  # fmt: skip
     backend, group = _zerowire_plane(a, job.job_id, ports)
@@ -100,6 +101,8 @@ def _zerowire(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
         if meter is not None:
             meter.start()  # the trainer builds the model
         trainer = Trainer(job, group, backend, device=torch.device("cpu"), collective_timeout=600.0)
+        if job.replicas:  # as a worker's formation does: mirror the shards on the buddies
+            trainer.replica = handover.replicate(trainer.engine, trainer.optimizer, job, 0)
         reports: list[StepReport] = []
 
         def on_step(report: StepReport) -> None:
