@@ -33,7 +33,10 @@ class WorkerConfig:
     collective_timeout_s: float = 30.0
     barrier_timeout_s: float = 600.0
     barrier_poll_s: float = 10.0
-    coordinator_grace_s: float = 30.0
+    coordinator_grace_s: float = 30.0  # coordinator away this long: warn (give up after the barrier timeout)
+    # Training that has not committed its first step of an epoch this long says "stalled" (used when the
+    # coordinator's registration answer names no start-up timeout).
+    startup_timeout_s: float = 120.0
     stop_grace_s: float = 1.0
     max_reforms: int = 20
     tls: TlsConfig | None = None  # TLS for gRPC (mutual with a CA) and the CA that verifies the coordinator

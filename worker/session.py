@@ -19,6 +19,7 @@ from communication.group import PeerGroup
 from worker.heartbeat import Telemetry
 from worker.identity import WorkerConfig, describe_device
 from worker.job import JobSpec
+from worker.liveness import WatchedCalls
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class TrainingSession:
         trainer = self.trainer_factory(
             job,
             group,
-            self.backend,
+            WatchedCalls(self.backend, self.t.clock),  # time waiting on peers is no stall
             device=device,
             data_dir=self.cfg.data_dir,
             checkpoint_dir=self.cfg.checkpoint_dir,
@@ -113,8 +114,8 @@ class TrainingSession:
     def on_step(self, group: PeerGroup, report: Any) -> None:
         step_time = float(report.step_time_s) or 1e-9
         self.progress_step = max(self.progress_step, int(report.step))
+        self.t.progress(int(report.step))  # a step committed
         self.t.update(
-            step=int(report.step),
             loss=float(report.loss),
             samples_per_s=self._local_samples(job_batch=int(report.samples), group=group) / step_time,
             compute_s=float(report.compute_s),
