@@ -15,7 +15,7 @@ from coordinator import openapi as api_docs
 from coordinator.clock import Clock, SystemClock
 from coordinator.middleware import BodyLimitMiddleware, LatencyMiddleware
 from coordinator.reaper import start_background, stop_background
-from coordinator.routes import cluster, metrics, training, workers
+from coordinator.routes import cluster, metrics, suspects, training, workers
 from coordinator.schemas import Health
 from coordinator.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
@@ -66,7 +66,7 @@ def create_app(
     app.state.settings = settings
     app.state.service = service
     app.state.clock = clock
-    for module in (workers, training, cluster, metrics):
+    for module in (workers, suspects, training, cluster, metrics):
         app.include_router(module.router)
     api_docs.install(app)
 

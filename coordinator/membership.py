@@ -14,7 +14,7 @@ from typing import Literal
 from coordinator.credentials import same_digest
 
 WorkerStatus = Literal["alive", "dead", "left"]
-WorkerState = Literal["starting", "waiting", "training", "finished", "failed"]
+WorkerState = Literal["starting", "waiting", "training", "stalled", "finished", "failed"]
 ClusterPhase = Literal["waiting", "training", "reforming", "finished", "failed"]
 Action = Literal["continue", "reform", "stop"]
 EventKind = Literal["joined", "rejoined", "left", "evicted", "died", "epoch", "coordinator_restarted"]
@@ -57,6 +57,7 @@ class WorkerRecord:
     bytes_sent: int = 0
     bytes_received: int = 0
     state: WorkerState = "starting"
+    committed_step: int = -1  # the last step the worker committed (-1: none yet)
     # Optional per-step telemetry (compute/comm/wait seconds, evaluation); memory only, refreshed by
     # every heartbeat, so a restarted coordinator shows it again after one beat.
     telemetry: Mapping[str, object] = dataclasses.field(default_factory=dict)
@@ -105,6 +106,7 @@ class Heartbeat:
     bytes_received: int | None = None
     state: WorkerState | None = None
     telemetry: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    committed_step: int | None = None  # None: not reported (the record keeps its value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +154,7 @@ def _rerank(workers: dict[str, WorkerRecord]) -> tuple[set[str], int]:
     return changed, len(ranks)
 
 
-def _bump(
+def bump(
     state: ClusterState,
     workers: dict[str, WorkerRecord],
     events: list[Event],
@@ -160,6 +162,7 @@ def _bump(
     reason: str,
     wall: float,
 ) -> Decision:
+    """A new epoch over `workers`: dense ranks, `events` stamped with the epoch, then the epoch's event."""
     reranked, n = _rerank(workers)
     epoch = state.epoch + 1
     events = [dataclasses.replace(e, epoch=epoch) for e in events]
@@ -221,7 +224,7 @@ def register(
     )
     workers = dict(state.workers)
     workers[worker_id] = record
-    return _bump(state, workers, [Event(kind, worker_id, 0, reason, wall)], {worker_id}, reason, wall)
+    return bump(state, workers, [Event(kind, worker_id, 0, reason, wall)], {worker_id}, reason, wall)
 
 
 def leave(state: ClusterState, worker_id: str, wall: float, *, evicted: bool = False) -> Decision | None:
@@ -237,7 +240,7 @@ def leave(state: ClusterState, worker_id: str, wall: float, *, evicted: bool = F
     reason = f"worker {worker_id} {how} (rank {old.rank})"
     workers = dict(state.workers)
     workers[worker_id] = dataclasses.replace(old, status="left", rank=None, ended_wall=wall)
-    return _bump(state, workers, [Event(kind, worker_id, 0, reason, wall)], {worker_id}, reason, wall)
+    return bump(state, workers, [Event(kind, worker_id, 0, reason, wall)], {worker_id}, reason, wall)
 
 
 def expiry_deadline(record: WorkerRecord, state: ClusterState, timeout: float) -> float:
@@ -262,7 +265,7 @@ def expire(state: ClusterState, now: float, wall: float, timeout: float) -> Deci
     reason = f"{len(dead)} worker(s) missed the heartbeat timeout: " + ", ".join(
         sorted(w.worker_id for w in dead)
     )
-    return _bump(state, workers, events, {w.worker_id for w in dead}, reason, wall)
+    return bump(state, workers, events, {w.worker_id for w in dead}, reason, wall)
 
 
 def restart(state: ClusterState, now: float, wall: float, grace: float) -> Decision:
@@ -334,6 +337,7 @@ def heartbeat(
         bytes_received=old.bytes_received if hb.bytes_received is None else hb.bytes_received,
         state=new_state,
         telemetry=hb.telemetry,
+        committed_step=old.committed_step if hb.committed_step is None else hb.committed_step,
     )
     return HeartbeatOutcome(record, True, "ok")
 

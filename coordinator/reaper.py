@@ -1,5 +1,5 @@
-"""Background tasks of the coordinator: heartbeat expiry (the reaper), the heartbeat flusher, and the purge
-of old dead and left worker records."""
+"""Background tasks of the coordinator: heartbeat expiry and progress checks (the reaper), the heartbeat
+flusher, and the purge of old dead and left worker records."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ log = logging.getLogger(__name__)
 
 
 async def run_reaper(service: CoordinatorService, tick_s: float) -> None:
-    """Declares silent workers dead. A worker is dead within heartbeat timeout + one tick. A wake-up late
-    by more than a tick means the coordinator itself stalled: that lateness is granted to every worker
-    before anyone expires (heartbeats may be waiting unread)."""
+    """Declares silent workers dead (within heartbeat timeout + one tick) and evicts members that make no
+    progress (coordinator/liveness.py). A wake-up late by more than a tick means the coordinator itself
+    stalled: that lateness is granted to every worker before anyone expires (heartbeats may be waiting
+    unread)."""
     loop = asyncio.get_running_loop()
     while True:
         due = loop.time() + tick_s
@@ -24,6 +25,7 @@ async def run_reaper(service: CoordinatorService, tick_s: float) -> None:
             if late > tick_s:
                 service.absorb_stall(late)
             await service.expire()
+            await service.check_liveness()
         except Exception:  # keep reaping: a failed write must not stop failure detection
             log.exception("reaper tick failed at epoch %d", service.state.epoch)
 

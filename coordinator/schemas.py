@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator
 
 WORKER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
 HOST_PATTERN = r"^[A-Za-z0-9.:\-\[\]%_]+$"
-WorkerStateLit = Literal["starting", "waiting", "training", "finished", "failed"]
+WorkerStateLit = Literal["starting", "waiting", "training", "stalled", "finished", "failed"]
 
 
 class RegisterRequest(BaseModel):
@@ -35,6 +35,10 @@ class RegisterResponse(BaseModel):
     epoch: int
     heartbeat_interval_s: float
     heartbeat_timeout_s: float
+    progress_timeout_s: float = Field(
+        description="seconds this worker's training may go without progress before it says `stalled` "
+        "in its heartbeats (and is evicted)"
+    )
     rank: int
     world_size: int
     worker_secret: str = Field(
@@ -50,7 +54,12 @@ class HeartbeatRequest(BaseModel):
     samples_per_s: float | None = Field(None, ge=0.0)
     bytes_sent: int | None = Field(None, ge=0, le=1 << 62)
     bytes_received: int | None = Field(None, ge=0, le=1 << 62)
-    state: WorkerStateLit | None = None
+    state: WorkerStateLit | None = Field(
+        None, description='"stalled": this worker\'s training made no progress in time; it is evicted'
+    )
+    committed_step: int | None = Field(
+        None, ge=-1, le=1 << 62, description="the last step this worker committed (-1: none yet)"
+    )
     compute_s: float | None = Field(None, ge=0.0, description="last step: seconds computing")
     comm_s: float | None = Field(None, ge=0.0, description="last step: seconds with collectives in flight")
     wait_s: float | None = Field(None, ge=0.0, description="last step: seconds blocked on the network")
@@ -99,6 +108,7 @@ class WorkerView(BaseModel):
     bytes_sent: int
     bytes_received: int
     epoch_seen: int
+    committed_step: int = Field(description="the last step the worker committed (-1: none reported)")
     compute_s: float | None = None
     comm_s: float | None = None
     wait_s: float | None = None
@@ -127,6 +137,28 @@ class RankedWorkerView(BaseModel):
     rank: int
     host_id: str
     store_port: int | None = None
+
+
+class SuspectRequest(BaseModel):
+    epoch: int = Field(ge=0, le=1 << 62, description="the epoch the report is about: the current one")
+    suspect: StrictInt | Annotated[str, StringConstraints(pattern=WORKER_ID_PATTERN)] = Field(
+        description="the peer found unreachable or stalled: its rank in the epoch, or its worker id"
+    )
+    reason: str = Field(min_length=1, max_length=200, pattern=r"^[\x20-\x7e]+$")
+
+    @field_validator("suspect")
+    @classmethod
+    def _rank(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 0 <= v < 1 << 20:
+            raise ValueError("a rank is between 0 and 2**20")
+        return v
+
+
+class SuspectResponse(BaseModel):
+    epoch: int = Field(description="the current epoch, after the report was weighed")
+    suspect: str = Field(description="the worker id of the reported peer")
+    reporters: int = Field(description="members that have reported this peer in the epoch reported on")
+    evicted: str | None = Field(description="the worker this report led the coordinator to evict, if any")
 
 
 class ReadyResponse(BaseModel):

@@ -11,6 +11,7 @@ import secrets
 from collections import Counter
 from typing import cast
 
+from coordinator import liveness
 from coordinator import membership as m
 from coordinator.barrier import ChangeSignal, ReadyAnswer, ready_answer
 from coordinator.clock import Clock
@@ -40,6 +41,7 @@ class CoordinatorService:
         self._flags_dirty = False
         self._world_size = 0
         self._counts = m.PhaseCounts()  # kept current per heartbeat: the phase is O(1) on the hot path
+        self.evidence = liveness.Evidence()  # what progress-based evictions rest on (current epoch)
         # One membership change at a time, and a yield after each: a flood of registrations queues on this
         # lock instead of in the event loop's ready queue, so a heartbeat waits behind at most one change.
         self._changes = asyncio.Lock()
@@ -181,6 +183,63 @@ class CoordinatorService:
             self._apply(decision)
         return True
 
+    # -- progress-based liveness (coordinator/liveness.py) -----------------------------------------------
+    def _evict(self, verdict: liveness.Verdict) -> None:
+        self._apply(liveness.evict(self.state, verdict, self.clock.wall()))
+        self.metrics.liveness_evictions.labels(verdict.kind).inc()
+        log.warning("epoch %d: evicted %s: %s", self.state.epoch, verdict.worker_id, verdict.reason)
+
+    async def evict_stalled(self, worker_id: str, worker_epoch: int) -> tuple[m.Action, m.WorkerRecord]:
+        """A heartbeat said "stalled": the worker is evicted (as dead). Returns that heartbeat's answer:
+        `reform` to the new epoch, which fences the worker at once."""
+        async with self._changes:
+            verdict = liveness.stalled(self.state, worker_id, self.settings.progress_timeout)
+            if verdict is not None:
+                self._evict(verdict)
+                await asyncio.sleep(0)
+        record = self.state.workers[worker_id]
+        if verdict is not None:
+            return "reform", record
+        member = record.status == "alive"
+        return m.heartbeat_action(self.phase(), member, worker_epoch, self.state.epoch), record
+
+    async def check_liveness(self) -> bool:
+        """A reaper tick: evict an overdue straggler, or settle a partition two members reported. True if
+        someone was evicted."""
+        ev = self.evidence.current(self.state.epoch)
+        if not ev.baseline and not ev.reports:  # nothing to judge (no steps reported in this epoch)
+            return False
+        async with self._changes:
+            now = self.clock.monotonic()
+            ev = self.evidence.current(self.state.epoch)
+            ev.lag_since, verdict = liveness.stragglers(
+                self.state, ev.baseline, ev.lag_since, now, self.settings.progress_timeout
+            )
+            if verdict is None:
+                verdict = liveness.judge(self.state, ev.reports, now, self.settings.suspect_settle_s)
+            if verdict is None:
+                return False
+            self._evict(verdict)
+        return True
+
+    async def suspect(
+        self, reporter: str, epoch: int, suspect: int | str, reason: str
+    ) -> tuple[str, int, str | None]:
+        """A member's report about a peer of the current epoch. Returns the suspect's id, how many members
+        have reported it in that epoch, and whom the coordinator evicted on the evidence (if anyone)."""
+        async with self._changes:
+            target = liveness.check_report(self.state, reporter, epoch, suspect)
+            ev = self.evidence.current(self.state.epoch)
+            now = self.clock.monotonic()
+            ev.reports.setdefault(target, {}).setdefault(reporter, liveness.Report(now, reason))
+            count = len(ev.reports[target])
+            log.info("epoch %d: %s reports %s (%s)", epoch, reporter, target, reason)
+            verdict = liveness.judge(self.state, ev.reports, now, self.settings.suspect_settle_s)
+            if verdict is not None:
+                self._evict(verdict)
+                await asyncio.sleep(0)
+        return target, count, verdict.worker_id if verdict is not None else None
+
     # -- heartbeats (memory only) ----------------------------------------------------------------------
     def heartbeat(self, worker_id: str, hb: m.Heartbeat, clock: Clock) -> tuple[m.Action, m.WorkerRecord]:
         try:
@@ -197,6 +256,7 @@ class CoordinatorService:
             if progressed is not self.state:
                 self.state = progressed
                 self._flags_dirty = True
+            self.evidence.observe(worker_id, hb.epoch, hb.committed_step, self.state.epoch)
         action = m.heartbeat_action(self.phase(), out.member, hb.epoch, self.state.epoch)
         self.metrics.heartbeats.labels(action).inc()
         return action, out.record

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.job import check_timeouts
+from worker.job import check_nested_timeouts, check_timeouts
 
 
 class CoordinatorSettings(BaseSettings):
@@ -34,6 +34,13 @@ class CoordinatorSettings(BaseSettings):
         120.0, gt=0.0, description="workers' collective timeout before an epoch's first step is committed"
     )
     barrier_timeout: float = Field(600.0, gt=0.0)
+    progress_timeout: float = Field(
+        10.0,
+        gt=0.0,
+        le=86_400.0,
+        description="seconds a member's training may go without progress before it is evicted "
+        "(heartbeat timeout < progress timeout < barrier timeout)",
+    )
     restart_grace: float | None = Field(
         None,
         ge=0.0,
@@ -67,6 +74,13 @@ class CoordinatorSettings(BaseSettings):
             self.startup_timeout,
             self.barrier_timeout,
         )
+        check_nested_timeouts(
+            [
+                ("heartbeat timeout", self.heartbeat_timeout),
+                ("progress timeout", self.progress_timeout),
+                ("barrier timeout", self.barrier_timeout),
+            ]
+        )
         if not self.insecure_no_auth and (self.token is None or not self.token.get_secret_value()):
             raise ValueError(
                 "a cluster token is required (--token or ZEROWIRE_TOKEN); --insecure-no-auth disables auth"
@@ -88,6 +102,11 @@ class CoordinatorSettings(BaseSettings):
     @property
     def grace_s(self) -> float:
         return self.heartbeat_timeout if self.restart_grace is None else self.restart_grace
+
+    @property
+    def suspect_settle_s(self) -> float:
+        """How long two members reporting each other wait for the others' reports before one leaves."""
+        return self.heartbeat_timeout
 
     @property
     def reaper_tick_s(self) -> float:

@@ -32,16 +32,21 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 # columns added after the first release: a file written by an older coordinator gains them on open
-ADDED_COLUMNS = (("secret_digest", "BLOB"), ("ended_wall", "REAL"), ("store_port", "INTEGER"))
+ADDED_COLUMNS = (
+    ("secret_digest", "BLOB"),
+    ("ended_wall", "REAL"),
+    ("store_port", "INTEGER"),
+    ("committed_step", "INTEGER"),
+)
 WORKER_COLUMNS = (
     "worker_id, host, port, host_id, device, device_name, memory_bytes, version, status, rank, joined_wall,"
     " last_heartbeat_wall, epoch_seen, step, loss, samples_per_s, bytes_sent, bytes_received, state,"
-    " secret_digest, ended_wall, store_port"
+    " secret_digest, ended_wall, store_port, committed_step"
 )
-UPSERT_WORKER = f"INSERT OR REPLACE INTO workers ({WORKER_COLUMNS}) VALUES ({', '.join('?' * 22)})"
+UPSERT_WORKER = f"INSERT OR REPLACE INTO workers ({WORKER_COLUMNS}) VALUES ({', '.join('?' * 23)})"
 UPDATE_HEARTBEAT = (
     "UPDATE workers SET last_heartbeat_wall=?, epoch_seen=?, step=?, loss=?, samples_per_s=?, bytes_sent=?,"
-    " bytes_received=?, state=? WHERE worker_id=?"
+    " bytes_received=?, state=?, committed_step=? WHERE worker_id=?"
 )
 
 
@@ -68,13 +73,14 @@ def worker_row(w: WorkerRecord) -> tuple[Any, ...]:
         w.worker_id, i.host, i.port, i.host_id, i.device, i.device_name, i.memory_bytes, i.version, w.status,
         w.rank, w.joined_wall, w.last_heartbeat_wall, w.epoch_seen, w.step, w.loss, w.samples_per_s,
         w.bytes_sent, w.bytes_received, w.state, w.secret_digest or None, w.ended_wall, i.store_port,
+        w.committed_step,
     )  # fmt: skip
 
 
 def heartbeat_row(w: WorkerRecord) -> tuple[Any, ...]:
     return (
         w.last_heartbeat_wall, w.epoch_seen, w.step, w.loss, w.samples_per_s, w.bytes_sent, w.bytes_received,
-        w.state, w.worker_id,
+        w.state, w.committed_step, w.worker_id,
     )  # fmt: skip
 
 
@@ -89,6 +95,7 @@ def _record_from_row(row: sqlite3.Row) -> WorkerRecord:
         epoch_seen=row["epoch_seen"], step=row["step"], loss=row["loss"], samples_per_s=row["samples_per_s"],
         bytes_sent=row["bytes_sent"], bytes_received=row["bytes_received"], state=row["state"],
         secret_digest=bytes(row["secret_digest"] or b""), ended_wall=row["ended_wall"],
+        committed_step=-1 if row["committed_step"] is None else row["committed_step"],
     )  # fmt: skip
 
 

@@ -25,6 +25,18 @@ class Metrics:
         self.membership_changes = Counter(
             "zerowire_membership_changes", "Membership changes, by kind", ["kind"], registry=r
         )
+        self.committed_step = Gauge(
+            "zerowire_worker_committed_step",
+            "The last step each live worker committed, as of its latest heartbeat (-1: none yet)",
+            ["worker_id"],
+            registry=r,
+        )
+        self.liveness_evictions = Counter(
+            "zerowire_liveness_evictions",
+            "Members evicted for lack of progress, by evidence: stalled (self-report), straggler, suspect",
+            ["reason"],
+            registry=r,
+        )
         self.stalls = Counter(
             "zerowire_coordinator_stalls",
             "Reaper wake-ups late by more than a tick (expiry paused)",

@@ -26,6 +26,7 @@ def worker_dict(w: WorkerRecord, now: float) -> dict[str, Any]:
         "bytes_sent": w.bytes_sent,
         "bytes_received": w.bytes_received,
         "epoch_seen": w.epoch_seen,
+        "committed_step": w.committed_step,
         **{k: w.telemetry.get(k) for k in TELEMETRY_FIELDS},
         "host": i.host,
         "port": i.port,

@@ -255,6 +255,18 @@ class CoordinatorClient:
         )
         return dict(response.json())
 
+    async def suspect(self, worker_id: str, epoch: int, suspect: int | str, reason: str) -> dict[str, Any]:
+        """Report a peer of `epoch` (its rank, or its worker id) that this worker found unreachable or
+        stalled. Evidence only: the coordinator decides whom to evict, and answers `evicted` (or None).
+        Rejected(409) when `epoch` is no longer the current one (form the new epoch first)."""
+        response = await self.request(
+            "POST",
+            f"/workers/{worker_id}/suspect",
+            json={"epoch": epoch, "suspect": suspect, "reason": reason},
+            retry=RetryPolicy(attempts=2),
+        )
+        return dict(response.json())
+
     async def leave(self, worker_id: str) -> None:
         try:
             await self.request("DELETE", f"/workers/{worker_id}", retry=RetryPolicy(attempts=2))

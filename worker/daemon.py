@@ -53,6 +53,7 @@ from worker.manager import (
     in_thread,
     outcome_dict,
 )
+from worker.outage import CoordinatorLost, through_outage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -146,6 +147,7 @@ class WorkerDaemon:
         self.t.update(worker_id=self.worker_id, known_epoch=int(answer.get("epoch", 0)))
         self.interval_s = float(answer.get("heartbeat_interval_s", self.interval_s))
         self.timeout_s = float(answer.get("heartbeat_timeout_s", self.timeout_s))
+        self.t.liveness_from(answer, self.cfg.startup_timeout_s)
         tls = describe_tls(self.cfg.tls)
         log.info("worker %s: registered as %s:%d (gRPC on %s, %s)", self.worker_id, host, adv_port, port, tls)
         try:
@@ -161,6 +163,7 @@ class WorkerDaemon:
             interval_s=self.interval_s,
             timeout_s=self.timeout_s,
             grace_s=self.cfg.coordinator_grace_s,
+            outage_limit_s=self.cfg.barrier_timeout_s,
             reregister=self._reregister,
             stats=self._wire_stats,
         )
@@ -291,9 +294,8 @@ class WorkerDaemon:
                     f"{self.cfg.barrier_timeout_s:.0f}s"
                 )
             asked = time.monotonic()
-            ready = await self._unless_stopped(
-                self.client.ready(min_workers, wait_s=min(left, self.cfg.barrier_poll_s))
-            )
+            poll = partial(self.client.ready, min_workers, wait_s=min(left, self.cfg.barrier_poll_s))
+            ready = await self._unless_stopped(through_outage(poll, deadline=deadline, what="barrier"))
             epoch = int(ready["epoch"])
             if ready.get("job_hash") and ready["job_hash"] != job.hash:
                 raise JobMismatch(
@@ -316,7 +318,8 @@ class WorkerDaemon:
                     epoch,
                     "does not include me" if not mine else "did not move",
                 )
-                self.t.update(known_epoch=max(self.t.known_epoch, await self._reregister()))
+                joined = await through_outage(self._reregister, deadline=deadline, what="registration")
+                self.t.update(known_epoch=max(self.t.known_epoch, joined))
                 stale_since = time.monotonic()
             await asyncio.sleep(self.interval_s)
 
@@ -337,7 +340,11 @@ class WorkerDaemon:
         may still need ours), bounded by the collective timeout."""
         deadline = time.monotonic() + self.cfg.collective_timeout_s
         while time.monotonic() < deadline and not self.t.stop_requested.is_set():
-            answer = (await self.client.request("GET", "/workers")).json()
+            try:
+                answer = (await self.client.request("GET", "/workers")).json()
+            except CoordinatorError:  # the coordinator is away for now: our shards may still be needed
+                await asyncio.sleep(self.interval_s)
+                continue
             busy = [
                 w["worker_id"]
                 for w in answer.get("workers", [])
@@ -376,7 +383,7 @@ def run_worker(cfg: WorkerConfig) -> int:
     except JobMismatch as exc:
         log.error("worker: job hash mismatch: %s", exc)
         return EXIT_JOB_MISMATCH
-    except (BarrierTimeout, TooManyReforms) as exc:
+    except (BarrierTimeout, TooManyReforms, CoordinatorLost) as exc:
         log.error("worker: %s", exc)
         return EXIT_TRAINING_FAILED
     except Exception:

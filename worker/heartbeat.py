@@ -4,108 +4,40 @@
 
 - main task ends (done or raised): the heartbeat sends one last beat with the final state
   (`finished`, or `failed` when main raised) and stops. A dead trainer behind a live heartbeat cannot happen.
-- heartbeat ends (wrong token, coordinator lost for longer than the grace period): main is aborted
+- heartbeat ends (wrong token, coordinator lost for longer than the barrier timeout): main is aborted
   (`abort()` callback, then cancelled) and the heartbeat's error is raised.
 
 While running, each answer of the coordinator is acted on at once: `reform` with a newer epoch calls
 `backend.set_epoch(epoch)` so in-flight collectives of the old epoch fail immediately; `stop` sets the
-stop flag the trainer polls; 404/410 re-registers (a rejoin, which bumps the epoch). A worker whose
-lease ran out (no successful beat for a heartbeat timeout) is fenced: `Telemetry.wait_lease` blocks
-the step loop until a beat gets through again.
+stop flag the trainer polls; 404/410 re-registers (a rejoin, which bumps the epoch), unless this worker's
+training is stalled: it was evicted for that, so it only fences itself (a newer epoch) and registers again
+once its training moves. A worker whose lease ran out (no successful beat for a heartbeat timeout) is
+fenced: `Telemetry.wait_lease` blocks the step loop until a beat gets through again. Meanwhile the
+heartbeat keeps trying, with backoff (worker/outage.py), until the coordinator answers or the outage
+outlasts `outage_limit_s` (the barrier timeout): only then does it end the worker (CoordinatorLost).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from worker.coordinator_client import CoordinatorClient, CoordinatorUnreachable, MustRegister, RetryPolicy
+from worker.outage import CoordinatorLost, backoff_s
+from worker.telemetry import LeaseLost, Telemetry
+
+__all__ = ["CoordinatorLost", "Heartbeat", "LeaseLost", "Telemetry", "run_tied"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-STATES = ("starting", "waiting", "training", "finished", "failed")
-
 
 class EpochSink(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
-
-
-class LeaseLost(Exception):
-    """No successful heartbeat for too long: this worker must stop stepping."""
-
-
-@dataclass
-class Telemetry:
-    """What the worker reports; written by the training thread, read by the heartbeat (under a lock)."""
-
-    worker_id: str
-    state: str = "starting"
-    epoch: int = 0
-    step: int = 0
-    loss: float | None = None
-    samples_per_s: float | None = None
-    compute_s: float | None = None
-    comm_s: float | None = None
-    wait_s: float | None = None
-    test_loss: float | None = None
-    test_accuracy: float | None = None
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    bytes_by_lane: dict[str, int] | None = None  # bytes sent, by data-plane lane ("grpc", "local")
-    known_epoch: int = 0  # newest epoch the coordinator told us about
-    stop_requested: threading.Event = field(default_factory=threading.Event)
-    lease_ok: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def update(self, **values: Any) -> None:
-        with self.lock:
-            for key, value in values.items():
-                if not hasattr(self, key):
-                    raise AttributeError(f"unknown telemetry field {key}")
-                setattr(self, key, value)
-
-    def body(self) -> dict[str, Any]:
-        """The heartbeat request body (fields left out while unknown)."""
-        with self.lock:
-            body: dict[str, Any] = {
-                "epoch": self.epoch,
-                "step": self.step,
-                "state": self.state,
-                "bytes_sent": self.bytes_sent,
-                "bytes_received": self.bytes_received,
-            }
-            if self.bytes_by_lane is not None:
-                body["bytes_by_lane"] = dict(self.bytes_by_lane)
-            for key in (
-                "loss",
-                "samples_per_s",
-                "compute_s",
-                "comm_s",
-                "wait_s",
-                "test_loss",
-                "test_accuracy",
-            ):
-                value = getattr(self, key)
-                if value is not None and math.isfinite(value):  # a diverged loss is not a bad request
-                    body[key] = value
-            return body
-
-    def wait_lease(self, timeout: float) -> None:
-        """Block the step loop while the lease is lost; raise LeaseLost if it does not come back in time."""
-        deadline = time.monotonic() + timeout
-        while not self.lease_ok.wait(0.1):
-            if self.stop_requested.is_set():
-                raise LeaseLost(f"worker {self.worker_id}: stopping while fenced")
-            if time.monotonic() > deadline:
-                raise LeaseLost(f"worker {self.worker_id}: no heartbeat got through for {timeout:.1f}s")
 
 
 class Heartbeat:
@@ -120,7 +52,11 @@ class Heartbeat:
         grace_s: float,
         reregister: Callable[[], Awaitable[int]],
         stats: Callable[[], tuple[int, int]] | None = None,
+        outage_limit_s: float = 600.0,
     ) -> None:
+        """`grace_s`: how long the coordinator may stay away before the worker warns that it is still
+        fenced; `outage_limit_s` (the barrier timeout): how long before the worker gives up
+        (CoordinatorLost)."""
         if not 0 < interval_s < timeout_s:
             raise ValueError(f"heartbeat interval {interval_s}s must be below its timeout {timeout_s}s")
         self.client = client
@@ -129,10 +65,15 @@ class Heartbeat:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.grace_s = grace_s
+        self.outage_limit_s = outage_limit_s
         self.reregister = reregister
         self.stats = stats
         self.beats = 0
+        self.misses = 0  # failed beats in a row (unreachable coordinator): the backoff's exponent
+        self._warned_grace = False
+        self._kept_out = False  # evicted while stalled: not registering again until the training moves
         self._last_ok = time.monotonic()  # registration just succeeded: the lease starts now
+        self._last_answer = self._last_ok  # any answer (a 410 too): the coordinator was reachable
         self.t.lease_ok.set()
         self._closing = asyncio.Event()
 
@@ -158,24 +99,19 @@ class Heartbeat:
                 retry=RetryPolicy(attempts=1),
             )
         except CoordinatorUnreachable as exc:
-            age = time.monotonic() - self._last_ok
-            if age > self.timeout_s and self.t.lease_ok.is_set():
-                log.warning("worker %s: lease lost (%.1fs without heartbeat): fencing", self.t.worker_id, age)
-                self.t.lease_ok.clear()
-            if age > self.grace_s:
-                raise CoordinatorUnreachable(
-                    f"worker {self.t.worker_id}: coordinator unreachable for {age:.0f}s: {exc}"
-                ) from exc
+            self._unreachable(exc)
             return None
         except MustRegister as exc:
-            log.warning("worker %s: %s; registering again", self.t.worker_id, exc)
-            self._note_epoch(await self.reregister())
+            self._last_answer = time.monotonic()
+            await self._register_again(exc)
             return None
-        self._last_ok = time.monotonic()
+        self._last_ok = self._last_answer = time.monotonic()
         self.beats += 1
+        self.misses = 0
+        self._warned_grace = False
         if not self.t.lease_ok.is_set():
             log.info("worker %s: heartbeat got through again: lease restored", self.t.worker_id)
-            self.t.lease_ok.set()
+            self.t.restore_lease()
         epoch = int(answer.get("epoch", 0))
         action = answer.get("action", "continue")
         if action == "reform" or epoch > self.t.known_epoch:
@@ -185,12 +121,68 @@ class Heartbeat:
             self.t.stop_requested.set()
         return answer
 
+    def _unreachable(self, exc: Exception) -> None:
+        """A beat that did not get through: fence after the heartbeat timeout, warn after the grace, give
+        up (CoordinatorLost) after the outage limit."""
+        self.misses += 1
+        now = time.monotonic()
+        if now - self._last_ok > self.timeout_s and self.t.lease_ok.is_set():
+            log.warning(
+                "worker %s: lease lost (%.1fs without heartbeat): fencing",
+                self.t.worker_id,
+                now - self._last_ok,
+            )
+            self.t.lease_ok.clear()
+        age = now - self._last_answer
+        if age > self.outage_limit_s:
+            raise CoordinatorLost(
+                f"worker {self.t.worker_id}: the coordinator stayed unreachable for {age:.0f} s, longer than "
+                f"the barrier timeout ({self.outage_limit_s:g} s): {exc}"
+            ) from exc
+        if age > self.grace_s and not self._warned_grace:
+            self._warned_grace = True
+            log.warning(
+                "worker %s: coordinator unreachable for %.0f s; staying fenced and retrying until the "
+                "barrier timeout (%g s): %s",
+                self.t.worker_id,
+                age,
+                self.outage_limit_s,
+                exc,
+            )
+
+    async def _register_again(self, exc: Exception) -> None:
+        """404/410: the coordinator no longer counts this worker. Register again, unless the training is
+        stalled (it was evicted for that): then only fence (a newer epoch than the one it trains in)."""
+        if self.t.reported_state() == "stalled":
+            if not self._kept_out:
+                log.warning(
+                    "worker %s: evicted while its training is stalled (%s); fenced, registering again "
+                    "once the training moves",
+                    self.t.worker_id,
+                    exc,
+                )
+            self._kept_out = True
+            self._note_epoch(self.t.epoch + 1)
+            return
+        self._kept_out = False
+        log.warning("worker %s: %s; registering again", self.t.worker_id, exc)
+        try:
+            self._note_epoch(await self.reregister())
+        except CoordinatorUnreachable as lost:
+            self._unreachable(lost)
+
     async def run(self) -> None:
-        """Beat every interval until `close()`; raises on a fatal error (wrong token, coordinator lost)."""
+        """Beat every interval (backing off while the coordinator is unreachable) until `close()`; raises
+        on a fatal error (wrong token, coordinator lost for longer than the outage limit)."""
         while not self._closing.is_set():
             started = time.monotonic()
             await self.beat_once()
-            delay = max(0.0, self.interval_s - (time.monotonic() - started))
+            pause = (
+                self.interval_s
+                if not self.misses
+                else backoff_s(self.misses, self.interval_s, self.timeout_s)
+            )
+            delay = max(0.0, pause - (time.monotonic() - started))
             try:
                 await asyncio.wait_for(self._closing.wait(), timeout=delay)
             except TimeoutError:

@@ -39,10 +39,12 @@ class WorkerConfig:
     expect_job_hash: str | None = None
     # The coordinator's values (GET /job) replace these three; see adopt_timeouts.
     collective_timeout_s: float = 30.0  # a collective once the epoch has committed a step
-    startup_timeout_s: float = 120.0  # a collective before that (model build, resume, first steps)
+    startup_timeout_s: float = (
+        120.0  # a collective, or a stall, before that (model build, resume, first steps)
+    )
     barrier_timeout_s: float = 600.0
     barrier_poll_s: float = 10.0
-    coordinator_grace_s: float = 30.0
+    coordinator_grace_s: float = 30.0  # coordinator away this long: warn (give up after the barrier timeout)
     stop_grace_s: float = 1.0
     max_reforms: int = 20
     tls: TlsConfig | None = None  # TLS for gRPC (mutual with a CA) and the CA that verifies the coordinator

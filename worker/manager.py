@@ -30,6 +30,7 @@ from worker.commit import settled
 from worker.heartbeat import Telemetry
 from worker.identity import WorkerConfig, describe_device
 from worker.job import JobSpec
+from worker.liveness import WatchedCalls
 from worker.recovery import Holding, RecoveryError
 from worker.zero3.channels import Channel
 
@@ -107,7 +108,7 @@ class Manager:
         trainer = self.trainer_factory(
             job,
             group,
-            self.backend,
+            WatchedCalls(self.backend, self.t.clock),  # time waiting on peers is no stall
             device=device,
             data_dir=self.cfg.data_dir,
             checkpoint_dir=self.cfg.checkpoint_dir,
@@ -224,8 +225,8 @@ class Manager:
         self.progress_step = max(self.progress_step, int(report.step))
         skipped = bool(getattr(report, "skipped", False))
         loss = None if skipped else float(report.loss)
+        self.t.progress(int(report.step))  # a step committed
         self.t.update(
-            step=int(report.step),
             **({} if loss is None else {"loss": loss}),
             samples_per_s=self._local_samples(job_batch=int(report.samples), group=group) / step_time,
             compute_s=float(report.compute_s),

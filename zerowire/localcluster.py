@@ -200,24 +200,47 @@ class LocalCluster:
         return args + self.tls_args() + self.extra_worker_args
 
     def start_coordinator(self, timeout_s: float = 60.0) -> None:
-        from worker.coordinator_client import SyncCoordinatorClient
-
         for _attempt in range(3):
             self.port = free_port(self.host)
             self.coordinator = self._spawn("coordinator", self.coordinator_args())
-            deadline = time.monotonic() + timeout_s
-            with SyncCoordinatorClient(
-                self.url, self.token, timeout_s=1.0, verify=self.client_verify()
-            ) as client:
-                while time.monotonic() < deadline and self.coordinator.alive():
-                    if client.healthy():
-                        log.debug("coordinator up at %s", self.url)
-                        return
-                    time.sleep(0.2)
-            if self.coordinator.alive():
-                raise RuntimeError(f"the coordinator did not become healthy within {timeout_s:.0f}s")
+            if self._healthy(self.coordinator, timeout_s):
+                return
             # It exited (the probed port may have been taken meanwhile): try another port.
         raise RuntimeError(f"the coordinator exited; see {self.output / 'logs' / 'coordinator.log'}")
+
+    def kill_coordinator(self) -> None:
+        """SIGKILL the coordinator, as a crash would (its state file stays)."""
+        if self.coordinator is not None and self.coordinator.alive():
+            _signal(self.coordinator, signal.SIGKILL)
+            self.coordinator.proc.wait(timeout=10)
+
+    def restart_coordinator(self, timeout_s: float = 60.0) -> None:
+        """Start the coordinator again on its port and state file (after `kill_coordinator`)."""
+        if self.coordinator is not None and self.coordinator.alive():
+            raise RuntimeError("the coordinator is still running")
+        self.coordinator = self._spawn("coordinator", self.coordinator_args())
+        if not self._healthy(self.coordinator, timeout_s):
+            raise RuntimeError(
+                f"the coordinator did not start again on port {self.port}; "
+                f"see {self.output / 'logs' / 'coordinator.log'}"
+            )
+
+    def _healthy(self, child: Child, timeout_s: float) -> bool:
+        """Wait until `child` (the coordinator) answers /healthz: True; False if it exited first."""
+        from worker.coordinator_client import SyncCoordinatorClient
+
+        deadline = time.monotonic() + timeout_s
+        with SyncCoordinatorClient(
+            self.url, self.token, timeout_s=1.0, verify=self.client_verify()
+        ) as client:
+            while time.monotonic() < deadline and child.alive():
+                if client.healthy():
+                    log.debug("coordinator up at %s", self.url)
+                    return True
+                time.sleep(0.2)
+        if child.alive():
+            raise RuntimeError(f"the coordinator did not become healthy within {timeout_s:.0f}s")
+        return False
 
     def start_workers(self) -> None:
         self.telemetry_dir.mkdir(parents=True, exist_ok=True)

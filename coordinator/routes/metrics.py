@@ -27,4 +27,9 @@ async def metrics(service: ServiceDep) -> Response:
                 totals[lane] = totals.get(lane, 0) + int(n)
     for lane, n in totals.items():
         service.metrics.lane_bytes.labels(lane).set(n)
+    steps = service.metrics.committed_step
+    steps.clear()  # live workers only: the dead and the left drop out of the series
+    for w in service.state.workers.values():
+        if w.status == "alive":
+            steps.labels(w.worker_id).set(w.committed_step)
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

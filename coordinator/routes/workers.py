@@ -89,6 +89,7 @@ async def register(
         epoch=record.epoch_seen,
         heartbeat_interval_s=s.heartbeat_interval,
         heartbeat_timeout_s=s.heartbeat_timeout,
+        progress_timeout_s=s.progress_timeout,
         rank=record.rank,
         world_size=service.world_size,
         worker_secret=secret,
@@ -113,7 +114,8 @@ async def register(
 async def heartbeat(
     worker_id: WorkerIdPath, body: HeartbeatRequest, service: ServiceDep, clock: ClockDep
 ) -> JSONResponse:
-    """The hot path: memory only, answered without re-validating the response model."""
+    """The hot path: memory only, answered without re-validating the response model. A heartbeat saying
+    worker_state "stalled" evicts its worker (a membership change, written before the answer)."""
     telemetry = {k: v for k in TELEMETRY_FIELDS if (v := getattr(body, k)) is not None}
     hb = m.Heartbeat(
         body.epoch,
@@ -124,9 +126,12 @@ async def heartbeat(
         body.bytes_received,
         body.state,
         telemetry,
+        body.committed_step,
     )
     try:
         action, record = service.heartbeat(worker_id, hb, clock)
+        if record.state == "stalled" and record.status == "alive":  # it speaks for itself: evicted
+            action, record = await service.evict_stalled(worker_id, body.epoch)
     except m.Rejected as exc:
         raise HTTPException(exc.status, exc.reason) from None
     reply = {

@@ -29,6 +29,7 @@ SERVER_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
     ("--collective-timeout", "collective_timeout", float, "workers' collective timeout (default 30)"),
     ("--startup-timeout", "startup_timeout", float, "workers' start-up collective timeout (default 120)"),
     ("--barrier-timeout", "barrier_timeout", float, "workers' ready-barrier timeout (default 600)"),
+    ("--progress-timeout", "progress_timeout", float, "training stalled this long is evicted (default 10)"),
     ("--restart-grace", "restart_grace", float, "extra seconds for live workers after a restart"),
     ("--max-workers", "max_workers", int, "most live workers accepted (default 1024)"),
     ("--max-body-bytes", "max_body_bytes", int, "largest request body (default 65536)"),

@@ -61,7 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--coordinator-grace",
         type=float,
         default=float(_env("COORDINATOR_GRACE", "30") or 30),
-        help="seconds without the coordinator before giving up (default 30)",
+        help="seconds without the coordinator before warning that the worker is still fenced; it keeps "
+        "retrying until the barrier timeout (default 30)",
     )
     add_tls_options(p)
     p.add_argument(

@@ -25,6 +25,7 @@ CREDENTIALS: tuple[tuple[str, str], ...] = (
 EXPECTED: dict[tuple[str, str], tuple[int, ...]] = {
     ("POST", "/workers/register"): (401, 401, 201, 403, 403, 403, 403),
     ("POST", "/workers/{worker_id}/heartbeat"): (401, 401, 403, 403, 200, 403, 403),
+    ("POST", "/workers/{worker_id}/suspect"): (401, 401, 403, 403, 200, 403, 403),
     ("DELETE", "/workers/{worker_id}"): (401, 401, 403, 403, 204, 403, 204),
     ("GET", "/workers"): (401, 401, 403, 200, 200, 200, 200),
     ("GET", "/training/ready"): (401, 401, 403, 200, 200, 403, 403),

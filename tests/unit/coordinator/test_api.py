@@ -20,6 +20,7 @@ async def test_register_heartbeat_leave_flow(api: Api) -> None:
         "epoch": 1,
         "heartbeat_interval_s": 0.5,
         "heartbeat_timeout_s": 2.0,
+        "progress_timeout_s": 10.0,
         "rank": 0,
         "world_size": 1,
     }

@@ -87,6 +87,8 @@ def request_for(method: str, path: str) -> tuple[str, dict[str, Any]]:
         }
     elif path.endswith("/heartbeat"):
         kwargs["json"] = {"epoch": 2, "step": 1}
+    elif path.endswith("/suspect"):
+        kwargs["json"] = {"epoch": 2, "suspect": "a", "reason": "unreachable"}
     elif path == "/training/ready":
         kwargs["params"] = {"wait_s": 0}
     return url, kwargs
@@ -153,6 +155,7 @@ async def test_every_error_status_is_documented_per_route(api: Api) -> None:
     }
     assert statuses[("POST", "/workers/register")] >= {201, 401, 403, 409, 413, 422, 429}
     assert statuses[("POST", "/workers/{worker_id}/heartbeat")] >= {200, 401, 403, 404, 409, 410, 413, 422}
+    assert statuses[("POST", "/workers/{worker_id}/suspect")] >= {200, 401, 403, 404, 409, 410, 413, 422}
     assert statuses[("DELETE", "/workers/{worker_id}")] >= {204, 401, 403, 404, 422}
     assert statuses[("GET", "/training/ready")] >= {200, 401, 403, 422}
     assert statuses[("GET", "/healthz")] == {200}

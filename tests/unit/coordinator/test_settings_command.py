@@ -129,6 +129,9 @@ def test_bad_options_exit_2_with_a_message(capsys: pytest.CaptureFixture[str], t
     assert "invalid optimizer" in capsys.readouterr().err
     assert main(["coordinator", "--db", db, "--token", "t", "--port", "70000"]) == 2
     assert "invalid port" in capsys.readouterr().err
+    assert main(["coordinator", "--db", db, "--token", "t", "--progress-timeout", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "heartbeat timeout (2 s) must be shorter than progress timeout (1.5 s)" in err
     assert main(["coordinator", "--db", db, "--token", "t", "--job", str(tmp_path / "missing.toml")]) == 2
     assert "missing.toml" in capsys.readouterr().err
     assert not (tmp_path / "c.db").exists()  # nothing started, nothing written

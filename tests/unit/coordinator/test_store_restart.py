@@ -126,6 +126,7 @@ def test_a_file_of_an_older_coordinator_gains_the_new_columns(tmp_path: Path) ->
     loaded = store.open()
     (record,) = loaded.state.workers.values()
     assert record.secret_digest == b"" and record.ended_wall is None and record.step == 5
+    assert record.committed_step == -1  # none reported
     assert len(loaded.master_key) == 32
     store.close()
     again = Store(db)

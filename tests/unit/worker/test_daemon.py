@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import threading
 import time
@@ -17,10 +16,10 @@ from communication.backend import WireStats
 from communication.errors import EpochChanged
 from communication.group import PeerGroup
 from tests.unit.worker.fake_coordinator import FakeCoordinator, eventually
-from worker.coordinator_client import CoordinatorUnreachable
-from worker.daemon import EXIT_OK, ConfigError, JobMismatch, WorkerDaemon
+from worker.daemon import EXIT_OK, EXIT_TRAINING_FAILED, ConfigError, JobMismatch, WorkerDaemon, run_worker
 from worker.identity import WorkerConfig
 from worker.job import JobSpec
+from worker.outage import CoordinatorLost
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -113,8 +112,7 @@ def make_daemon(fake: FakeCoordinator, tmp_path: Path, **cfg: Any) -> tuple[Work
         save_model=tmp_path / "model.safetensors",
         telemetry_dir=tmp_path,
         barrier_poll_s=0.2,
-        coordinator_grace_s=5.0,
-        **cfg,
+        **{"coordinator_grace_s": 5.0, **cfg},
     )
     daemon = WorkerDaemon(
         config,
@@ -258,21 +256,60 @@ async def test_timeouts_that_do_not_nest_are_refused_and_the_worker_leaves(tmp_p
     assert ScriptedTrainer.built == []
 
 
-async def test_a_coordinator_lost_for_longer_than_the_grace_ends_the_worker(tmp_path: Path) -> None:
+async def test_a_coordinator_away_for_longer_than_the_grace_fences_and_the_worker_carries_on(
+    tmp_path: Path,
+) -> None:
+    fake = FakeCoordinator(job=JobSpec(steps=150, warmup_steps=0))
+    daemon, _ = make_daemon(fake, tmp_path, coordinator_grace_s=0.5)
+    task = asyncio.create_task(daemon.run())
+    await eventually(lambda: len(step_times(tmp_path)) >= 10)
+    fake.heartbeat_status = 503
+    await eventually(lambda: not daemon.t.lease_ok.is_set())
+    fenced = time.time()  # wall clock, as the telemetry lines
+    await asyncio.sleep(1.5)  # three times the grace
+    assert not task.done(), "the worker gave up within the barrier timeout"
+    fake.heartbeat_status = 200
+    await eventually(lambda: daemon.t.lease_ok.is_set())
+    restored = time.time()
+    assert await asyncio.wait_for(task, 20) == EXIT_OK
+    times = step_times(tmp_path)
+    # At most the step in flight when the lease ran out ends while fenced; then none until it is back.
+    assert sum(1 for t in times if fenced + 0.05 < t < restored) == 0, (fenced, restored)
+    assert len(times) == 150 and len(fake.calls("POST", "/workers/register")) == 1
+
+
+async def test_a_coordinator_lost_for_longer_than_the_barrier_timeout_ends_the_worker(tmp_path: Path) -> None:
     fake = FakeCoordinator(job=JobSpec(steps=10_000, warmup_steps=0))
-    daemon, backend = make_daemon(fake, tmp_path)
-    daemon.cfg = dataclasses.replace(daemon.cfg, coordinator_grace_s=1.0)
+    daemon, backend = make_daemon(
+        fake, tmp_path, coordinator_grace_s=0.5, collective_timeout_s=1.0, barrier_timeout_s=2.0
+    )
     task = asyncio.create_task(daemon.run())
     await eventually(lambda: ScriptedTrainer.built)
     fake.heartbeat_status = 503
     lost = time.monotonic()
-    with pytest.raises(CoordinatorUnreachable, match="unreachable for"):
+    with pytest.raises(CoordinatorLost, match="longer than the barrier timeout"):
         await asyncio.wait_for(task, 10)
-    # The grace runs from the last heartbeat that succeeded, which may precede `lost` by up to one
-    # heartbeat interval (0.05 s) plus that beat's round trip.
-    assert 1.0 - 0.1 <= time.monotonic() - lost < 4.0
+    # The limit runs from the last heartbeat that succeeded, which may precede `lost` by up to one
+    # heartbeat interval (0.05 s) plus that beat's round trip; retries back off to the heartbeat timeout.
+    assert 2.0 - 0.1 <= time.monotonic() - lost < 2.0 + 0.3 + 1.0
     assert daemon.t.stop_requested.is_set() and backend.epochs, "training was aborted at once"
     assert not daemon.t.lease_ok.is_set(), "fenced before giving up"
+
+
+def test_a_lost_coordinator_exits_with_the_training_failed_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def lost(self: WorkerDaemon) -> int:
+        raise CoordinatorLost("the coordinator stayed unreachable")
+
+    monkeypatch.setattr(WorkerDaemon, "run", lost)
+    assert run_worker(WorkerConfig(coordinator="http://127.0.0.1:1", token="t")) == EXIT_TRAINING_FAILED
+
+
+def step_times(folder: Path) -> list[float]:
+    path = folder / "w0.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r["time"] for r in rows if r["kind"] == "step"]
 
 
 async def test_a_live_id_held_by_another_process_is_refused_clearly(tmp_path: Path) -> None:

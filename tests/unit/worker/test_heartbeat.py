@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import pytest
 
 from tests.unit.worker.fake_coordinator import FakeCoordinator, eventually
-from worker.coordinator_client import CoordinatorClient, CoordinatorUnreachable, RetryPolicy
+from worker.coordinator_client import CoordinatorClient, RetryPolicy
 from worker.daemon import in_thread
-from worker.heartbeat import Heartbeat, LeaseLost, Telemetry, run_tied
+from worker.heartbeat import CoordinatorLost, Heartbeat, LeaseLost, Telemetry, run_tied
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -23,7 +24,9 @@ class RecordingBackend:
         self.epochs.append((time.monotonic(), epoch))
 
 
-def setup(fake: FakeCoordinator, grace_s: float = 5.0) -> tuple[Heartbeat, Telemetry, RecordingBackend]:
+def setup(
+    fake: FakeCoordinator, grace_s: float = 5.0, outage_limit_s: float = 10.0
+) -> tuple[Heartbeat, Telemetry, RecordingBackend]:
     secret = fake.add_worker("w0")
     client = CoordinatorClient(
         "http://coordinator",
@@ -40,7 +43,14 @@ def setup(fake: FakeCoordinator, grace_s: float = 5.0) -> tuple[Heartbeat, Telem
         return fake.epoch
 
     hb = Heartbeat(
-        client, tel, backend, interval_s=0.05, timeout_s=0.3, grace_s=grace_s, reregister=reregister
+        client,
+        tel,
+        backend,
+        interval_s=0.05,
+        timeout_s=0.3,
+        grace_s=grace_s,
+        outage_limit_s=outage_limit_s,
+        reregister=reregister,
     )
     return hb, tel, backend
 
@@ -112,30 +122,69 @@ async def test_a_worker_declared_dead_registers_again_and_cancels_its_epoch() ->
     assert backend.epochs[0][1] == fake.epoch
 
 
-async def test_a_lost_coordinator_fences_then_aborts_the_main_task() -> None:
+async def test_a_lost_coordinator_fences_backs_off_and_gives_up_after_the_outage_limit() -> None:
     fake = FakeCoordinator()
-    hb, tel, _ = setup(fake, grace_s=0.8)
+    hb, tel, _ = setup(fake, grace_s=0.3, outage_limit_s=1.5)
     aborted: list[float] = []
     fake.heartbeat_status = 503
     fenced_at: list[float] = []
 
-    async def main() -> None:
-        await eventually(lambda: not tel.lease_ok.is_set())
+    def step_loop() -> None:
+        while tel.lease_ok.is_set():
+            time.sleep(0.01)
         fenced_at.append(time.monotonic())
-        with pytest.raises(LeaseLost):  # the step loop would block here, then give up
-            tel.wait_lease(0.05)
+        tel.wait_lease(0.05)  # the fence: blocks until the lease is back or the worker stops
+
+    async def main() -> None:
+        with pytest.raises(LeaseLost, match="stopping while fenced"):
+            await in_thread(step_loop, "steps")
         await asyncio.sleep(60)  # cancelled by the tie
 
     started = time.monotonic()
-    with pytest.raises(CoordinatorUnreachable):
+    with pytest.raises(CoordinatorLost, match="longer than the barrier timeout"):
         await run_tied(
-            main(), hb, abort=lambda: aborted.append(time.monotonic()), final_state=lambda exc: "failed"
-        )
+            main(), hb, abort=lambda: (aborted.append(time.monotonic()), tel.stop_requested.set()),
+            final_state=lambda exc: "failed",
+        )  # fmt: skip
     assert aborted, "the main task was aborted"
     assert 0.3 <= fenced_at[0] - started < aborted[0] - started, "fenced after the heartbeat timeout"
-    assert 0.8 <= aborted[0] - started < 3.0
+    assert 1.5 <= aborted[0] - started < 1.5 + 0.3 + 0.5, "given up after the outage limit, not the grace"
     assert not tel.lease_ok.is_set()
     assert tel.state == "failed"
+    times = [r[0] for r in fake.calls("POST", "/heartbeat")]
+    gaps = [b - a for a, b in itertools.pairwise(times[3:-1])]  # backed off (the last beat is the final one)
+    assert gaps and max(gaps) <= 0.3 + 0.1, "retried at least once per heartbeat timeout"
+    assert sum(gaps) / len(gaps) > 2 * 0.05, "backed off from the heartbeat interval"
+
+
+async def test_a_coordinator_back_after_the_grace_restores_the_lease_and_the_steps_resume() -> None:
+    fake = FakeCoordinator()
+    hb, tel, _ = setup(fake, grace_s=0.2, outage_limit_s=30.0)
+    tel.update(state="training", progress_timeout_s=0.6)
+
+    def fenced_step() -> float:
+        while tel.lease_ok.is_set():
+            time.sleep(0.01)
+        tel.wait_lease(0.1)
+        return time.monotonic()
+
+    async def main() -> float:
+        await asyncio.sleep(0.2)
+        tel.progress(0)  # a step committed: the progress timeout applies from here
+        fake.heartbeat_status = 503
+        loop = asyncio.get_running_loop()
+        loop.call_later(1.2, setattr, fake, "heartbeat_status", 200)  # away six graces
+        resumed: float = await in_thread(fenced_step, "steps")
+        await asyncio.sleep(0.2)
+        return resumed
+
+    started = time.monotonic()
+    resumed = await asyncio.wait_for(run_tied(main(), hb, abort=lambda: None, final_state=lambda e: None), 10)
+    assert 1.2 + 0.2 <= resumed - started < 1.2 + 0.2 + 0.3 + 0.3
+    assert tel.lease_ok.is_set() and not tel.stop_requested.is_set()
+    # Fenced for twice the progress timeout, the worker was waiting, not stalled: the clock restarted
+    # with the lease.
+    assert all(b["state"] == "training" for b in beats(fake)) and beats(fake)[-1]["committed_step"] == 0
 
 
 def test_heartbeat_rejects_an_interval_not_below_its_timeout() -> None:

@@ -1,0 +1,92 @@
+"""Liveness is progress: a worker whose training thread blocks while its heartbeat lives says so ("stalled")
+and is evicted within the progress timeout; the others, who waited on it without being stalled themselves,
+form a new epoch without it and finish the job."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ProcessReaper
+from tests.integration.cluster_support import (
+    env,
+    get,
+    processes_mentioning,
+    read_jsonl,
+    start_coordinator,
+    start_worker,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
+
+HEARTBEAT_TIMEOUT = 2.0
+PROGRESS_TIMEOUT = 4.0
+STEPS = 40
+BLOCK_AT = 14
+
+
+def test_a_worker_whose_training_blocks_is_evicted_within_the_progress_timeout(
+    reaper: ProcessReaper, tmp_path: Path
+) -> None:
+    job = ("--steps", str(STEPS), "--min-workers", "3", "--checkpoint-every", "10")
+    timeouts = ("--progress-timeout", str(PROGRESS_TIMEOUT))
+    _, url = start_coordinator(reaper, tmp_path, *job, *timeouts, heartbeat_timeout=str(HEARTBEAT_TIMEOUT))
+    healthy = [start_worker(reaper, tmp_path, url, f"w{i}") for i in range(2)]
+    with open(tmp_path / "w2.log", "ab") as log:
+        stalled = reaper.spawn(
+            [sys.executable, "-m", "tests.integration.stall_worker", url, "w2", str(tmp_path), str(BLOCK_AT)],
+            env=env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    marker = tmp_path / "w2.blocked"
+    wait_for(marker.exists, 120, "w2 to block its training thread")
+    blocked_at = float(marker.read_text())
+
+    evicted = wait_for(
+        lambda: [e for e in get(url, "/events")["events"] if e["kind"] in ("evicted", "died")],
+        PROGRESS_TIMEOUT + 4 * HEARTBEAT_TIMEOUT,
+        "an eviction",
+        every_s=0.1,
+    )
+    (event,) = evicted  # w2 alone: w0 and w1 waited on it, which is no stall
+    assert (event["kind"], event["worker_id"]) == ("evicted", "w2"), event
+    assert event["reason"].startswith("stalled: worker w2"), event
+    eviction_s = event["time"] - blocked_at
+    print(
+        f"\nw2 evicted {eviction_s:.2f} s after its training thread blocked "
+        f"(progress timeout {PROGRESS_TIMEOUT:g} s)"
+    )
+    assert PROGRESS_TIMEOUT - 0.1 <= eviction_s < PROGRESS_TIMEOUT + 2 * HEARTBEAT_TIMEOUT
+
+    for i, proc in enumerate(healthy):
+        assert proc.wait(120) == 0, (tmp_path / f"w{i}.log").read_text()[-3000:]
+    steps = [
+        r for i in range(2) for r in read_jsonl(tmp_path / "telemetry" / f"w{i}.jsonl") if r["kind"] == "step"
+    ]
+    after = [r for r in steps if r["epoch"] >= event["epoch"]]
+    assert after and {r["world_size"] for r in after} == {2}, "w0 and w1 trained on in a new epoch of two"
+    resumed = min(r["time"] for r in after)
+    print(f"w0 and w1 stepped again {resumed - blocked_at:.2f} s after w2 blocked")
+    results = [
+        r
+        for i in range(2)
+        for r in read_jsonl(tmp_path / "telemetry" / f"w{i}.jsonl")
+        if r["kind"] == "result"
+    ]
+    assert [r["steps_done"] for r in results] == [STEPS, STEPS]
+    view = {w["worker_id"]: w for w in get(url, "/workers")["workers"]}
+    assert view["w2"]["state"] == "dead" and view["w2"]["worker_state"] == "stalled"
+    assert stalled.poll() is None, "its heartbeat lives on; it stays out while its training is stalled"
+    assert "registering again once the training moves" in (tmp_path / "w2.log").read_text()
+    assert [e["worker_id"] for e in get(url, "/events")["events"] if e["kind"] in ("evicted", "died")] == [
+        "w2"
+    ]
+    reaper.kill_all()
+    time.sleep(0.2)
+    assert processes_mentioning(str(tmp_path)) == []

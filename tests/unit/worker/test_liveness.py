@@ -1,0 +1,161 @@
+"""The worker's evidence for its self-report "stalled": the progress clock, the watched data-plane calls, the
+telemetry that reports it, and the heartbeat that stays out of the cluster while its training is stalled."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+
+from tests.unit.worker.fake_coordinator import FakeCoordinator, eventually
+from tests.unit.worker.test_heartbeat import setup
+from worker.heartbeat import run_tied
+from worker.liveness import ProgressClock, WatchedCalls
+from worker.telemetry import Telemetry
+
+pytestmark = pytest.mark.timeout(20)
+
+
+class Now:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def training(now: Now, progress_s: float | None = 10.0, startup_s: float = 120.0) -> Telemetry:
+    tel = Telemetry("w0", clock=ProgressClock(now))
+    tel.update(state="training", progress_timeout_s=progress_s, startup_timeout_s=startup_s)
+    tel.lease_ok.set()
+    return tel
+
+
+def test_the_start_up_timeout_holds_until_the_first_committed_step_then_the_progress_timeout() -> None:
+    now = Now()
+    tel = training(now)
+    now.t += 119.0
+    assert tel.reported_state() == "training"  # building the model, loading data: within start-up
+    now.t += 2.0
+    assert tel.reported_state() == "stalled" and tel.body()["state"] == "stalled"
+    tel.progress(0)
+    assert (tel.body()["committed_step"], tel.body()["step"], tel.reported_state()) == (0, 0, "training")
+    now.t += 10.0
+    assert tel.reported_state() == "training"
+    now.t += 0.5
+    assert tel.reported_state() == "stalled"
+    tel.progress(1)
+    assert tel.last_progress == now.t and tel.reported_state() == "training"
+    tel.update(epoch=5)  # a new epoch: start-up again
+    now.t += 60.0
+    assert tel.reported_state() == "training"
+
+
+def test_only_training_with_a_progress_timeout_and_a_lease_can_be_stalled() -> None:
+    now = Now()
+    tel = training(now, startup_s=1.0)
+    now.t += 5.0
+    assert tel.reported_state() == "stalled"
+    tel.lease_ok.clear()  # fenced for want of the coordinator: waiting, not stalled
+    assert tel.reported_state() == "training"
+    tel.lease_ok.set()
+    tel.update(state="waiting")
+    now.t += 5.0
+    assert tel.reported_state() == "waiting"
+    never = training(now, progress_s=None, startup_s=1.0)  # a coordinator without a progress timeout
+    now.t += 1000.0
+    assert never.reported_state() == "training"
+
+
+def test_a_call_in_flight_is_waiting_on_peers_and_its_end_is_progress() -> None:
+    now = Now()
+    tel = training(now, progress_s=2.0, startup_s=2.0)
+    backend = FakeLane()
+    watched = WatchedCalls(backend, tel.clock)
+    pending = watched.all_gather("group", 0, 1)
+    assert tel.clock.in_flight == 1 and backend.calls == [("all_gather", ("group", 0, 1), {})]
+    now.t += 30.0  # a peer is slow: the collective timeout and peer reports judge that, not this
+    assert tel.reported_state() == "training"
+    backend.futures[-1].set_result("done")
+    assert pending.result() == "done" and tel.clock.in_flight == 0
+    now.t += 1.5
+    assert tel.reported_state() == "training"  # the call's end was progress
+    now.t += 1.0
+    assert tel.reported_state() == "stalled"
+    for name in ("reduce_scatter", "send", "recv"):
+        getattr(watched, name)(codec="int8")
+        assert tel.clock.in_flight == 1
+        backend.futures[-1].set_exception(RuntimeError("peer lost"))
+        assert tel.clock.in_flight == 0
+    backend.fail = True
+    with pytest.raises(ValueError):
+        watched.all_gather()
+    assert tel.clock.in_flight == 0
+    assert watched.store_port == 4321 and watched.set_epoch(3) == 3  # everything else passes through
+
+
+class FakeLane:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        self.futures: list[Future[Any]] = []
+        self.fail = False
+        self.store_port = 4321
+
+    def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
+        if self.fail:
+            raise ValueError("a bad call")
+        self.calls.append((name, args, kwargs))
+        self.futures.append(Future())
+        return self.futures[-1]
+
+    def all_gather(self, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._call("all_gather", args, kwargs)
+
+    def reduce_scatter(self, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._call("reduce_scatter", args, kwargs)
+
+    def send(self, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._call("send", args, kwargs)
+
+    def recv(self, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._call("recv", args, kwargs)
+
+    def set_epoch(self, epoch: int) -> int:
+        return epoch
+
+
+def test_the_registration_answer_sets_the_timeouts() -> None:
+    tel = Telemetry("w0")
+    tel.liveness_from({"progress_timeout_s": 7.5}, 90.0)
+    assert (tel.progress_timeout_s, tel.startup_timeout_s) == (7.5, 90.0)
+    tel.liveness_from({"progress_timeout_s": 7.5, "startup_timeout_s": 30}, 90.0)
+    assert tel.startup_timeout_s == 30.0
+    tel.liveness_from({}, 90.0)  # a coordinator that judges no progress
+    assert tel.progress_timeout_s is None
+
+
+async def test_evicted_while_stalled_the_worker_fences_and_registers_again_only_once_it_moves() -> None:
+    fake = FakeCoordinator()
+    hb, tel, backend = setup(fake)  # `setup`'s registration adds w0 to the fake again: a new epoch
+    epoch = fake.epoch
+    tel.update(state="training", epoch=epoch, progress_timeout_s=0.2, startup_timeout_s=0.2)
+
+    async def main() -> None:
+        await eventually(lambda: any(b["state"] == "stalled" for b in beats(fake)))
+        fake.heartbeat_status = 410  # the coordinator evicted it: dead
+        await eventually(lambda: backend.epochs)
+        await asyncio.sleep(0.3)  # six intervals of 410 answers
+        assert fake.epoch == epoch, "no registration while the training is stalled"
+        tel.progress(3)  # the training moves again
+        await eventually(lambda: fake.epoch > epoch)
+        fake.heartbeat_status = 200
+
+    await asyncio.wait_for(run_tied(main(), hb, abort=lambda: None, final_state=lambda exc: None), 10)
+    assert backend.epochs[0][1] == epoch + 1, "fenced: a newer epoch cancels its collectives at once"
+    assert tel.known_epoch == fake.epoch
+
+
+def beats(fake: FakeCoordinator) -> list[dict[str, Any]]:
+    return [r[3] for r in fake.calls("POST", "/heartbeat")]

@@ -1,0 +1,137 @@
+"""What a worker reports in its heartbeats, and its fence: written by the training thread, read by the
+heartbeat (under a lock).
+
+The training side calls `progress(step)` for every committed step and `update(state=...)` as its
+lifecycle moves; the heartbeat reports worker_state "stalled" in place of "training" when the training
+makes no progress in time (worker/liveness.py). `wait_lease` is the fence between steps: it blocks the
+step loop while no heartbeat gets through.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.liveness import ProgressClock
+
+log = logging.getLogger(__name__)
+
+OPTIONAL_FIELDS = ("loss", "samples_per_s", "compute_s", "comm_s", "wait_s", "test_loss", "test_accuracy")
+
+
+class LeaseLost(Exception):
+    """No successful heartbeat for too long: this worker must stop stepping."""
+
+
+@dataclass
+class Telemetry:
+    """What the worker reports; written by the training thread, read by the heartbeat (under a lock)."""
+
+    worker_id: str
+    state: str = "starting"
+    epoch: int = 0
+    step: int = 0
+    committed_step: int = -1  # the last step this worker committed (-1: none yet)
+    last_progress: float | None = None  # monotonic time of the last committed step
+    loss: float | None = None
+    samples_per_s: float | None = None
+    compute_s: float | None = None
+    comm_s: float | None = None
+    wait_s: float | None = None
+    test_loss: float | None = None
+    test_accuracy: float | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    bytes_by_lane: dict[str, int] | None = None  # bytes sent, by data-plane lane ("grpc", "local")
+    known_epoch: int = 0  # newest epoch the coordinator told us about
+    # Liveness: None (a coordinator that sets no progress timeout) never reports "stalled". The start-up
+    # timeout applies before the epoch's first committed step.
+    progress_timeout_s: float | None = None
+    startup_timeout_s: float = 120.0
+    clock: ProgressClock = field(default_factory=ProgressClock)
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+    lease_ok: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def update(self, **values: Any) -> None:
+        """Set fields. A change of state or epoch restarts the progress clock: a new epoch's training
+        starts under the start-up timeout."""
+        with self.lock:
+            before = (self.state, self.epoch)
+            for key, value in values.items():
+                if not hasattr(self, key):
+                    raise AttributeError(f"unknown telemetry field {key}")
+                setattr(self, key, value)
+            if (self.state, self.epoch) != before:
+                self.clock.restart()
+
+    def progress(self, committed_step: int) -> None:
+        """A step was committed: the one call of the training side for it."""
+        with self.lock:
+            self.committed_step = self.step = int(committed_step)
+            self.last_progress = self.clock.committed()
+
+    def liveness_from(self, answer: Mapping[str, Any], startup_default_s: float) -> None:
+        """Take the timeouts of a registration answer (`startup_default_s` when it names no start-up
+        timeout; no progress timeout: this worker never reports itself stalled)."""
+        progress = answer.get("progress_timeout_s")
+        startup = answer.get("startup_timeout_s", startup_default_s)
+        with self.lock:
+            self.progress_timeout_s = None if progress is None else float(progress)
+            self.startup_timeout_s = float(startup)
+
+    def reported_state(self) -> str:
+        """The worker_state to report: "stalled" in place of "training" once the training has made no
+        progress in time (while the lease holds: a fenced worker waits, it is not stalled)."""
+        with self.lock:
+            state, timeout, startup = self.state, self.progress_timeout_s, self.startup_timeout_s
+        if state != "training" or timeout is None or not self.lease_ok.is_set():
+            return state
+        return "stalled" if self.clock.overdue(timeout, startup) is not None else state
+
+    def body(self) -> dict[str, Any]:
+        """The heartbeat request body (fields left out while unknown)."""
+        state = self.reported_state()
+        with self.lock:
+            body: dict[str, Any] = {
+                "epoch": self.epoch,
+                "step": self.step,
+                "committed_step": self.committed_step,
+                "state": state,
+                "bytes_sent": self.bytes_sent,
+                "bytes_received": self.bytes_received,
+            }
+            if self.bytes_by_lane is not None:
+                body["bytes_by_lane"] = dict(self.bytes_by_lane)
+            for key in OPTIONAL_FIELDS:
+                value = getattr(self, key)
+                if value is not None and math.isfinite(value):  # a diverged loss is not a bad request
+                    body[key] = value
+            return body
+
+    def restore_lease(self) -> None:
+        """A heartbeat got through again: unfence; the time spent fenced was no stall."""
+        self.clock.touch()
+        self.lease_ok.set()
+
+    def wait_lease(self, warn_after_s: float) -> None:
+        """The fence between steps: block the step loop while the lease is lost, for as long as it takes
+        (the heartbeat gives up after the barrier timeout and stops the worker). Warns once after
+        `warn_after_s`; raises LeaseLost when a stop is requested while fenced."""
+        started = time.monotonic()
+        warned = False
+        while not self.lease_ok.wait(0.1):
+            if self.stop_requested.is_set():
+                raise LeaseLost(f"worker {self.worker_id}: stopping while fenced")
+            if not warned and time.monotonic() - started > warn_after_s:
+                warned = True
+                log.warning(
+                    "worker %s: fenced for %.1f s (no heartbeat gets through); waiting for the coordinator",
+                    self.worker_id,
+                    time.monotonic() - started,
+                )
