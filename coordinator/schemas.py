@@ -168,6 +168,9 @@ class ReadyResponse(BaseModel):
     min_workers: int
     job_hash: str
     workers: list[RankedWorkerView]
+    committed_step: int = Field(
+        -1, description="the highest step any worker of the job reported committed (-1: none yet)"
+    )
     peer_keys: dict[str, str] = Field(
         default_factory=dict,
         description="for a caller that is a member of this epoch: every other member's worker_id -> the hex "

@@ -180,9 +180,7 @@ class WorkerDaemon:
         return int(rc)
 
     def _final(self, exc: BaseException | None) -> str | None:
-        if exc is None:
-            return self.t.state  # finished, or waiting after a stop: announce it at once
-        return "failed"
+        return self.t.state if exc is None else "failed"  # finished, or waiting after a stop: at once
 
     async def _reregister(self) -> int:
         answer = await self.client.register(self.register_body)
@@ -219,7 +217,7 @@ class WorkerDaemon:
                 ready = await self._barrier(job, failed_epoch)
             except Stopped:
                 return EXIT_OK
-            group = self._group_from(ready, job)
+            group, self.members = group_from_ready(ready, job, self.worker_id)
             self.group = group
             assert self.session is not None
             session = self.session
@@ -232,9 +230,9 @@ class WorkerDaemon:
                 self.t.update(state="training", epoch=group.epoch)
                 self.formations += 1
                 log.info("worker %s: training in %s", self.worker_id, group.describe())
-                outcome = await in_thread(
-                    partial(session.run, job, group, self.members), f"train-{self.worker_id}"
-                )
+                committed = int(ready.get("committed_step", -1))  # the job's progress, as known
+                train = partial(session.run, job, group, self.members, committed)
+                outcome = await in_thread(train, f"train-{self.worker_id}")
             except (CommError, LeaseLost) as exc:
                 if isinstance(exc, Unauthenticated):
                     raise
@@ -360,10 +358,6 @@ class WorkerDaemon:
         log.warning(
             "worker %s: %s still training after the collective timeout", self.worker_id, group.describe()
         )
-
-    def _group_from(self, ready: dict[str, Any], job: JobSpec) -> PeerGroup:
-        group, self.members = group_from_ready(ready, job, self.worker_id)
-        return group
 
 
 def run_worker(cfg: WorkerConfig) -> int:

@@ -92,10 +92,10 @@ class Manager:
         self.previous: Holding | None = None  # the last confirmed state, until `current` is confirmed
         self._log_lock = threading.Lock()
 
-    def run(self, job: JobSpec, group: PeerGroup, ids: tuple[str, ...]) -> Any:
-        """Form the epoch (``ids``: its members' worker ids by rank), train to the end, save the model
-        (collective). None if a stop came first; raises CommError / LeaseLost on a break, RecoveryError
-        when the job cannot continue."""
+    def run(self, job: JobSpec, group: PeerGroup, ids: tuple[str, ...], job_committed: int = -1) -> Any:
+        """Form the epoch (``ids``: its members' worker ids by rank; ``job_committed``: the highest step the
+        coordinator knows committed), train to the end, save the model (collective). None if a stop came
+        first; raises CommError / LeaseLost on a break, RecoveryError when the job cannot continue."""
         import torch
 
         from worker.trainer import Trainer
@@ -117,7 +117,7 @@ class Manager:
             restore=False,
         )
         if isinstance(trainer, Trainer):  # a scripted stand-in (tests) carries no state to hand over
-            self.form(trainer, job, group, ids)
+            self.form(trainer, job, group, ids, job_committed)
             trainer.may_commit = lambda: self.check_fence(group)
         outcome = trainer.run(
             on_step=lambda report: self.on_step(group, report),
@@ -133,7 +133,9 @@ class Manager:
         return outcome
 
     # -- formation -------------------------------------------------------------------------------------
-    def form(self, trainer: Any, job: JobSpec, group: PeerGroup, ids: tuple[str, ...]) -> None:
+    def form(
+        self, trainer: Any, job: JobSpec, group: PeerGroup, ids: tuple[str, ...], job_committed: int = -1
+    ) -> None:
         """Collective over the new epoch: agree on the state, hand it over (or restore), mirror it."""
         t0 = time.monotonic()
         engine = trainer.engine
@@ -171,6 +173,12 @@ class Manager:
                     f"{group.describe()}: the shards of old ranks {lost or '(of another member)'} are lost "
                     "with their replicas and there is no complete checkpoint; the job stops"
                 )
+            if choice.layout < 0 and job_committed >= 0 and resumed_from is None:
+                raise RecoveryError(
+                    f"{group.describe()}: the job committed step {job_committed}, no member holds its state "
+                    "and there is no complete checkpoint; the job stops rather than start again from step 0"
+                )
+            known = max(known, job_committed + 1)
             mode = "fresh" if choice.layout < 0 else "checkpoint"
             resumed = resumed_from or 0
         if job.replicas:

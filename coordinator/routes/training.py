@@ -50,6 +50,7 @@ async def ready(
         min_workers=answer.min_workers,
         job_hash=answer.job_hash,
         workers=[_ranked(w) for w in answer.workers],
+        committed_step=max((w.committed_step for w in service.state.workers.values()), default=-1),
         peer_keys=service.peer_keys(answer, caller.worker_id if caller.kind == "worker" else None),
     )
 

@@ -280,9 +280,8 @@ async def test_a_coordinator_away_for_longer_than_the_grace_fences_and_the_worke
 
 async def test_a_coordinator_lost_for_longer_than_the_barrier_timeout_ends_the_worker(tmp_path: Path) -> None:
     fake = FakeCoordinator(job=JobSpec(steps=10_000, warmup_steps=0))
-    daemon, backend = make_daemon(
-        fake, tmp_path, coordinator_grace_s=0.5, collective_timeout_s=1.0, barrier_timeout_s=2.0
-    )
+    fake.timeouts.update(collective_timeout_s=1.0, startup_timeout_s=1.0, barrier_timeout_s=2.0)
+    daemon, backend = make_daemon(fake, tmp_path, coordinator_grace_s=0.5)
     task = asyncio.create_task(daemon.run())
     await eventually(lambda: ScriptedTrainer.built)
     fake.heartbeat_status = 503

@@ -53,6 +53,7 @@ def epoch(
     *,
     before_apply: Callable[[Worker, Trainer], None] | None = None,
     save: Path | None = None,
+    job_committed: int = -1,
 ) -> list[Any]:
     """Form epoch `number` of `workers` (rank = list order) and train to step `until` (or the end)."""
     hub = FakeHub(len(workers))
@@ -72,7 +73,7 @@ def epoch(
             restore=False,
         )
         w.trainer = trainer
-        w.manager.form(trainer, job, group, ids)
+        w.manager.form(trainer, job, group, ids, job_committed)
         while trainer.steps_done < min(until, job.steps):
             if before_apply is not None:
                 before_apply(w, trainer)
@@ -171,3 +172,16 @@ def test_without_a_checkpoint_a_lost_shard_stops_the_job() -> None:
     raise_first(epoch(JOB, [a, b, c], 1, 3))
     (result,) = epoch(JOB, [a], 2, JOB.steps)
     assert isinstance(result, RecoveryError) and "no complete checkpoint" in str(result)
+
+
+def test_fresh_workers_never_restart_a_job_that_committed_steps_from_step_0(tmp_path: Path) -> None:
+    job = JOB.model_copy(update={"checkpoint_every": 2})
+    a, b = Worker("a", tmp_path / "ckpt"), Worker("b", tmp_path / "ckpt")
+    raise_first(epoch(job, [a, b], 1, 3))
+    # every worker that held state is gone; the coordinator knows step 2 was committed
+    c, d = Worker("c", tmp_path / "ckpt"), Worker("d", tmp_path / "ckpt")
+    raise_first(epoch(job, [c, d], 2, 3, job_committed=2))
+    assert c.trainer is not None and c.trainer.resumed_from == 2 and c.trainer.steps_done == 3
+    e = Worker("e")  # no checkpoint folder at all
+    (result,) = epoch(job, [e], 3, 4, job_committed=2)
+    assert isinstance(result, RecoveryError) and "start again from step 0" in str(result)
