@@ -1,7 +1,6 @@
 """Membership decisions as pure functions of (state, now, settings) -> decision with a reason.
 
-Nothing here does I/O or reads a clock: the service layer passes `now` (monotonic seconds) and
-`wall` (unix seconds) in, applies the returned state, persists it, and serves it.
+No I/O, no clock: the service passes `now` (monotonic s) and `wall` (unix s), applies, persists, serves.
 """
 
 from __future__ import annotations
@@ -17,7 +16,9 @@ WorkerStatus = Literal["alive", "dead", "left"]
 WorkerState = Literal["starting", "waiting", "training", "stalled", "finished", "failed"]
 ClusterPhase = Literal["waiting", "training", "reforming", "finished", "failed"]
 Action = Literal["continue", "reform", "stop"]
-EventKind = Literal["joined", "rejoined", "left", "evicted", "died", "epoch", "coordinator_restarted"]
+EventKind = Literal[
+    "joined", "rejoined", "left", "evicted", "died", "epoch", "coordinator_restarted", "recovered"
+]
 
 
 class Rejected(Exception):

@@ -47,6 +47,15 @@ class RegisterResponse(BaseModel):
     )
 
 
+class RecoveryReport(BaseModel):
+    """How the worker's current epoch was formed (worker/recovery.py): the state it continued from."""
+
+    epoch: int = Field(ge=0, le=1 << 62)
+    mode: Literal["fresh", "handover", "join", "checkpoint"]
+    resumed_at: int = Field(ge=0, le=1 << 62, description="the first step the epoch runs")
+    steps_lost: int = Field(ge=0, le=1 << 62, description="committed steps redone (checkpoint fallback)")
+
+
 class HeartbeatRequest(BaseModel):
     epoch: int = Field(ge=0, le=1 << 62)
     step: int = Field(0, ge=0, le=1 << 62)
@@ -69,6 +78,7 @@ class HeartbeatRequest(BaseModel):
         None,
         description="bytes this worker has sent, by data-plane lane (gRPC across hosts, local on its host)",
     )
+    recovery: RecoveryReport | None = Field(None, description="how this worker's epoch was formed")
 
     @field_validator("bytes_by_lane")
     @classmethod

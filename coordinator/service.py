@@ -9,7 +9,7 @@ import asyncio
 import logging
 import secrets
 from collections import Counter
-from typing import cast
+from typing import Any, cast
 
 from coordinator import liveness
 from coordinator import membership as m
@@ -38,6 +38,7 @@ class CoordinatorService:
         self.started_wall = clock.wall()
         self.started_mono = clock.monotonic()
         self._dirty: set[str] = set()
+        self._recovered: dict[str, int] = {}  # worker id -> epoch whose formation /events has recorded
         self._flags_dirty = False
         self._world_size = 0
         self._counts = m.PhaseCounts()  # kept current per heartbeat: the phase is O(1) on the hot path
@@ -260,6 +261,18 @@ class CoordinatorService:
         action = m.heartbeat_action(self.phase(), out.member, hb.epoch, self.state.epoch)
         self.metrics.heartbeats.labels(action).inc()
         return action, out.record
+
+    def note_recovery(self, worker_id: str, report: dict[str, Any]) -> None:
+        """Record (once per worker and epoch, in /events) how a worker's current epoch was formed."""
+        epoch = int(report["epoch"])
+        if epoch != self.state.epoch or self._recovered.get(worker_id) == epoch:
+            return
+        self._recovered[worker_id] = epoch
+        reason = (
+            f"{report['mode']} at step {report['resumed_at']}, {report['steps_lost']} committed steps lost"
+        )
+        event = m.Event("recovered", worker_id, epoch, reason, self.clock.wall())
+        self.store.commit(self.state, [], [event])
 
     def flush_heartbeats(self, max_rows: int | None = None) -> int:
         """Write one transaction with the heartbeats received since the last flush (at most `max_rows`

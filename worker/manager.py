@@ -190,6 +190,8 @@ class Manager:
         self.previous = keep
         self.current = Holding(group.epoch, ids, tuple(group.host_ids), group.rank, trainer)
         lost_steps = max(0, known - resumed) if mode == "checkpoint" else 0
+        report = {"epoch": group.epoch, "mode": mode, "resumed_at": resumed, "steps_lost": lost_steps}
+        self.t.update(recovery=report)  # the heartbeat tells the coordinator (/events)
         self.record(
             {
                 "kind": "recovery",

@@ -37,6 +37,7 @@ class Telemetry:
     epoch: int = 0
     step: int = 0
     committed_step: int = -1  # the last step this worker committed (-1: none yet)
+    recovery: dict[str, Any] | None = None  # how the current epoch was formed (worker.manager)
     last_progress: float | None = None  # monotonic time of the last committed step
     loss: float | None = None
     samples_per_s: float | None = None
@@ -108,6 +109,8 @@ class Telemetry:
             }
             if self.bytes_by_lane is not None:
                 body["bytes_by_lane"] = dict(self.bytes_by_lane)
+            if self.recovery is not None:
+                body["recovery"] = dict(self.recovery)
             for key in OPTIONAL_FIELDS:
                 value = getattr(self, key)
                 if value is not None and math.isfinite(value):  # a diverged loss is not a bad request

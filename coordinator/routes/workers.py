@@ -130,6 +130,8 @@ async def heartbeat(
     )
     try:
         action, record = service.heartbeat(worker_id, hb, clock)
+        if body.recovery is not None:
+            service.note_recovery(worker_id, body.recovery.model_dump())
         if record.state == "stalled" and record.status == "alive":  # it speaks for itself: evicted
             action, record = await service.evict_stalled(worker_id, body.epoch)
     except m.Rejected as exc:
