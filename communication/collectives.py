@@ -60,10 +60,12 @@ _ERRORS: dict[grpc.StatusCode, type[CommError]] = {
 }
 
 
-def comm_error(exc: grpc.aio.AioRpcError, what: str) -> CommError:
-    """A failed call as a domain error; anything but a clear rejection means the peer is lost."""
+def comm_error(exc: grpc.aio.AioRpcError, what: str, peer: str | None = None) -> CommError:
+    """A failed call as a domain error; anything but a clear rejection means the peer (address) is lost."""
     cls = _ERRORS.get(exc.code(), PeerLost)
-    return cls(f"{what}: {exc.code().name}: {exc.details()}{connect_hint(exc.details())}")
+    err = cls(f"{what}: {exc.code().name}: {exc.details()}{connect_hint(exc.details())}")
+    err.peer = peer
+    return err
 
 
 def _identity(b: bytes) -> bytes:
@@ -234,7 +236,7 @@ async def _fetch_range(
         await receiver.drain()
         receiver.finish()
     except grpc.aio.AioRpcError as exc:
-        raise comm_error(exc, what) from None
+        raise comm_error(exc, what, group.addresses[peer]) from None
     finally:
         if receiver is not None:
             receiver.settle()  # nothing may write into `buf` once this returns
@@ -315,7 +317,7 @@ async def push(
     try:
         ack = await call(chunks, timeout=time_limit, metadata=(*wire.metadata, *mac))
     except grpc.aio.AioRpcError as exc:
-        raise comm_error(exc, what) from None
+        raise comm_error(exc, what, group.addresses[dest]) from None
     if ack.received_bytes != payload.numel():
         raise InvalidMessage(f"{what}: peer acknowledged {ack.received_bytes} of {payload.numel()} bytes")
     wire.counters.bytes_sent += payload.numel()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 class CommError(Exception):
-    """Base class of every error raised by the communication layer."""
+    """Base class of every error raised by the communication layer. ``peer``: the address of the peer a
+    failed call was talking to, where one is known (evidence for the coordinator, never acted on here)."""
+
+    peer: str | None = None
 
 
 class EpochChanged(CommError):

@@ -33,7 +33,9 @@ from worker.formation import (
     JobMismatch,
     Stopped,
     TooManyReforms,
+    checked_job,
     group_from_ready,
+    suspect_of,
 )
 from worker.heartbeat import Heartbeat, LeaseLost, Telemetry, run_tied
 from worker.identity import (
@@ -42,7 +44,6 @@ from worker.identity import (
     advertised_address,
     check_worker_timeouts,
     describe_device,
-    parse_job_answer,
 )
 from worker.job import JobSpec
 from worker.lanes import default_backend_factory
@@ -105,23 +106,12 @@ class WorkerDaemon:
             await self.client.close()
 
     async def _run(self) -> int:
+        answer = await self.client.job()
+        job = checked_job(answer, self.cfg.expect_job_hash)
         try:
-            answer = await self.client.job()
-            job, job_hash = parse_job_answer(answer)
             self.cfg = adopt_timeouts(self.cfg, answer)  # the coordinator's timeouts win
-        except ValueError as exc:  # pydantic's ValidationError included
-            raise JobMismatch(
-                f"cannot read the coordinator's job (another zerowire version?): {exc}"
-            ) from exc
-        if job.hash != job_hash:
-            raise JobMismatch(
-                f"the coordinator's job hash {job_hash[:12]} differs from its spec's {job.hash[:12]}"
-            )
-        if self.cfg.expect_job_hash and not job_hash.startswith(self.cfg.expect_job_hash):
-            raise JobMismatch(
-                f"the coordinator serves job {job.job_id} with hash {job_hash[:12]}, "
-                f"not the expected {self.cfg.expect_job_hash[:12]}"
-            )
+        except ValueError as exc:
+            raise JobMismatch(f"cannot read the coordinator's timeouts (another version?): {exc}") from exc
         self.backend = self.backend_factory(job, self.cfg.token or "")
         port = await asyncio.to_thread(self.backend.start, self.cfg.bind)
         host, adv_port = advertised_address(self.cfg, port)
@@ -253,6 +243,7 @@ class WorkerDaemon:
                     exc,
                 )
                 failed_epoch = group.epoch
+                await self._report_suspect(exc, group)
                 continue
             if outcome is None:
                 return EXIT_OK  # stopped before the end
@@ -320,6 +311,14 @@ class WorkerDaemon:
                 self.t.update(known_epoch=max(self.t.known_epoch, joined))
                 stale_since = time.monotonic()
             await asyncio.sleep(self.interval_s)
+
+    async def _report_suspect(self, exc: BaseException, group: PeerGroup) -> None:
+        """A peer this worker could not reach: tell the coordinator (evidence; it decides whom to evict)."""
+        if (suspect := suspect_of(exc, group, self.members)) is not None:
+            try:
+                await self.client.suspect(self.worker_id, group.epoch, suspect, f"unreachable: {exc}"[:500])
+            except CoordinatorError as err:  # a stale epoch, or the coordinator is away: nothing to add
+                log.debug("worker %s: suspect report on %s not taken: %s", self.worker_id, suspect, err)
 
     async def _unless_stopped(self, call: Coroutine[Any, Any, T]) -> T:
         """Await `call`, but give up (Stopped) as soon as a stop is requested."""

@@ -35,6 +35,26 @@ class TooManyReforms(Exception):
     """The cluster keeps re-forming without a single step of progress."""
 
 
+def checked_job(answer: dict[str, Any], expect_hash: str | None) -> JobSpec:
+    """The job of the coordinator's GET /job answer, checked against its hash and the one expected."""
+    from worker.identity import parse_job_answer
+
+    try:
+        job, job_hash = parse_job_answer(answer)
+    except ValueError as exc:  # pydantic's ValidationError included
+        raise JobMismatch(f"cannot read the coordinator's job (another zerowire version?): {exc}") from exc
+    if job.hash != job_hash:
+        raise JobMismatch(
+            f"the coordinator's job hash {job_hash[:12]} differs from its spec's {job.hash[:12]}"
+        )
+    if expect_hash and not job_hash.startswith(expect_hash):
+        raise JobMismatch(
+            f"the coordinator serves job {job.job_id} with hash {job_hash[:12]}, "
+            f"not the expected {expect_hash[:12]}"
+        )
+    return job
+
+
 def peer_keys_by_rank(ready: dict[str, Any], ids: tuple[str, ...], worker_id: str) -> dict[int, bytes]:
     """The barrier's `peer_keys` (worker id -> hex key) keyed by rank; {} when it sent none. A key for a
     non-member, for this worker itself, or that is not 32 bytes of hex is an error."""
@@ -86,3 +106,14 @@ def store_addresses(members: list[dict[str, Any]]) -> tuple[str, ...]:
         format_address("127.0.0.1", int(w["store_port"])) if w.get("store_port") else "" for w in members
     )
     return addresses if any(addresses) else ()
+
+
+def suspect_of(exc: BaseException, group: PeerGroup, members: tuple[str, ...]) -> str | None:
+    """The worker id of the member a lost connection points at (PeerLost naming a member's address,
+    never this worker itself), or None."""
+    from communication.errors import PeerLost
+
+    if not isinstance(exc, PeerLost) or exc.peer is None or exc.peer not in group.addresses:
+        return None
+    rank = group.addresses.index(exc.peer)
+    return members[rank] if rank != group.rank and rank < len(members) else None

@@ -74,5 +74,6 @@ def test_killed_peer_breaks_a_fetch_at_once(reaper: ProcessReaper, tmp_path: Pat
     results = _run(reaper, tmp_path, 2, "hang-gather", timeout=30.0, tell_epoch=False)
     for result in results:
         assert result["error"] == "PeerLost", result
+        assert result["peer"] == result["victim"], result  # evidence a worker reports to the coordinator
         assert result["elapsed"] < 5.0, result
         _no_leaks(result)

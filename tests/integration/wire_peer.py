@@ -91,17 +91,19 @@ def _hang(
         while backend.stats().bytes_sent < sent + 4 * n * (world - 1) and not fut.done():
             time.sleep(0.005)
     _write(directory / f"waiting.{rank}", {})
-    error = ""
+    error, peer = "", None
     try:
         fut.result(timeout + 10)
     except CommError as exc:
-        error = type(exc).__name__
+        error, peer = type(exc).__name__, exc.peer
     end = time.monotonic()
     time.sleep(0.2)
     tasks_after = backend.call_soon(_count_tasks()).result(5)
     return {
         "rank": rank,
         "error": error,
+        "peer": peer,  # the address the failed call talked to, where known
+        "victim": group.addresses[-1],
         "elapsed": end - start,
         "since_epoch": (end - epoch_at[0]) if epoch_at else None,
         "inflight": backend.inflight(),
