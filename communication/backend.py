@@ -148,3 +148,13 @@ def lane_bytes(backend: object) -> dict[str, int]:
     stats = getattr(backend, "stats", None)
     sent = int(stats().bytes_sent) if callable(stats) else 0
     return {"grpc": sent, "local": 0}
+
+
+def accepts_device(backend: object, group: PeerGroup, device: torch.device) -> bool:
+    """Whether `backend`'s collectives of `group` take tensors on `device` as they are (a lane that moves
+    them itself, such as torch.distributed: NCCL keeps them on the GPU, gloo stages through the host).
+    Host memory is always accepted; a backend that says nothing takes host memory only."""
+    if device.type == "cpu":
+        return True
+    says = getattr(backend, "accepts_device", None)
+    return bool(says(group, device)) if callable(says) else False

@@ -319,6 +319,11 @@ class HierarchicalBackend:
 
     # -- accounting and lifecycle ------------------------------------------------------------------
 
+    def accepts_device(self, group: PeerGroup, device: torch.device) -> bool:
+        """Device tensors only where every member shares this host (the gRPC lane takes host memory)."""
+        layout = host_layout(group)
+        return isinstance(layout, HostLayout) and layout.num_hosts == 1
+
     def bytes_by_lane(self) -> dict[str, int]:
         """Bytes this rank sent on each lane: {"grpc": ..., "local": ...}."""
         return {"grpc": self.remote.bytes_by_lane()["grpc"], "local": self.local.bytes_by_lane()["local"]}

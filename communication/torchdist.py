@@ -354,6 +354,10 @@ class TorchDistBackend(TorchDistCalls):
         with self._lock:
             return WireStats(self._sent, self._received)
 
+    def accepts_device(self, group: PeerGroup, device: torch.device) -> bool:
+        """Device tensors go as they are: NCCL uses them in place, gloo's calls stage them via the host."""
+        return True
+
     def bytes_by_lane(self) -> dict[str, int]:
         """Bytes this rank sent, by lane (this backend is the local lane)."""
         return {"grpc": 0, "local": self.stats().bytes_sent}

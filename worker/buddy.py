@@ -13,7 +13,7 @@ no rank is its own buddy, and the buddy sits on another host wherever one exists
 Each step a rank sends its reduced, averaged gradient shards to its buddy and receives those of its ward
 (the rank it mirrors) before it votes; a rank that voted "staged" therefore holds everything needed to
 apply its own update and its ward's (:class:`Replica`). Extra bytes per rank and step: one shard of fp32
-gradients; extra memory: the ward's shard and optimizer state.
+gradients; extra memory: the ward's shard and optimizer state, kept in host memory whatever the device.
 """
 
 from __future__ import annotations
@@ -116,8 +116,7 @@ class GradExchange:
         key = GRAD_KEY_BASE + step
         swap(self.backend, self.group, flat, got, self.buddies, key, self.timeout)
         self.bytes_sent += flat.numel() * 4
-        device = grads[0].device if grads else torch.device("cpu")
-        return [part.to(device) for part in got.split([g.numel() for g in grads])]
+        return list(got.split([g.numel() for g in grads]))  # host memory, as the replica lives
 
 
 def swap(

@@ -86,7 +86,7 @@ def repartition(
             hi = min(hi, n)
             for j, name in enumerate(names):
                 if lo < hi:
-                    full[j, lo:hi] = tensors[f"u{u.index}.{name}"][: hi - lo].to(torch.float32)
+                    full[j, lo:hi] = tensors[f"u{u.index}.{name}"][: hi - lo].to("cpu", torch.float32)
         wire = full.view(len(names), world, size).transpose(0, 1).contiguous().view(-1)
         del full
         out = torch.empty(len(names) * size, dtype=torch.float32)

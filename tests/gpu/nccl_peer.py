@@ -48,7 +48,13 @@ def main(argv: list[str]) -> int:
         losses: list[float] = []
         outcome = trainer.run(on_step=lambda r: losses.append(r.loss))
         trainer.save_model(directory / "model.safetensors")
-        summary = {"losses": losses, "test_accuracy": outcome.test_accuracy, "steps": outcome.steps_done}
+        summary = {
+            "losses": losses,
+            "test_accuracy": outcome.test_accuracy,
+            "steps": outcome.steps_done,
+            # where the lane's gathers and reductions worked: the GPU itself, never a host copy
+            "comm_devices": sorted({u.comm_device.type for u in trainer.engine.units}),
+        }
         (directory / f"rank-{rank}.json").write_text(json.dumps(summary))
     finally:
         lane.close()

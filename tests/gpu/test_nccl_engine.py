@@ -1,7 +1,8 @@
 """Two workers on two GPUs over the torch.distributed lane (NCCL): real processes, the product's Trainer.
 
 Each rank trains resnet8 on digits for 5 steps (fp32, deterministic algorithms, TF32 off) on its own GPU.
-Both ranks report the same losses and accuracy, and rank 0's saved model equals the plain PyTorch loop
+Both ranks report the same losses and accuracy, every unit's gathers and reductions run on the GPU
+(device-resident: no host copy), and rank 0's saved model equals the plain PyTorch loop
 (2 micro-batches per step, on cuda:0) within ``FP32_TOL``: the lane reduces in fp32 in rank order, as the
 plain loop accumulates, so only a kernel's rounding can differ (see test_cuda_precision.py).
 """
@@ -55,6 +56,7 @@ def test_two_gpus_over_nccl_match_plain_loop(reaper: ProcessReaper, tmp_path: Pa
         assert proc.returncode == 0, f"rank {r} failed:\n{out.decode()[-3000:]}"
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(world)]
     assert ranks[0] == ranks[1] and ranks[0]["steps"] == JOB["steps"]
+    assert ranks[0]["comm_devices"] == ["cuda"], "the NCCL lane is device-resident"
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False

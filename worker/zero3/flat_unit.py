@@ -123,7 +123,7 @@ class FlatUnit:
         return self.full
 
     def shard_for_wire(self) -> torch.Tensor:
-        return self.shard if self.shard.device.type == "cpu" else self.shard.detach().cpu()
+        return self.shard if self.shard.device.type == self.comm_device.type else self.shard.detach().cpu()
 
     def mark_ready(self, *, master: bool = False) -> None:
         """The gather has landed: point the parameters at it, in ``param_dtype`` (fp32 if ``master``)."""
@@ -224,9 +224,9 @@ class FlatUnit:
 
     def grad_target(self) -> torch.Tensor:
         """A fresh fp32 buffer the wire writes this rank's reduced shard into: the gradient shard itself
-        on the CPU, else a host buffer that ``take_grad`` moves to the device."""
-        target = torch.empty(self.plan.shard_numel, dtype=torch.float32)
-        if self.device.type == "cpu":
+        when the wire works on the unit's device, else a host buffer that ``take_grad`` moves there."""
+        target = torch.empty(self.plan.shard_numel, dtype=torch.float32, device=self.comm_device)
+        if self.comm_device.type == self.device.type:
             self.grad_shard = target
         return target
 

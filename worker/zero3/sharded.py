@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from communication.backend import Codec, CollectiveBackend, UnitSpec
+from communication.backend import Codec, CollectiveBackend, UnitSpec, accepts_device
 from communication.errors import CollectiveTimeout
 from communication.group import PeerGroup
 from communication.tensor_stream import all_finite
@@ -117,6 +117,9 @@ class ShardedModule:
         self.param_dtype = precision.configure_units(model, self.units, param_dtype)
         self.staging = StagingPool.share(self.units, self.device, STAGING_BUFFERS)
         self.declare_plan()
+        comm = self.device if accepts_device(backend, group, self.device) else torch.device("cpu")
+        for unit in self.units:  # device-resident where the lane takes device tensors (NCCL on one host)
+            unit.comm_device = comm
         self.root: FlatUnit | None = next((u for u in self.units if u.plan.is_root), None)
         self._body = [u for u in self.units if not u.plan.is_root]
         self._order: list[int] = [u.index for u in self._body]  # predicted forward order
