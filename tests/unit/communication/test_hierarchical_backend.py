@@ -360,3 +360,17 @@ def test_point_to_point_takes_the_lane_that_reaches_the_peer(cluster: _Cluster) 
     assert {lane: after[lane] - before[lane] for lane in after} == {"grpc": 4 * 7, "local": 4 * 1000}
     with pytest.raises(ValueError, match="no lane reaches rank 3"):  # host b, local index 1
         b0.send(x, group=groups[0], dest=3, key=3, timeout=20)
+
+
+def test_device_tensors_only_where_every_member_shares_the_host() -> None:
+    from communication.backend import accepts_device
+
+    cuda = torch.device("cuda", 0)  # a device object only: nothing is allocated on it
+    stores = tuple(f"127.0.0.1:{2000 + r}" for r in range(4))
+    hier = HierarchicalBackend.__new__(HierarchicalBackend)  # accepts_device reads the group alone
+    assert accepts_device(hier, _group(0, "h,h,h,h", stores), cuda)  # one host: torch.distributed only
+    assert not accepts_device(hier, _group(0, "h,h,g,g", stores), cuda)  # a gRPC stage takes host memory
+    assert not accepts_device(hier, _group(0, "a,b,c,d", stores), cuda)  # the flat gRPC path
+    assert accepts_device(hier, _group(0, "a,b,c,d", stores), torch.device("cpu"))
+    assert not accepts_device(GrpcBackend.__new__(GrpcBackend), _group(0, "h,h,h,h", stores), cuda)
+    assert accepts_device(TorchDistBackend.__new__(TorchDistBackend), _group(0, "h,h", stores[:2]), cuda)
