@@ -1,0 +1,72 @@
+"""A worker frozen (SIGSTOP) for 4 s, then thawed (SIGCONT): it is declared dead and evicted, the others
+go on without it from its buddy's replica, nothing it does in its old epoch commits, and it rejoins as a
+joiner with no rollback of the others. Real processes on the default co-located lane."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ProcessReaper
+from tests.integration.cluster_support import (
+    get,
+    processes_mentioning,
+    read_jsonl,
+    start_coordinator,
+    start_worker,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+STEPS = 400
+FREEZE_AT = 20
+FROZEN_S = 4.0
+
+
+def test_a_frozen_worker_is_evicted_and_rejoins_without_a_rollback(
+    reaper: ProcessReaper, tmp_path: Path
+) -> None:
+    coordinator, url = start_coordinator(reaper, tmp_path, "--steps", str(STEPS), "--min-workers", "3")
+    procs = {name: start_worker(reaper, tmp_path, url, name) for name in ("w0", "w1", "w2")}
+
+    def committed() -> int:
+        return max((w.get("committed_step", -1) for w in get(url, "/workers")["workers"]), default=-1)
+
+    wait_for(lambda: committed() >= FREEZE_AT, 120, f"step {FREEZE_AT}")
+    os.kill(procs["w2"].pid, signal.SIGSTOP)
+    frozen_at = time.time()
+    time.sleep(FROZEN_S)
+    os.kill(procs["w2"].pid, signal.SIGCONT)
+
+    for name, proc in procs.items():
+        assert proc.wait(150) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    events = get(url, "/events")["events"]
+    (gone,) = [e for e in events if e["worker_id"] == "w2" and e["kind"] in ("died", "evicted")]
+    assert gone["time"] - frozen_at < FROZEN_S, gone  # evicted while frozen
+    telemetry = {n: read_jsonl(tmp_path / "telemetry" / f"{n}.jsonl") for n in procs}
+    steps = {n: [r for r in rows if r["kind"] == "step"] for n, rows in telemetry.items()}
+
+    # nothing of w2's old epoch committed once it was evicted: its late work was refused
+    stale = [r for r in steps["w2"] if r["time"] > gone["time"] and r["epoch"] < gone["epoch"]]
+    assert stale == [], stale
+    # w0 and w1 never redid a step: each committed every step once, in order, to the end
+    for name in ("w0", "w1"):
+        numbers = [r["step"] for r in steps[name]]
+        assert numbers == list(range(STEPS)), (name, numbers[:5], len(numbers))
+    recoveries = {n: [r for r in rows if r["kind"] == "recovery"] for n, rows in telemetry.items()}
+    assert all(r["steps_lost"] == 0 for rows in recoveries.values() for r in rows)
+    modes = [r["mode"] for r in recoveries["w0"]]
+    assert modes[0] == "fresh" and modes[1:] == ["handover"] * (len(modes) - 1) and len(modes) >= 3, modes
+    joined = [r for r in recoveries["w2"] if r["mode"] == "join"]
+    assert joined, recoveries["w2"]  # its old state was stale: it took fresh shards, the others kept theirs
+    assert any(r["epoch"] >= joined[0]["epoch"] for r in steps["w2"]), "w2 contributed again after rejoining"
+    world = {r["step"]: r["world_size"] for r in steps["w0"]}
+    assert world[0] == 3 and 2 in world.values() and world[STEPS - 1] == 3, "3, then 2, then 3 again"
+    coordinator.terminate()
+    assert coordinator.wait(15) is not None
+    assert processes_mentioning(str(tmp_path)) == []
