@@ -78,6 +78,7 @@ class LocalCluster:
     read_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # operator tokens: the
     admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # coordinator's only
     extra_worker_args: list[str] = field(default_factory=list)
+    extra_coordinator_args: list[str] = field(default_factory=list)
     coordinator: Child | None = None
     children: list[Child] = field(default_factory=list)
     port: int = 0
@@ -171,6 +172,7 @@ class LocalCluster:
             "--job",
             str(self.job_file),
             *self.tls_args(),
+            *self.extra_coordinator_args,
         ]
 
     def worker_args(self, index: int) -> list[str]:
@@ -249,7 +251,24 @@ class LocalCluster:
             self._spawn(f"worker-{i}", self.worker_args(i))
 
     def worker_children(self) -> list[Child]:
+        """Every worker process started, a restarted worker's earlier processes included."""
         return [c for c in self.children if c.name.startswith("worker-")]
+
+    def current_workers(self) -> dict[str, Child]:
+        """The latest process of each worker, by name (= worker id)."""
+        return {c.name: c for c in self.worker_children()}
+
+    def restart_worker(self, name: str) -> Child:
+        """Start worker `name` (``worker-i``) again, with the same worker id and arguments, once its
+        process has ended; it registers again and joins the running job."""
+        suffix = name.removeprefix("worker-")
+        index = int(suffix) if name.startswith("worker-") and suffix.isdigit() else -1
+        if not 0 <= index < self.workers:
+            raise ValueError(f"no worker named {name!r} in a cluster of {self.workers}")
+        current = self.current_workers().get(name)
+        if current is not None and current.alive():
+            raise RuntimeError(f"{name} is still running")
+        return self._spawn(name, self.worker_args(index))
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop every child: workers first (SIGTERM, they leave), then the coordinator; SIGKILL stragglers."""

@@ -21,6 +21,11 @@ class Telemetry:
     evals: dict[int, dict[str, Any]] = field(default_factory=dict)
     results: list[dict[str, Any]] = field(default_factory=list)
     last_by_worker: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # every (step, epoch) committed, with the earliest time a rank recorded it (a step in two epochs: redone)
+    commits: dict[tuple[int, int], float] = field(default_factory=dict)
+    recovery_records: list[dict[str, Any]] = field(default_factory=list)  # one per rank and formation
+    by_worker: dict[str, list[tuple[float, int, int]]] = field(default_factory=dict)  # (time, step, epoch)
+    epoch_world: dict[int, int] = field(default_factory=dict)  # the world size each epoch trained at
 
     @property
     def first_time(self) -> float | None:
@@ -62,11 +67,61 @@ def read_telemetry(folder: Path) -> Telemetry:
                     if step not in tel.steps or rec["time"] >= tel.steps[step]["time"]:
                         tel.steps[step] = rec
                     tel.last_by_worker[str(rec.get("worker_id"))] = rec
+                    key = (step, int(rec["epoch"]))
+                    tel.by_worker.setdefault(str(rec.get("worker_id")), []).append((float(rec["time"]), *key))
+                    tel.epoch_world[key[1]] = int(rec["world_size"])
+                    tel.commits[key] = min(float(rec["time"]), tel.commits.get(key, float("inf")))
+                elif kind == "recovery":
+                    tel.recovery_records.append(rec)
                 elif kind == "eval":
                     tel.evals[int(rec["step"])] = rec
                 elif kind == "result":
                     tel.results.append(rec)
     return tel
+
+
+def steps_redone(tel: Telemetry) -> int:
+    """How many step indices were committed in more than one epoch (a rollback runs them again)."""
+    epochs: dict[int, int] = {}
+    for step, _epoch in tel.commits:
+        epochs[step] = epochs.get(step, 0) + 1
+    return sum(1 for n in epochs.values() if n > 1)
+
+
+# A formation's mode as one word for the whole epoch: the most telling of its ranks' modes (a joiner says
+# "join" while the others hand over; a checkpoint fallback is the same on every rank).
+MODE_ORDER = ("checkpoint", "join", "handover", "fresh")
+
+
+def _mode_rank(mode: str) -> tuple[int, str]:
+    return (MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER), mode)
+
+
+def recoveries(tel: Telemetry) -> list[dict[str, Any]]:
+    """The formations, one per epoch: ``mode`` (the most telling of the ranks' modes, ``modes`` all of
+    them), ``world_size``, ``resumed_at``, ``steps_lost`` (max over the ranks), ``seconds`` (the slowest
+    rank's formation) and ``time`` (when the last rank finished forming)."""
+    by_epoch: dict[int, list[dict[str, Any]]] = {}
+    for rec in tel.recovery_records:
+        by_epoch.setdefault(int(rec["epoch"]), []).append(rec)
+    out = []
+    for epoch in sorted(by_epoch):
+        recs = by_epoch[epoch]
+        modes = sorted({str(r["mode"]) for r in recs}, key=_mode_rank)
+        out.append(
+            {
+                "mode": modes[0],
+                "modes": modes,
+                "epoch": epoch,
+                "world_size": max(int(r["world_size"]) for r in recs),
+                "ranks_recorded": len(recs),
+                "resumed_at": max(int(r["resumed_at"]) for r in recs),
+                "steps_lost": max(int(r["steps_lost"]) for r in recs),
+                "seconds": round(max(float(r["seconds"]) for r in recs), 3),
+                "time": max(float(r["time"]) for r in recs),
+            }
+        )
+    return out
 
 
 def world_size_runs(steps: dict[int, dict[str, Any]]) -> list[list[int]]:
@@ -149,6 +204,8 @@ def build_summary(
         "bytes_received": received,
         "bytes_by_lane": tel.bytes_by_lane(),
         "failures": failures,
+        "recoveries": recoveries(tel),
+        "steps_redone": steps_redone(tel),
         "worker_exit_codes": worker_exit_codes,
         "model": str(model_path) if model_path else None,
         "plot": str(plot_path) if plot_path else None,

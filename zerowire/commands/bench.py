@@ -1,4 +1,4 @@
-"""`zerowire bench {coordinator,comm,step}`: each benchmark lives in zerowire/bench/<name>.py and
+"""`zerowire bench {coordinator,comm,step,faults}`: each benchmark lives in zerowire/bench/<name>.py and
 exposes `add_parser(subparsers)` (standard-library imports only at top level)."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHES = ("coordinator", "comm", "step")
+BENCHES = ("coordinator", "comm", "step", "faults")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = sub.add_parser("bench", help="benchmarks: coordinator, comm, step")
+    parser = sub.add_parser("bench", help="benchmarks: coordinator, comm, step, faults")
     benches = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
     for name in BENCHES:
         importlib.import_module(f"zerowire.bench.{name}").add_parser(benches)

@@ -114,7 +114,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--kill-worker-at-step",
         type=int,
         default=None,
-        help="fault drill: SIGKILL the last worker once the cluster reaches this step",
+        help="fault drill: SIGKILL the last worker once the cluster reaches this step (see --kill-workers)",
+    )
+    p.add_argument(
+        "--kill-workers",
+        type=int,
+        default=1,
+        help="fault drill: how many workers the kill takes at once (default 1): the last worker, then the "
+        "buddy of each victim in turn, so 2 lose a shard together with its replica",
+    )
+    p.add_argument(
+        "--restart-killed-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="fault drill: start the killed workers again, with the same worker ids, after this delay; "
+        "they join the running job",
     )
     p.add_argument(
         "--replay",
@@ -148,6 +163,19 @@ def _job_values(args: argparse.Namespace) -> dict[str, Any]:
     values.setdefault("eval_every", max(10, steps // 10))
     values.setdefault("checkpoint_every", max(10, steps // 10))
     return values
+
+
+def _check_drill(args: argparse.Namespace) -> None:
+    if args.kill_worker_at_step is None:
+        if args.kill_workers != 1 or args.restart_killed_after is not None:
+            raise CommandError("--kill-workers and --restart-killed-after need --kill-worker-at-step")
+        return
+    if args.kill_worker_at_step < 0:
+        raise CommandError("--kill-worker-at-step must be >= 0")
+    if not 1 <= args.kill_workers < args.workers:
+        raise CommandError(f"--kill-workers must be between 1 and --workers - 1 ({args.workers - 1})")
+    if args.restart_killed_after is not None and not 0 <= args.restart_killed_after <= args.timeout:
+        raise CommandError("--restart-killed-after must be between 0 and --timeout seconds")
 
 
 def _devices(device: str) -> list[str]:
@@ -199,6 +227,7 @@ def handle(args: argparse.Namespace) -> int:
         raise CommandError(f"invalid job: {exc}") from None
     if job.min_workers > args.workers:
         raise CommandError(f"min_workers {job.min_workers} > --workers {args.workers}")
+    _check_drill(args)
     try:
         devices = _devices(args.device)
     except ValueError as exc:
@@ -250,9 +279,10 @@ def handle(args: argparse.Namespace) -> int:
 
 def _drive(cluster: Any, job: Any, args: argparse.Namespace) -> int:
     from worker.coordinator_client import CoordinatorError, RetryPolicy, SyncCoordinatorClient
+    from zerowire.drill import Drill, all_events
     from zerowire.localcluster import tail
     from zerowire.progress import Progress
-    from zerowire.summary import build_summary, read_telemetry, recovery_after, write_plot
+    from zerowire.summary import build_summary, read_telemetry, write_plot
 
     started = time.monotonic()
     progress = Progress(job.steps)
@@ -276,8 +306,14 @@ def _drive(cluster: Any, job: Any, args: argparse.Namespace) -> int:
     if served.get("job_hash") != job.hash:
         raise RuntimeError(f"the coordinator serves job hash {served.get('job_hash')}, expected {job.hash}")
     cluster.start_workers()
-    killed = False
-    drill: dict[str, Any] | None = None
+    drill = None
+    if args.kill_worker_at_step is not None:
+        drill = Drill(
+            cluster,
+            count=args.kill_workers,
+            restart_after_s=args.restart_killed_after,
+            at_step=args.kill_worker_at_step,
+        )
     status: dict[str, Any] = {}
     deadline = started + args.timeout
     while any(c.alive() for c in cluster.worker_children()):
@@ -285,37 +321,28 @@ def _drive(cluster: Any, job: Any, args: argparse.Namespace) -> int:
             raise RuntimeError(f"the run did not finish within {args.timeout:.0f}s")
         if not cluster.coordinator.alive():
             raise RuntimeError(f"the coordinator died:\n{tail(cluster.coordinator.log_path)}")
+        fresh = None
         try:
-            status = client.cluster_status()
+            status = fresh = client.cluster_status()
         except CoordinatorError as exc:
             progress.message(f"zerowire run: status unavailable: {exc}")
         else:
             latest = read_telemetry(cluster.telemetry_dir).latest_eval()
             progress.show(status, latest["test_accuracy"] if latest else None)
-            if (
-                args.kill_worker_at_step is not None
-                and not killed
-                and status.get("step", 0) >= args.kill_worker_at_step
-            ):
-                victim = cluster.worker_children()[-1]
-                os.killpg(victim.proc.pid, signal.SIGKILL)
-                killed = True
-                drill = {"worker": victim.name, "at_step": status.get("step"), "time": time.time()}
-                progress.message(
-                    f"zerowire run: fault drill: SIGKILLed {victim.name} at step {status.get('step')}"
-                )
+        for line in drill.poll(fresh) if drill is not None else []:
+            progress.message(f"zerowire run: {line}")
         time.sleep(0.5)
     progress.done()
     try:
         final_status = client.cluster_status()
-        events = client.events(0)
+        events = all_events(client)
     except CoordinatorError:
         final_status, events = status, []
     client.close()
     tel = read_telemetry(cluster.telemetry_dir)
     plot = cluster.output / "training.png"
     wrote_plot = write_plot(tel, plot, f"{job.model} on {job.dataset}, {args.workers} workers")
-    exit_codes = {c.name: c.proc.returncode for c in cluster.worker_children()}
+    exit_codes = {name: c.proc.returncode for name, c in cluster.current_workers().items()}
     summary = build_summary(
         job=job.model_dump(mode="json"),
         job_hash=job.hash,
@@ -330,8 +357,15 @@ def _drive(cluster: Any, job: Any, args: argparse.Namespace) -> int:
     # what a replay needs besides the job and the schedule (`zerowire run --replay`)
     summary.update(workers=args.workers, hosts=cluster.hosts, threads=cluster.threads, device=args.device)
     if drill is not None:
-        drill["recovery_s"] = recovery_after(tel, drill["time"])
-        summary["fault_drill"] = drill
+        summary["fault_drill"] = (
+            drill.report(tel, events)[0]
+            if drill.kills
+            else {
+                "killed": [],
+                "note": f"no worker was killed: the run never stood at step "
+                f"{args.kill_worker_at_step} or later with every worker training",
+            }
+        )
     (cluster.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     ok = summary["completed"] and summary["model"] is not None
     acc, loss = summary["test_accuracy"], summary["final_loss"]
