@@ -63,6 +63,7 @@ from communication.torchdist_group import (
 )
 from communication.wire_plan import WirePlan
 
+CLOSE_WAIT_S = 2.0  # how long close() lets abandoned groups finish their work in flight
 log = logging.getLogger(__name__)
 
 
@@ -370,11 +371,12 @@ class TorchDistBackend(TorchDistCalls):
             self._abandon_older(self._epoch + 1)
         self._jobs.put(None)
         self._thread.join(self.rendezvous_timeout + self.collective_timeout + 5)
-        deadline = time.monotonic() + self.collective_timeout
+        deadline = time.monotonic() + min(self.collective_timeout, CLOSE_WAIT_S)
         while self._aside and time.monotonic() < deadline:
             self._reap_aside()
             time.sleep(POLL_S)
-        if self._aside:
-            log.warning("closing with %d abandoned group(s) still busy", len(self._aside))
-        self._aside.clear()
+        if self._aside:  # kept referenced: destroying a group with work in flight may abort the process
+            log.warning(
+                "closing with %d abandoned group(s) still busy; left to the process exit", len(self._aside)
+            )
         self._buffers.clear()

@@ -19,10 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from worker.session import TrainerFactory, default_trainer_factory
-
 from worker.daemon import WorkerDaemon
 from worker.identity import WorkerConfig, default_host_id
+from worker.manager import TrainerFactory, default_trainer_factory
 
 
 def stalling(at_step: int, marker: Path) -> TrainerFactory:
