@@ -98,7 +98,7 @@ def _fault(backend: TorchDistBackend, directory: Path, rank: int, world: int, rd
 def main(argv: list[str]) -> int:
     directory, rank, world, scenario, rdv = Path(argv[0]), int(argv[1]), int(argv[2]), argv[3], argv[4]
     torch.set_num_threads(1)
-    # stall: the abandoned group's library work only ends at its collective timeout (close() waits 2 s at most)
+    # stall: the abandoned group's library work ends at its collective timeout; close() waits 2 s at most
     backend = TorchDistBackend(collective_timeout=5 if scenario == "stall" else 20, rendezvous_timeout=30)
     close_s = 0.0
     try:
