@@ -82,8 +82,10 @@ def _ready_barrier(directory: Path, rank: int, world: int, timeout: float = 120.
 
 def _zerowire(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
     from communication.backend import lane_bytes
-    from worker import handover
+    from worker.identity import WorkerConfig
     from worker.job import JobSpec
+    from worker.manager import Manager, default_trainer_factory
+    from worker.telemetry import Telemetry
     from worker.trainer import StepReport, Trainer
 
     ports = [int(p) for p in a.ports.split(",")]
@@ -101,8 +103,10 @@ def _zerowire(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
         if meter is not None:
             meter.start()  # the trainer builds the model
         trainer = Trainer(job, group, backend, device=torch.device("cpu"), collective_timeout=600.0)
-        if job.replicas:  # as a worker's formation does: mirror the shards on the buddies
-            trainer.replica = handover.replicate(trainer.engine, trainer.optimizer, job, 0)
+        # formed as a worker's epoch is: agree on the (fresh) state, mirror every shard on its buddy
+        cfg = WorkerConfig(coordinator="http://unused")
+        manager = Manager(cfg, Telemetry(worker_id=f"bench-{a.rank}"), backend, default_trainer_factory)
+        manager.form(trainer, job, group, tuple(f"bench-{r}" for r in range(a.world)))
         reports: list[StepReport] = []
 
         def on_step(report: StepReport) -> None:
