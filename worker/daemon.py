@@ -131,6 +131,8 @@ class WorkerDaemon:
             self.register_body["store_port"] = int(self.backend.store_port)
         if self.worker_id:
             self.register_body["worker_id"] = self.worker_id
+        self.session = Manager(self.cfg, self.t, self.backend, self.trainer_factory)
+        await asyncio.to_thread(self.session.prepare, job)  # before registering: a join stalls nobody
         answer = await self.client.register(self.register_body)
         self.worker_id = str(answer["worker_id"])
         self.register_body["worker_id"] = self.worker_id
@@ -145,7 +147,6 @@ class WorkerDaemon:
         except ValueError as exc:
             await self.client.leave(self.worker_id)
             raise ConfigError(str(exc)) from None
-        self.session = Manager(self.cfg, self.t, self.backend, self.trainer_factory)
         self.heartbeat = Heartbeat(
             self.client,
             self.t,

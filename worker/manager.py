@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 # A formation's first collective runs under step key 0, the others under the step it resumes at (a push
 # is accepted at most one step ahead of what the receiver published); their channels are their own.
 REPORT_KEY = 0
+WARM_WORLD = 64  # the warm-up build materializes one 64th of the model
 
 
 async def in_thread(fn: Callable[[], Any], name: str) -> Any:
@@ -90,7 +91,26 @@ class Manager:
         self.progress_step = -1
         self.current: Holding | None = None  # the state being trained
         self.previous: Holding | None = None  # the last confirmed state, until `current` is confirmed
+        self.data: Any = None  # the dataset, once prepared
         self._log_lock = threading.Lock()
+
+    def prepare(self, job: JobSpec) -> None:
+        """What a formation needs that does not depend on the epoch: the dataset, and a first model build
+        (its initialisation kernels warm). Done before the worker registers, so that a worker joining a
+        running job does not keep the others waiting while it loads."""
+        if self.trainer_factory is not default_trainer_factory:
+            return
+        import torch
+
+        from worker.data import load_dataset
+        from worker.models import build_model
+        from worker.zero3.materialize import materialize
+
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        data = load_dataset(job.dataset, self.cfg.data_dir, job.seed)
+        materialize(lambda: build_model(job.model, data.num_classes, data.in_channels), WARM_WORLD, 0)
+        self.data = data
 
     def run(self, job: JobSpec, group: PeerGroup, ids: tuple[str, ...], job_committed: int = -1) -> Any:
         """Form the epoch (``ids``: its members' worker ids by rank; ``job_committed``: the highest step the
@@ -115,6 +135,7 @@ class Manager:
             collective_timeout=self.cfg.collective_timeout_s,
             startup_timeout=self.cfg.startup_timeout_s,
             restore=False,
+            **({} if self.data is None else {"data": self.data}),
         )
         if isinstance(trainer, Trainer):  # a scripted stand-in (tests) carries no state to hand over
             self.form(trainer, job, group, ids, job_committed)

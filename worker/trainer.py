@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,7 @@ class Trainer:
         collective_timeout: float = 30.0,
         startup_timeout: float | None = None,  # until the first step is committed (default: collective)
         restore: bool = True,
+        data: Any = None,
     ) -> None:
         """``restore``: resume from the newest complete checkpoint now (else see ``restore_checkpoint``)."""
         if job.global_batch < group.world_size:
@@ -112,7 +114,7 @@ class Trainer:
         self.backend = backend
         self.device = device
         self.checkpoint_dir = checkpoint_dir
-        self.data = load_dataset(job.dataset, data_dir, job.seed)
+        self.data = data if data is not None else load_dataset(job.dataset, data_dir, job.seed)
         backend.set_group(group)
         self.param_dtype = precision.param_dtype(job.param_dtype)
         with _INIT_LOCK:  # the initialisation draws from torch's global RNG; ranks may be threads of a test
