@@ -132,7 +132,10 @@ class WorkerDaemon:
         if self.worker_id:
             self.register_body["worker_id"] = self.worker_id
         self.session = Manager(self.cfg, self.t, self.backend, self.trainer_factory)
-        await asyncio.to_thread(self.session.prepare, job)  # before registering: a join stalls nobody
+        try:  # before registering: a join stalls nobody, and a worker that cannot train never joins
+            await asyncio.to_thread(self.session.prepare, job)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load the job's data or build its model: {exc}") from exc
         answer = await self.client.register(self.register_body)
         self.worker_id = str(answer["worker_id"])
         self.register_body["worker_id"] = self.worker_id
@@ -174,13 +177,11 @@ class WorkerDaemon:
         return self.t.state if exc is None else "failed"  # finished, or waiting after a stop: at once
 
     async def _reregister(self) -> int:
-        answer = await self.client.register(self.register_body)
-        return int(answer.get("epoch", 0))
+        return int((await self.client.register(self.register_body)).get("epoch", 0))
 
     def _wire_stats(self) -> tuple[int, int]:
         self.t.update(bytes_by_lane=lane_bytes(self.backend))
-        stats = self.backend.stats()
-        return int(stats.bytes_sent), int(stats.bytes_received)
+        return int(self.backend.stats().bytes_sent), int(self.backend.stats().bytes_received)
 
     def request_stop(self, why: str = "stop") -> None:
         """SIGTERM / Ctrl-C: stop at the next step boundary; drop the step in flight after a short grace."""

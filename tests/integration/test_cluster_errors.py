@@ -49,17 +49,15 @@ def test_wrong_token_unexpected_job_and_unreachable_coordinator(
     assert get(url, "/workers")["workers"] == []
 
 
-def test_a_worker_whose_trainer_cannot_start_reports_failed_and_leaves(
-    reaper: ProcessReaper, tmp_path: Path
-) -> None:
+def test_a_worker_that_cannot_load_the_data_never_joins(reaper: ProcessReaper, tmp_path: Path) -> None:
     _, url = start_coordinator(
         reaper, tmp_path, "--steps", "5", "--warmup-steps", "0", "--dataset", "mnist:/nonexistent/mnist"
     )
     worker = start_worker(reaper, tmp_path, url, "w0")
-    assert worker.wait(60) == 1
-    assert "does not exist" in output(worker, tmp_path, "w0")
-    (view,) = get(url, "/workers")["workers"]
-    assert (view["state"], view["worker_state"]) == ("left", "failed")
+    assert worker.wait(60) == 2  # a configuration error of this worker, found before it registers
+    log = output(worker, tmp_path, "w0")
+    assert "cannot load the job's data" in log and "does not exist" in log and "Traceback" not in log
+    assert get(url, "/workers")["workers"] == []  # it never disturbed the cluster's membership
 
 
 class RaisingTrainer:
