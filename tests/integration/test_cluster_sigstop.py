@@ -23,7 +23,7 @@ from tests.integration.cluster_support import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
-STEPS = 400
+STEPS = 300
 FREEZE_AT = 20
 FROZEN_S = 4.0
 
