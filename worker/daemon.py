@@ -356,9 +356,10 @@ class WorkerDaemon:
                 return
             log.debug("worker %s: waiting for %s to finish", self.worker_id, busy)
             await asyncio.sleep(self.interval_s / 2)
-        log.warning(
-            "worker %s: %s still training after the collective timeout", self.worker_id, group.describe()
-        )
+        if not self.t.stop_requested.is_set():  # a stop (the job is over) ends the wait without a word
+            log.warning(
+                "worker %s: %s still training after the collective timeout", self.worker_id, group.describe()
+            )
 
 
 def run_worker(cfg: WorkerConfig) -> int:
