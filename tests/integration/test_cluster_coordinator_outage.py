@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 GRACE_S = 1.0  # the workers' --coordinator-grace
 DOWN_S = 4.0  # how long the coordinator stays away: four graces, two heartbeat timeouts
-STEPS = 500
+STEPS = 300
 
 
 def step_records(cluster: LocalCluster) -> list[dict[str, object]]:

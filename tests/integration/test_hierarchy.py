@@ -53,7 +53,7 @@ def test_two_hosts_of_two_use_the_local_lane_and_match_the_flat_path(
     # design (a buddy sits on another host; test_failover covers them).
     hier, hier_params = _run(reaper, tmp_path / "hier", hosts=2, steps=5, replicas=0)
     flat, flat_params = _run(reaper, tmp_path / "flat", hosts=4, steps=5, replicas=0)
-    long, _ = _run(reaper, tmp_path / "long", hosts=2, steps=100)
+    long, _ = _run(reaper, tmp_path / "long", hosts=2, steps=100, replicas=0)
     for summary in (hier, flat, long):
         assert summary["completed"] and summary["failures"] == []
         assert summary["world_size_per_step"] == [[0, 4]]

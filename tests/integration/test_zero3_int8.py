@@ -1,6 +1,6 @@
 """Convergence with INT8 on the wire, judged by a statistic with signal rather than by a handful of images.
 
-2 real worker processes over gRPC train resnet8 on digits for 40 steps (global batch 64), for each of 3
+2 real worker processes over gRPC train resnet8 on digits for 40 steps (global batch 64), for each of 2
 seeds: without compression, with int8, and with a deliberately worse gradient codec (a negative control:
 one level each side of zero per block and no error feedback, see ``degrade_codec``). Within a seed all runs
 share the initial weights and the data order, so the only difference is the codec.
@@ -14,8 +14,9 @@ Measured on an Intel Xeon (1 thread per worker): int8 per-seed gaps -0.1%, +1.4%
 threads per worker, whose different reduction order stands in for another CPU's kernels, +0.1% and +1.4% for
 seeds 0 and 1 (fp32 itself moved by -0.3% and 0.0%); the negative control +7.2%, +7.9%, +6.9% (mean +7.3%).
 The same figures, to four digits, came from a second Intel machine with another torch build. The tolerance,
-3% on the mean over seeds, sits about five standard errors above int8 and as far below the negative
-control, so the test passes for a codec that does not slow convergence and fails for one that does.
+3% on the mean over seeds (two seeds; a third moved neither mean by more than 0.5%), sits about four
+standard errors above int8 and as far below the negative control, so the test passes for a codec that does
+not slow convergence and fails for one that does.
 
 Test accuracy is no verdict here: the digits test split has 359 images, so one run's accuracy moves by
 several images from kernel noise alone. Each run must only have learned (after 40 steps runs measure
@@ -36,7 +37,7 @@ JOB = dict(
     job_id="int8", model="resnet8", dataset="digits", steps=40, global_batch=64, lr=0.1, momentum=0.9,
     weight_decay=5e-4, schedule="cosine", warmup_steps=10, seed=0, eval_every=0, int8_block=256,
 )  # fmt: skip
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1)
 GAP_TOLERANCE = 0.03  # on the mean over seeds of the paired relative gap of the mean training loss
 LEARNED = 0.9  # each run's test accuracy (chance 0.1)
 DEGRADED_LEVELS = 1  # the negative control's levels each side of zero
