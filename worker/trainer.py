@@ -104,7 +104,8 @@ class Trainer:
         restore: bool = True,
         data: Any = None,
     ) -> None:
-        """``restore``: resume from the newest complete checkpoint now (else see ``restore_checkpoint``)."""
+        """``restore``: resume from the newest complete checkpoint now (else see ``restore_checkpoint``);
+        ``data``: the loaded dataset, when the caller has it already."""
         if job.global_batch < group.world_size:
             raise ValueError(
                 f"global_batch {job.global_batch} is smaller than the world size {group.world_size}"
