@@ -12,7 +12,7 @@ import pytest
 
 from worker.job import JobSpec
 from zerowire.cli import main
-from zerowire.replay import exactness_notes
+from zerowire.commands.replay import exactness_notes
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -213,7 +213,7 @@ def handle(args: argparse.Namespace) -> int:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per status poll is noise
     if args.replay is not None:
-        from zerowire.replay import replay_run
+        from zerowire.commands.replay import replay_run
 
         return replay_run(args, JOB_FLAGS)
     args.workers = 2 if args.workers is None else args.workers
