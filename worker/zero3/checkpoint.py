@@ -14,8 +14,9 @@ Each file is written to a temporary name, flushed and fsynced, renamed into plac
 fsynced; the manifest (which carries the sha256 of the tensor file) is written the same way *after* the tensor
 file, so a part exists only once both are durable. A checkpoint is complete iff all N parts of one world size
 exist, agree with each other and match their checksums. Loading never returns a partial result: any missing,
-corrupt or mismatched part raises ``CheckpointError``. Every rank reads every part when re-sharding, so the
-directory must be visible to all ranks (same host or a shared file system).
+corrupt or mismatched part raises ``CheckpointError``. Re-sharding for another world size is
+``worker.zero3.reshard``; every rank reads every part then, so the directory must be visible to all ranks
+(same host or a shared file system).
 
 Fencing: every manifest carries the membership ``epoch`` of the group that wrote it, and the N parts of a
 complete checkpoint all carry the same one (manifests of format v1, without an epoch, are not parts). A
@@ -285,7 +286,9 @@ def latest_complete(
     return None
 
 
-def _resolve(source: Path | str | CheckpointInfo, job_hash: str) -> CheckpointInfo:
+def resolve(source: Path | str | CheckpointInfo, job_hash: str) -> CheckpointInfo:
+    """``source`` as a verified checkpoint: a ``CheckpointInfo`` as it is, a step directory, or a checkpoint
+    root (its newest complete checkpoint of ``job_hash``)."""
     if isinstance(source, CheckpointInfo):
         return source
     path = Path(source)
@@ -308,82 +311,30 @@ def _resolve(source: Path | str | CheckpointInfo, job_hash: str) -> CheckpointIn
     return info
 
 
-def load_resharded(
-    source: Path | str | CheckpointInfo,
-    new_world_size: int,
-    new_rank: int,
-    unit_numels: list[int],
-    *,
-    job_hash: str,
-) -> dict[str, torch.Tensor]:
-    """Rank ``new_rank`` of ``new_world_size``'s tensors from a checkpoint saved at any world size.
+def read_part(info: CheckpointInfo, old_rank: int) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Part ``old_rank`` of ``info``: its path and tensors, checked against the part's epoch and sha256 on
+    the very bytes loaded (``CheckpointError`` otherwise)."""
+    manifest = _read_manifest(info.path / f"{part_name(old_rank, info.world_size)}.json")
+    data_path = info.path / f"{part_name(old_rank, info.world_size)}.safetensors"
+    try:
+        data = data_path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{data_path}: unreadable: {e}") from e
+    if manifest["epoch"] != info.epoch:
+        raise CheckpointError(f"{data_path}: part replaced by epoch {manifest['epoch']}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest.get("sha256") or digest != info.sha256[old_rank]:
+        raise CheckpointError(f"{data_path}: sha256 mismatch (corrupt or replaced)")
+    try:
+        return data_path, load_safetensors_bytes(data)
+    except Exception as e:  # safetensors raises its own error type for a malformed file
+        raise CheckpointError(f"{data_path}: not a valid safetensors file: {e}") from e
 
-    ``source`` is a ``CheckpointInfo``, a step directory, or a checkpoint root (then its newest complete
-    checkpoint). Sharded tensors (``u{k}.*``) are re-assembled from every old part, stripped of the old
-    padding, re-padded and sliced for the new rank; replicated tensors come from old rank 0. Every part is
-    checked against its sha256 (on the very bytes loaded), the job hash and ``unit_numels``; any problem
-    raises ``CheckpointError``.
-    """
-    if new_world_size < 1 or not 0 <= new_rank < new_world_size:
-        raise ValueError(f"rank {new_rank} is not in a world of {new_world_size}")
-    info = _resolve(source, job_hash)
-    if info.job_hash != job_hash:
-        raise CheckpointError(
-            f"{info.path}: checkpoint is of job hash {info.job_hash[:12]}, this job is {job_hash[:12]}"
-        )
-    if list(info.unit_numels) != list(unit_numels):
-        raise CheckpointError(f"{info.path}: unit sizes {list(info.unit_numels)} differ from the model's")
-    old_n = info.world_size
-    out: dict[str, torch.Tensor] = {}
-    sharded_names: set[str] | None = None
-    for old_rank in range(old_n):
-        manifest = _read_manifest(info.path / f"{part_name(old_rank, old_n)}.json")
-        data_path = info.path / f"{part_name(old_rank, old_n)}.safetensors"
-        try:
-            data = data_path.read_bytes()
-        except OSError as e:
-            raise CheckpointError(f"{data_path}: unreadable: {e}") from e
-        if manifest["epoch"] != info.epoch:
-            raise CheckpointError(f"{data_path}: part replaced by epoch {manifest['epoch']}")
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != manifest.get("sha256") or digest != info.sha256[old_rank]:
-            raise CheckpointError(f"{data_path}: sha256 mismatch (corrupt or replaced)")
-        try:
-            tensors = load_safetensors_bytes(data)
-        except Exception as e:  # safetensors raises its own error type for a malformed file
-            raise CheckpointError(f"{data_path}: not a valid safetensors file: {e}") from e
-        names = {n for n in tensors if _SHARDED.match(n)}
-        if sharded_names is None:
-            sharded_names = names
-        elif names != sharded_names:
-            raise CheckpointError(
-                f"{data_path}: holds sharded tensors {sorted(names ^ sharded_names)[:4]} "
-                "that other parts do not"
-            )
-        for name, t in tensors.items():
-            m = _SHARDED.match(name)
-            if m is None:
-                if old_rank == 0:
-                    out[name] = t
-                continue
-            k = int(m.group(1))
-            if k >= len(unit_numels):
-                raise CheckpointError(f"{data_path}: tensor {name!r} of unknown unit {k}")
-            n = unit_numels[k]
-            old_start, old_stop = shard_range(n, old_n, old_rank)
-            if t.dim() != 1 or t.numel() != old_stop - old_start:
-                raise CheckpointError(f"{data_path}: tensor {name!r} has shape {tuple(t.shape)}")
-            new_start, new_stop = shard_range(n, new_world_size, new_rank)
-            dest = out.get(name)
-            if dest is None:
-                dest = out[name] = torch.zeros(new_stop - new_start, dtype=t.dtype)
-            # Overlap of the old shard, the new shard and the real (unpadded) elements.
-            lo, hi = max(old_start, new_start), min(old_stop, new_stop, n)
-            if lo < hi:
-                dest[lo - new_start : hi - new_start] = t[lo - old_start : hi - old_start]
-    msg = "checkpoint step %d (epoch %d, world size %d) loaded for rank %d/%d"
-    logger.info(msg, info.step, info.epoch, old_n, new_rank, new_world_size)
-    return out
+
+def sharded_unit(name: str) -> int | None:
+    """The unit index of a sharded tensor name (``u{k}.<what>``), None for a replicated one."""
+    m = _SHARDED.match(name)
+    return None if m is None else int(m.group(1))
 
 
 def prune(directory: Path | str, keep: int = 2) -> list[Path]:

@@ -19,6 +19,7 @@ from worker.job import JobSpec
 from worker.zero3 import checkpoint as ckpt
 from worker.zero3 import state as zstate
 from worker.zero3.optim import ShardedOptimizer
+from worker.zero3.reshard import load_resharded
 from worker.zero3.sharded import ShardedModule
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def restore(engine: ShardedModule, optimizer: ShardedOptimizer, job: JobSpec, di
     if step is None:
         return None
     group = engine.group
-    tensors = ckpt.load_resharded(
+    tensors = load_resharded(
         ckpt.step_dir(directory, step), group.world_size, group.rank, unit_numels(engine), job_hash=job.hash
     )
     buffers = dict(engine.model.named_buffers())

@@ -17,12 +17,12 @@ from tests.unit.zero3 import test_optim as ref
 from worker.zero3.checkpoint import (
     CheckpointError,
     latest_complete,
-    load_resharded,
     prune,
     save_shards,
     shard_range,
     step_dir,
 )
+from worker.zero3.reshard import load_resharded
 
 REPO = Path(__file__).resolve().parents[3]
 JOB_HASH = "a" * 64

@@ -20,7 +20,8 @@ from tests.unit.zero3.test_checkpoint import (
     save_all,
 )
 from worker.zero3 import checkpoint as ck
-from worker.zero3.checkpoint import CheckpointError, latest_complete, load_resharded, save_shards, step_dir
+from worker.zero3.checkpoint import CheckpointError, latest_complete, save_shards, step_dir
+from worker.zero3.reshard import load_resharded
 
 
 def save_part(directory: Path, step: int, rank: int, world: int, epoch: int, seed: int) -> Path:
