@@ -28,8 +28,6 @@ from communication.handle import Handle
 from worker.job import JobSpec
 from worker.zero3.optim import ShardedOptimizer
 
-GRAD_KEY_BASE = 0  # buddy gradients of step s travel under p2p key s
-
 
 def buddy_ranks(host_ids: Sequence[str], world_size: int) -> list[int]:
     """``buddy[r]``: the rank that mirrors rank ``r``; ``[]`` for a world of one (nobody to mirror on)."""
@@ -104,7 +102,6 @@ class GradExchange:
         self.buddies = buddy_ranks(group.host_ids, group.world_size)
         self.buddy = self.buddies[group.rank] if self.buddies else None
         self.ward = ward_of(self.buddies, group.rank)
-        self.bytes_sent = 0
 
     def exchange(self, grads: list[torch.Tensor], step: int) -> list[torch.Tensor] | None:
         """Send ``grads`` (this rank's averaged shards) to the buddy and return the ward's (same sizes as
@@ -113,9 +110,7 @@ class GradExchange:
             return None
         flat = torch.cat([g.detach().reshape(-1).to("cpu", torch.float32) for g in grads])
         got = torch.empty_like(flat)
-        key = GRAD_KEY_BASE + step
-        swap(self.backend, self.group, flat, got, self.buddies, key, self.timeout)
-        self.bytes_sent += flat.numel() * 4
+        swap(self.backend, self.group, flat, got, self.buddies, step, self.timeout)  # p2p key: the step
         return list(got.split([g.numel() for g in grads]))  # host memory, as the replica lives
 
 

@@ -25,9 +25,10 @@ from communication.backend import UnitSpec
 from worker.buddy import Replica, buddy_ranks, swap, ward_of
 from worker.job import JobSpec
 from worker.zero3 import checkpoint as ckpt
-from worker.zero3.channels import channel_specs, float_buffers, handover_unit
+from worker.zero3.channels import Channel, channel_specs, float_buffers, handover_unit
 from worker.zero3.optim import ShardedOptimizer, state_names
 from worker.zero3.sharded import ShardedModule
+from worker.zero3.state import allgather_values, rank_order_sum
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +141,6 @@ def replicate(
 def adopt_buffers(engine: ShardedModule, key: int, holder: bool) -> None:
     """Collective: every rank's floating buffers (BatchNorm statistics) become the rank-order mean of those
     of the ranks that held state (joiners bring none worth keeping)."""
-    from worker.zero3.state import Channel, allgather_values
-
     buffers = float_buffers(engine.model)
     if not buffers:
         return
@@ -151,12 +150,7 @@ def adopt_buffers(engine: ShardedModule, key: int, holder: bool) -> None:
     chosen = [p for p, f in zip(parts, flags, strict=True) if float(f) == 1.0]
     if not chosen:
         return
-    acc = chosen[0].clone()
-    for p in chosen[1:]:
-        acc.add_(p)
-    acc.div_(len(chosen))
-    offset = 0
+    mean = rank_order_sum(chosen).div_(len(chosen))
     with torch.no_grad():
-        for _, b in buffers:
-            b.copy_(acc[offset : offset + b.numel()].view_as(b))
-            offset += b.numel()
+        for (_, b), part in zip(buffers, mean.split([b.numel() for _, b in buffers]), strict=True):
+            b.copy_(part.view_as(b))

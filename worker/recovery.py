@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from worker.buddy import buddy_ranks
+from worker.handover import own_state
 
 NONE = -1.0
 
@@ -152,8 +153,6 @@ def lost_ranks(holding: Holding, choice: Choice, new_ids: tuple[str, ...]) -> li
 def sources(holding: Holding, choice: Choice, new_ids: tuple[str, ...]) -> dict[int, dict[str, torch.Tensor]]:
     """Old rank -> state tensors, for the old ranks this holder supplies: its own, and its ward's when the
     ward is not among the holders (the buddy promotes its replica)."""
-    from worker.handover import own_state
-
     holders = {new_ids[r] for r in choice.holders}
     tr = holding.trainer
     out = {holding.rank: own_state(tr.engine, tr.optimizer)}
