@@ -73,7 +73,8 @@ class CollectiveBackend(Protocol):
         "int8" on a lane that encodes it, every rank's shard (its own included) arrives as the codec
         decodes it, the same on every rank; with "none" bit for bit. The future resolves to `out`, or
         fails with EpochChanged / PeerLost / CollectiveTimeout / InvalidMessage (also: `codec` is not
-        the planned codec of `unit`).
+        the planned codec of `unit`). After a failure `out` holds unspecified values (a lane may
+        still write it until its library lets go of the call).
         """
         ...
 
@@ -91,7 +92,9 @@ class CollectiveBackend(Protocol):
         """Send slice r of `full` (flat, world_size * out.numel()) to rank r; receive into `out` (fp32)
         the sum of this rank's slice from every rank, added in rank order 0..N-1 (not divided). With
         codec "int8" the slices sent to peers are quantized (with error feedback where the backend keeps
-        it); with "none" the sum is exact fp32 arithmetic on the values sent."""
+        it); with "none" the sum is exact fp32 arithmetic on the values sent. `full` may be read until
+        the future settles: keep it unchanged until then. After a failure `out` holds unspecified
+        values."""
         ...
 
     def send(self, tensor: torch.Tensor, *, group: PeerGroup, dest: int, key: int, timeout: float) -> Handle:

@@ -10,9 +10,11 @@ has CUDA, gloo otherwise (tensors are then staged through host memory).
 
 Calls return futures at once; one dispatcher thread per backend forms the epoch's group and runs the
 collectives in call order (every member calls them in the same order), so the compute thread can
-prefetch. What a call sends is copied at the call (the caller may reuse its tensor at once); results go
-to private buffers and are copied into `out` only on success, so a failed call never writes `out`
-afterwards. Those staging buffers are reused across calls, up to `pool_bytes` kept idle.
+prefetch. The library uses a call's tensors in place where it can (contiguous float32 where it works:
+the GPU for NCCL, host memory for gloo), so the caller keeps what a call reads unchanged until the call
+settles, and after a failure `out` holds unspecified values (an abandoned group's library may still
+write it until its work ends). Other tensors go through staging buffers, reused across calls (up to
+`pool_bytes` kept idle): inputs copied when the call starts, results copied into `out` on success.
 
 - all_gather: one all-gather of equal shards.
 - reduce_scatter: an all-to-all moves slice r of every rank to rank r; the owner then sums the N slices
@@ -57,7 +59,6 @@ from communication.torchdist_group import (
     POLL_S,
     EpochGroup,
     device_has_cuda,
-    on_device,
     parse_rendezvous,
     settle,
 )
@@ -79,6 +80,11 @@ class TorchDistBackend(TorchDistCalls):
         if collective_timeout <= 0 or rendezvous_timeout <= 0:
             raise ValueError("timeouts must be positive")
         self.device = torch.device(device)
+        # where the library works: the device for NCCL, host memory for gloo
+        self._cuda: torch.device | None = None
+        if device_has_cuda(self.device):
+            index = self.device.index
+            self._cuda = torch.device("cuda", torch.cuda.current_device() if index is None else index)
         self.collective_timeout = collective_timeout
         self.rendezvous_timeout = rendezvous_timeout
         self._lock = threading.Lock()
@@ -157,17 +163,16 @@ class TorchDistBackend(TorchDistCalls):
             raise ValueError(f"out has {out.numel()} elements, expected {n * group.world_size}")
         if shard.dtype != torch.float32:
             raise ValueError(f"shard must be float32, got {shard.dtype}")
-        early = self._stage(shard) if ready is None else None
 
         def launch(eg: EpochGroup) -> tuple[Any, Callable[[], torch.Tensor]]:
-            staged = early if early is not None else self._stage(shard)
-            src = on_device(staged, eg)
-            dst = self._buffers.take(n * group.world_size, src.device)
+            src, staged = self._input(shard, eg)
+            dst, private = self._output(out, eg)
             work = eg.pg._allgather_base(dst, src)
 
             def finish() -> torch.Tensor:
-                out.view(-1).copy_(dst)
-                self._buffers.give(staged, dst)
+                if private:
+                    out.view(-1).copy_(dst)
+                self._buffers.give(*staged, *private)
                 return out
 
             return work, finish
@@ -190,31 +195,30 @@ class TorchDistBackend(TorchDistCalls):
         n, world = out.numel(), group.world_size
         if full.numel() != n * world:
             raise ValueError(f"full has {full.numel()} elements, expected {n * world}")
-        staged = self._stage(full)
 
         def launch(eg: EpochGroup) -> tuple[Any, Callable[[], torch.Tensor]]:
-            src = on_device(staged, eg)
-            slices = self._buffers.take(n * world, src.device)
+            src, staged = self._input(full, eg)
+            slices = self._buffers.take(n * world, self._lib(eg))
             work = eg.pg.alltoall_base(slices, src, [n] * world, [n] * world)
 
             def finish() -> torch.Tensor:
-                acc = slices[:n]
-                for r in range(1, world):  # rank order, fp32: equal to the sequential sum
-                    acc.add_(slices[r * n : (r + 1) * n])
-                out.view(-1).copy_(acc)
-                self._buffers.give(staged, slices)
+                parts = slices.view(world, n)
+                acc, private = self._output(out, eg)
+                if world == 1:
+                    acc.copy_(parts[0])
+                else:  # rank order, fp32: equal to the sequential sum
+                    torch.add(parts[0], parts[1], out=acc)
+                    for r in range(2, world):
+                        acc.add_(parts[r])
+                if private:
+                    out.view(-1).copy_(acc)
+                self._buffers.give(*staged, slices, *private)
                 return out
 
             return work, finish
 
         nbytes = 4 * n * (world - 1)
         return self._submit(group, unit, n, codec_id, "this rank's gradient", launch, timeout, nbytes)
-
-    def _stage(self, tensor: torch.Tensor) -> torch.Tensor:
-        """What this rank sends, copied now (as fp32 on the backend's device): the caller may reuse it."""
-        staged = self._buffers.take(tensor.numel(), self.device)
-        staged.copy_(tensor.detach().reshape(-1))
-        return staged
 
     def _submit(
         self,

@@ -29,7 +29,7 @@ from communication.group import PeerGroup
 from communication.handle import Handle
 from communication.p2p import check_call
 from communication.staging import StagingBuffers
-from communication.torchdist_group import EpochGroup, on_device
+from communication.torchdist_group import EpochGroup
 
 # Issues the library call on the formed group; returns its Work and what to do once it completed.
 Launch = Callable[[Any], tuple[Any, Callable[[], torch.Tensor]]]
@@ -96,6 +96,16 @@ def waitable(work: Any, timeout: float) -> Any:
     return work
 
 
+def _in_place(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether the library can use `t` as it is: contiguous float32 on its device."""
+    return (
+        t.dtype == torch.float32
+        and t.is_contiguous()
+        and t.device.type == device.type
+        and (t.device.index or 0) == (device.index or 0)
+    )
+
+
 class TorchDistCalls:
     """Mixed into TorchDistBackend, whose state and dispatcher it uses."""
 
@@ -107,8 +117,29 @@ class TorchDistCalls:
     _pending: dict[EpochGroup, set[Handle]]
     _jobs: queue.SimpleQueue[EpochGroup | QueuedCall | None]
 
-    def _stage(self, tensor: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # TorchDistBackend's
+    _cuda: torch.device | None  # the backend's GPU, when it has one (the library's device under NCCL)
+
+    def _lib(self, eg: EpochGroup) -> torch.device:
+        """Where `eg`'s library works: the GPU for NCCL, host memory for gloo."""
+        return self._cuda if eg.backend_name == "nccl" and self._cuda is not None else torch.device("cpu")
+
+    def _input(self, tensor: torch.Tensor, eg: EpochGroup) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """What `eg`'s library reads for `tensor` (flat), and the staging buffers to give back once the
+        call ended: `tensor` itself where the library can read it in place, else a copy."""
+        flat = tensor.detach().reshape(-1)
+        if _in_place(flat, self._lib(eg)):
+            return flat, ()
+        staged = self._buffers.take(flat.numel(), self._lib(eg))
+        staged.copy_(flat)
+        return staged, (staged,)
+
+    def _output(self, out: torch.Tensor, eg: EpochGroup) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Where `eg`'s library writes `out`'s values (flat): `out` itself where it can, else a reused
+        buffer that the call copies into `out` on success (and gives back)."""
+        if _in_place(out, self._lib(eg)):
+            return out.view(-1), ()
+        buf = self._buffers.take(out.numel(), self._lib(eg))
+        return buf, (buf,)
 
     def _enqueue(
         self,
@@ -144,13 +175,14 @@ class TorchDistCalls:
 
     def send(self, tensor: torch.Tensor, *, group: PeerGroup, dest: int, key: int, timeout: float) -> Handle:
         """See CollectiveBackend: resolves once the library delivered the tensor (copied at the call)."""
-        staged = self._stage(check_call(group, dest, key, tensor, "send"))
+        check_call(group, dest, key, tensor, "send")
 
         def launch(eg: EpochGroup) -> tuple[Any, Callable[[], torch.Tensor]]:
-            work = waitable(eg.pg.send([on_device(staged, eg)], dest, key), timeout)
+            src, staged = self._input(tensor, eg)
+            work = waitable(eg.pg.send([src], dest, key), timeout)
 
             def finish() -> torch.Tensor:
-                self._buffers.give(staged)
+                self._buffers.give(*staged)
                 return tensor
 
             return work, finish
@@ -162,8 +194,7 @@ class TorchDistCalls:
         flat = check_call(group, src, key, out, "recv")
 
         def launch(eg: EpochGroup) -> tuple[Any, Callable[[], torch.Tensor]]:
-            device = self.device if eg.backend_name == "nccl" else torch.device("cpu")
-            buf = self._buffers.take(flat.numel(), device)
+            buf = self._buffers.take(flat.numel(), self._lib(eg))  # `out` is written only once it all arrived
             work = waitable(eg.pg.recv([buf], src, key), timeout)
 
             def finish() -> torch.Tensor:

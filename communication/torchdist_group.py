@@ -136,11 +136,6 @@ def device_has_cuda(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available()
 
 
-def on_device(staged: torch.Tensor, eg: EpochGroup) -> torch.Tensor:
-    """The tensor as the group's library wants it: on the device for NCCL, in host memory for gloo."""
-    return staged if eg.backend_name == "nccl" or staged.device.type == "cpu" else staged.cpu()
-
-
 def settle(
     fut: Future[torch.Tensor], *, result: torch.Tensor | None = None, error: BaseException | None = None
 ) -> None:

@@ -120,3 +120,45 @@ def test_silent_peer_times_out_and_close_returns() -> None:
             backend.close()
         assert time.monotonic() - began < 10
     assert not [t for t in threading.enumerate() if t.name.startswith("torchdist")]
+
+
+@pytest.mark.timeout(60)
+def test_tensors_in_place_or_staged_give_the_same_bits() -> None:
+    """Two ranks in one process. Contiguous float32 tensors are used by the library in place, others
+    (strided views, another dtype) go through staging buffers: both give the exact rank-order results,
+    and a call's inputs are left as they were."""
+    backends = [TorchDistBackend(collective_timeout=10, rendezvous_timeout=20) for _ in range(2)]
+    rdv = f"127.0.0.1:{free_port()}"
+    groups = [PeerGroup("job-test", 1, r, ("a:1", "a:2")) for r in range(2)]
+    gen = torch.Generator().manual_seed(7)
+    shards = [torch.randn(6, generator=gen) for _ in range(2)]
+    fulls = [torch.randn(12, generator=gen) for _ in range(2)]
+    gathered = torch.cat(shards)
+    reduced = [fulls[0][r * 6 : (r + 1) * 6] + fulls[1][r * 6 : (r + 1) * 6] for r in range(2)]
+    try:
+        for backend, group in zip(backends, groups, strict=True):
+            backend.set_group(group, rdv)
+        for layout in ("in place", "staged"):
+            futs, outs = [], []
+            for r, (b, g) in enumerate(zip(backends, groups, strict=True)):
+                if layout == "in place":
+                    shard, full = shards[r], fulls[r]
+                    out, red = torch.empty(12), torch.empty(6)
+                else:  # strided inputs and outputs, a float64 gradient
+                    shard = torch.stack([shards[r], shards[r]], dim=1)[:, 0]
+                    full = fulls[r].double()
+                    out, red = torch.empty(12, 2)[:, 1], torch.empty(6, 3)[:, 2]
+                    assert not (shard.is_contiguous() or out.is_contiguous() or red.is_contiguous())
+                futs.append(b.all_gather(g, 0, 0, shard, out, 10))
+                futs.append(b.reduce_scatter(g, 0, 1, full, red, 10))
+                outs.append((out, red, shard.clone(), full.clone(), shard, full))
+            for f in futs:
+                f.result(20)
+            for r, (out, red, shard_before, full_before, shard, full) in enumerate(outs):
+                assert torch.equal(out, gathered), layout
+                assert torch.equal(red, reduced[r]), layout
+                assert torch.equal(shard, shard_before) and torch.equal(full, full_before), layout
+    finally:
+        for backend in backends:
+            backend.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("torchdist")]

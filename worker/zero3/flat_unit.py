@@ -9,7 +9,7 @@ tensor's version counter). A parameter read while its unit is free has no elemen
 
 Mixed precision (``set_param_dtype``, policy in ``worker.zero3.precision``): the wire still fills an fp32
 buffer; ``mark_ready`` casts it to the compute dtype (parameters of normalization layers get fp32 copies of
-their slices) and drops the fp32 one. Gradients then accumulate into one flat buffer of the compute dtype,
+their slices) and drops the fp32 one. Gradients are then moved into one flat buffer of the compute dtype,
 which ``flat_grad`` converts to fp32 for the reduction.
 """
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from worker.zero3.plan import UnitPlan
-from worker.zero3.staging import StagingPool
+from worker.zero3.staging import Fence, StagingPool
 
 
 class UnitState(enum.Enum):
@@ -90,6 +90,7 @@ class FlatUnit:
         self.backward_started = False
         self.reduced = False
         self._grad_flat: torch.Tensor | None = None  # set by prepare_grad() for one backward pass
+        self._grad_in_flat: list[bool] = []  # which parameters' gradients take_param_grad moved into it
         self._point_params(None)
 
     @property
@@ -131,18 +132,24 @@ class FlatUnit:
         src = self._staging if self._staging is not None else self.full
         assert src is not None
         dtype = torch.float32 if master else self.param_dtype
+        # from pinned host memory the copies are asynchronous, ordered before the kernels that use them
+        nonblocking = self.device.type == "cuda" and src.device.type == "cpu" and src.is_pinned()
         if src.device == self.device and src.dtype == dtype:
             full = src  # fp32 compute on the wire's device: the wire wrote the parameters in place
         else:
             full = torch.empty(self.plan.padded_numel, dtype=dtype, device=self.device)
-            full.copy_(src)
+            full.copy_(src, non_blocking=nonblocking)
         kept: dict[int, torch.Tensor] = {}
         if dtype != torch.float32:
             for i in self._keep_fp32:
                 slot = self.plan.params[i]
                 part = src[slot.offset : slot.offset + slot.numel].view(slot.shape)
-                kept[i] = part.to(self.device, copy=True)
-        self._release_staging()
+                kept[i] = part.to(self.device, copy=True, non_blocking=nonblocking)
+        fence = None
+        if nonblocking:  # the staging buffer is lent again only once the copies out of it are done
+            fence = torch.cuda.Event()
+            fence.record()
+        self._release_staging(fence)
         self.full = full
         self._kept = kept
         self.future = None
@@ -163,13 +170,13 @@ class FlatUnit:
         self._kept = {}
         self.state = UnitState.FREE
 
-    def _release_staging(self) -> None:
-        """Give the gather's host buffer back; one the wire may still write (a gather abandoned in
-        flight) never returns to the pool."""
+    def _release_staging(self, fence: Fence | None = None) -> None:
+        """Give the gather's host buffer back (with the ``fence`` of a device copy still reading it); one
+        the wire may still write (a gather abandoned in flight) never returns to the pool."""
         staging, self._staging = self._staging, None
         if staging is not None and self.staging_pool is not None:
             done = self.future is None or self.future.done()
-            self.staging_pool.release(staging, reusable=done)
+            self.staging_pool.release(staging, reusable=done, fence=fence)
 
     def _point_params(self, full: torch.Tensor | None) -> None:
         for i, (slot, p) in enumerate(zip(self.plan.params, self.params, strict=True)):
@@ -182,42 +189,49 @@ class FlatUnit:
 
     # -- gradients -----------------------------------------------------------------------------------------
     def prepare_grad(self) -> None:
-        """Before the unit's backward (no gradients yet): point every parameter's ``.grad`` at its view of
-        one zeroed flat buffer in the compute dtype on the compute device, so autograd accumulates into
-        it (0 + g == g exactly) and the unit's gradient is never held twice. Parameters kept fp32 under a
-        reduced dtype get their own gradients, copied in by ``flat_grad``."""
-        if self._grad_flat is not None or any(p.grad is not None for p in self.params):
+        """Before the unit's backward: one flat buffer in the compute dtype on the compute device that
+        ``take_param_grad`` copies each parameter's gradient into as soon as autograd accumulated it (so a
+        parameter's own gradient lives only until then, and the unit's gradient is never held twice).
+        Parameters kept fp32 under a reduced dtype keep their own gradients, copied in by ``flat_grad``."""
+        if self._grad_flat is not None:
             return
         dtype = self.gathered_dtype or self.param_dtype
-        flat = torch.zeros(self.plan.padded_numel, dtype=dtype, device=self.device)
-        for i, (slot, p) in enumerate(zip(self.plan.params, self.params, strict=True)):
-            if i not in self._kept and p.dtype == dtype:
-                p.grad = flat[slot.offset : slot.offset + slot.numel].view(slot.shape)
+        flat = torch.empty(self.plan.padded_numel, dtype=dtype, device=self.device)
+        flat[self.plan.numel :].zero_()
         self._grad_flat = flat
+        self._grad_in_flat = [False] * len(self.params)
+
+    def take_param_grad(self, i: int) -> None:
+        """Parameter ``i``'s gradient is accumulated: move it into the flat buffer (if prepared and of its
+        dtype) and drop the parameter's own."""
+        flat, p = self._grad_flat, self.params[i]
+        if flat is None or p.grad is None or p.grad.dtype != flat.dtype or i in self._kept:
+            return
+        slot = self.plan.params[i]
+        flat[slot.offset : slot.offset + slot.numel].copy_(p.grad.reshape(-1))
+        p.grad = None
+        self._grad_in_flat[i] = True
 
     def flat_grad(self) -> torch.Tensor:
         """This rank's gradient of the unit as a padded flat fp32 buffer on the wire's device (missing
         gradients count as zero); clears the parameters' ``.grad``. A buffer of another dtype or device is
         converted as a whole and dropped."""
         flat, self._grad_flat = self._grad_flat, None
-        in_flat = [False] * len(self.params)
+        in_flat = self._grad_in_flat if flat is not None else [False] * len(self.params)
         if flat is None:
             wire = torch.empty(self.plan.padded_numel, dtype=torch.float32, device=self.comm_device)
             wire[self.plan.numel :].zero_()
+        elif flat.dtype == torch.float32 and flat.device == self.comm_device:
+            wire = flat
         else:
-            for i, (slot, p) in enumerate(zip(self.plan.params, self.params, strict=True)):
-                in_flat[i] = p.grad is not None and p.grad.data_ptr() == flat[slot.offset :].data_ptr()
-            if flat.dtype == torch.float32 and flat.device == self.comm_device:
-                wire = flat
-            else:
-                wire = flat.to(device=self.comm_device, dtype=torch.float32)
-            del flat
+            wire = flat.to(device=self.comm_device, dtype=torch.float32)
+        del flat
         for i, (slot, p) in enumerate(zip(self.plan.params, self.params, strict=True)):
             if not in_flat[i]:
                 part = wire[slot.offset : slot.offset + slot.numel]
                 if p.grad is None:
                     part.zero_()
-                else:  # not accumulated into the buffer: copy it
+                else:  # not moved into the buffer: copy it
                     part.copy_(p.grad.reshape(-1))
             p.grad = None
         return wire

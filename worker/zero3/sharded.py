@@ -141,8 +141,8 @@ class ShardedModule:
             self._handles.append(module.register_forward_pre_hook(self._unit_hook(self._pre_forward, unit)))
             self._handles.append(module.register_forward_hook(self._unit_hook(self._post_forward, unit)))
         for unit in self.units:
-            for p in unit.params:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(unit)))
+            for i, p in enumerate(unit.params):
+                self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(unit, i)))
         logger.info("%s: sharded %s", group.describe(), self.plan.describe())
 
     # -- public API ----------------------------------------------------------------------------------------
@@ -353,9 +353,10 @@ class ShardedModule:
 
         return hook
 
-    def _grad_hook(self, unit: FlatUnit) -> Callable[[torch.Tensor], None]:
+    def _grad_hook(self, unit: FlatUnit, i: int) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
             self._release_reduced()
+            unit.take_param_grad(i)
             unit.grads_done += 1
             if unit.grads_done == len(unit.params):
                 self._reduce(unit)

@@ -6,22 +6,36 @@ most two of them outstanding (one prefetch in flight, one landed but not yet use
 largest unit's size serve the whole model: host memory pinned for staging is bounded by
 ``count x largest unit`` instead of the whole model.
 
-The pool never blocks: when every buffer is lent, ``acquire`` hands out a fresh pageable buffer (counted
-in ``overflows``) that is simply dropped on release. A buffer whose gather may still be written by the wire
-(an abandoned gather) is released with ``reusable=False`` and leaves the pool for good, so no later gather
-can share it with a late write.
+The copy to the device is asynchronous where the buffer is pinned (CUDA): the unit enqueues it on the
+compute stream, whose kernels that use the parameters are ordered after it, and gives the buffer back with
+a fence (a CUDA event recorded after the copy). A buffer is lent again only once its fence has passed, so
+the wire never overwrites what a copy still reads; ``acquire`` prefers a buffer whose fence has passed,
+then a new buffer while the pool may grow, and only then waits for the oldest fence.
+
+The pool never blocks on the wire: when every buffer is lent, ``acquire`` hands out a fresh pageable
+buffer (counted in ``overflows``) that is simply dropped on release. A buffer whose gather may still be
+written by the wire (an abandoned gather) is released with ``reusable=False`` and leaves the pool for
+good, so no later gather can share it with a late write.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 if TYPE_CHECKING:
     from worker.zero3.flat_unit import FlatUnit
+
+
+class Fence(Protocol):
+    """What a device copy out of a buffer leaves behind (``torch.cuda.Event``): passed once it completed."""
+
+    def query(self) -> bool: ...
+
+    def synchronize(self) -> None: ...
 
 
 class StagingPool:
@@ -36,7 +50,7 @@ class StagingPool:
         self.pin = pin
         self.overflows = 0
         self._lock = threading.Lock()
-        self._idle: list[torch.Tensor] = []
+        self._idle: list[tuple[torch.Tensor, Fence | None]] = []  # oldest first
         self._lent: dict[int, torch.Tensor] = {}  # data_ptr -> pooled buffer
 
     @classmethod
@@ -67,19 +81,26 @@ class StagingPool:
         if not 1 <= numel <= self.numel:
             raise ValueError(f"staging of {numel} elements requested from a pool of {self.numel}")
         with self._lock:
-            if self._idle:
-                buf = self._idle.pop()
-            elif len(self._lent) < self.count:
+            passed = next((i for i, (_, f) in enumerate(self._idle) if f is None or f.query()), None)
+            fence: Fence | None = None
+            if passed is not None:
+                buf, _ = self._idle.pop(passed)
+            elif len(self._idle) + len(self._lent) < self.count:
                 buf = torch.empty(self.numel, dtype=torch.float32, pin_memory=self.pin)
+            elif self._idle:
+                buf, fence = self._idle.pop(0)  # every idle buffer is still read by a copy: the oldest
             else:
                 self.overflows += 1
                 return torch.empty(numel, dtype=torch.float32)
             self._lent[buf.data_ptr()] = buf
-            return buf[:numel]
+        if fence is not None:
+            fence.synchronize()  # its copy to the device is done: the wire may write the buffer
+        return buf[:numel]
 
-    def release(self, view: torch.Tensor, *, reusable: bool = True) -> None:
-        """Give back what ``acquire`` returned; with ``reusable=False`` the buffer leaves the pool."""
+    def release(self, view: torch.Tensor, *, reusable: bool = True, fence: Fence | None = None) -> None:
+        """Give back what ``acquire`` returned, with the ``fence`` of a device copy still reading it;
+        with ``reusable=False`` the buffer leaves the pool."""
         with self._lock:
             buf = self._lent.pop(view.data_ptr(), None)
             if buf is not None and reusable:
-                self._idle.append(buf)
+                self._idle.append((buf, fence))

@@ -20,6 +20,9 @@ from torch import nn
 from zerowire.bench.step_peak import PeakMeter
 from zerowire.bench.step_rounds import TORCH_THREADS, process_env
 
+# Every contender's optimizer: SGD with these settings (zerowire's job spells the same ones).
+LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
+
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(TORCH_THREADS)
@@ -94,7 +97,8 @@ def _zerowire(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
     job = JobSpec.model_validate(
         dict(
             job_id="bench", model=a.model, dataset=f"synthetic:3x32x32:{samples}",
-            steps=a.warmup + a.steps, global_batch=a.batch * a.world, lr=0.01, momentum=0.9,
+            steps=a.warmup + a.steps, global_batch=a.batch * a.world, lr=LR, momentum=MOMENTUM,
+            weight_decay=WEIGHT_DECAY,
             schedule="constant", warmup_steps=0, compression=a.compression, replicas=a.replicas,
         )
     )  # fmt: skip
@@ -171,7 +175,7 @@ def _dist_init(a: argparse.Namespace) -> None:
 
 
 def _train_loop(model: nn.Module, a: argparse.Namespace, meter: PeakMeter | None) -> list[float]:
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     x, y = _batch(a.batch, a.rank)
 
     def step() -> None:

@@ -59,7 +59,7 @@ def test_mixed_differs_from_fp32_and_stays_close() -> None:
 
 def test_gathered_parameters_and_gradients_dtypes() -> None:
     """While gathered, conv/linear parameters are bf16 and BatchNorm's fp32; the unit's bf16 gradient is
-    accumulated into one flat buffer (per-parameter views) and reduced into fp32 shards."""
+    moved into one flat buffer as each parameter's is accumulated, and reduced into fp32 shards."""
     job = _job(steps=2)
     data = make_data()
     seen: dict[str, object] = {}
@@ -73,10 +73,11 @@ def test_gathered_parameters_and_gradients_dtypes() -> None:
         dtypes = {s.name: p.dtype for s, p in zip(unit.plan.params, unit.params, strict=True)}
         flat = unit._grad_flat
         assert flat is not None and flat.dtype == torch.bfloat16
-        lo, hi = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
-        for p in unit.params:  # bf16 gradients live in the flat buffer, fp32 ones (BatchNorm) outside it
-            assert p.grad is not None and p.grad.dtype == p.dtype
-            assert (lo <= p.grad.data_ptr() < hi) == (p.dtype == torch.bfloat16)
+        for i, p in enumerate(unit.params):  # bf16 gradients moved into the flat buffer, fp32 ones kept
+            if p.dtype == torch.bfloat16:
+                assert p.grad is None and unit._grad_in_flat[i]
+            else:  # BatchNorm's: the parameter's own fp32 gradient until flat_grad converts it
+                assert p.grad is not None and p.grad.dtype == torch.float32 and not unit._grad_in_flat[i]
         params.update(dtypes)
 
     original = FlatUnit.flat_grad

@@ -44,6 +44,37 @@ def test_buffer_released_unreusable_leaves_the_pool() -> None:
     assert b.data_ptr() != a.data_ptr() and pool.allocated == 1 and pool.overflows == 0
 
 
+class _Fence:
+    """A device copy's fence: passed once ``done``; ``synchronize`` waits for it (here: completes it)."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.waited = 0
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited += 1
+        self.done = True
+
+
+def test_buffer_with_a_copy_in_flight_is_lent_only_once_its_fence_passed() -> None:
+    pool = StagingPool(10, 2, pin=False)
+    a = pool.acquire(10)
+    fence_a = _Fence()
+    pool.release(a, fence=fence_a)  # a device copy still reads a
+    b = pool.acquire(10)  # the pool may grow: a new buffer rather than waiting
+    assert b.data_ptr() != a.data_ptr() and pool.allocated == 2 and fence_a.waited == 0
+    fence_b = _Fence()
+    pool.release(b, fence=fence_b)
+    fence_b.done = True  # b's copy completed, a's has not: b is lent, without waiting
+    assert pool.acquire(10).data_ptr() == b.data_ptr() and fence_a.waited == 0
+    # the pool is full and its only idle buffer is still read: lent once its fence was waited for
+    c = pool.acquire(10)
+    assert c.data_ptr() == a.data_ptr() and fence_a.waited == 1 and pool.overflows == 0
+
+
 def test_pool_rejects_bad_sizes() -> None:
     with pytest.raises(ValueError, match="count"):
         StagingPool(10, 0, pin=False)
