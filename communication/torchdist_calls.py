@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from communication.errors import EpochChanged
 from communication.group import PeerGroup
@@ -85,6 +86,37 @@ class ThreadedWork:
         exc = self._done.exception()
         if exc is not None:
             raise RuntimeError(str(exc))
+
+
+class AllWorks:
+    """Several library Works issued together, as one Work: complete once every one is."""
+
+    def __init__(self, works: list[Any]) -> None:
+        self._works = works
+        self._future = torch.futures.collect_all([w.get_future() for w in works])
+
+    def get_future(self) -> Any:
+        return self._future
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self._works)
+
+    def wait(self) -> None:
+        for w in self._works:
+            w.wait()
+
+
+def gather_by_broadcasts(pg: Any, out: torch.Tensor, shard: torch.Tensor, rank: int, world: int) -> AllWorks:
+    """All-gather of equal shards into flat `out` as `world` broadcasts, rank r's from its slice of
+    `out` (this rank's filled in first), every rank issuing them in rank order."""
+    n = shard.numel()
+    out[rank * n : (rank + 1) * n].copy_(shard)
+    works = []
+    for root in range(world):
+        opts = dist.BroadcastOptions()
+        opts.rootRank, opts.rootTensor = root, 0
+        works.append(pg.broadcast([out[root * n : (root + 1) * n]], opts))
+    return AllWorks(works)
 
 
 def waitable(work: Any, timeout: float) -> Any:
