@@ -70,6 +70,10 @@ CLOSE_WAIT_S = 2.0  # how long close() lets abandoned groups finish their work i
 log = logging.getLogger(__name__)
 
 
+def _spent(eg: EpochGroup) -> tuple[Any, Callable[[], torch.Tensor]]:
+    raise AssertionError("a call is launched once")
+
+
 class TorchDistBackend(TorchDistCalls):
     def __init__(
         self,
@@ -307,6 +311,10 @@ class TorchDistBackend(TorchDistCalls):
         with self._lock:
             self._sent += call.sent
             self._received += call.received
+        # Let go of the call's tensors before the caller learns it is done, so that the caller's thread
+        # frees them (the tensors it passed in place are its own allocations).
+        del work, finish
+        call.launch = _spent
         self._finish(eg, fut, result=result)
 
     def _await_input(self, call: QueuedCall) -> bool:
