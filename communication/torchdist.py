@@ -86,7 +86,7 @@ class TorchDistBackend(TorchDistCalls):
         if collective_timeout <= 0 or rendezvous_timeout <= 0:
             raise ValueError("timeouts must be positive")
         self.device = torch.device(device)
-        # where the library works: the device for NCCL, host memory for gloo
+        # the backend's GPU, where the library works when the group is NCCL (gloo works in host memory)
         self._cuda: torch.device | None = None
         if device_has_cuda(self.device):
             index = self.device.index
