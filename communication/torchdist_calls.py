@@ -9,6 +9,10 @@ sides of a transfer must reach it at the same place of their call order: a rank'
 are matched in the order the ranks make them (a send waits for its receive to be posted). A call can be
 withdrawn (Handle.cancel) until the dispatcher starts it; a running one cannot. A message of another
 numel than the receive buffer surfaces as the library's error, and the epoch's group fails with it.
+
+Also here, shared by the calls: which tensors the library can use in place (`_input`, `_output`), the
+Work adapters the dispatcher waits on (`ThreadedWork` for gloo's point-to-point, `AllWorks` for several
+library calls issued as one), and gloo's all-gather as one broadcast per rank (`gather_by_broadcasts`).
 """
 
 from __future__ import annotations

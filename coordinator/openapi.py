@@ -25,6 +25,11 @@ GENERIC: dict[int, str] = {
 }
 
 
+# The answers of a route a worker calls with its own secret, about its own id.
+NOT_OWN_SECRET = (403, "not this worker's secret")
+UNKNOWN_WORKER = (404, "unknown worker id: register (again)")
+
+
 def errors(*codes: int | tuple[int, str]) -> dict[int | str, dict[str, Any]]:
     """`responses=` entries for these statuses; a (status, text) pair replaces the generic description."""
     out: dict[int | str, dict[str, Any]] = {}

@@ -5,15 +5,13 @@ decides (coordinator/liveness.py) whether the evidence evicts someone."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, HTTPException, Path
+from fastapi import APIRouter, Depends, HTTPException
 
 from coordinator import membership as m
 from coordinator.auth import OWN_WORKER
-from coordinator.deps import ServiceDep
-from coordinator.openapi import errors
-from coordinator.schemas import WORKER_ID_PATTERN, SuspectRequest, SuspectResponse
+from coordinator.deps import ServiceDep, WorkerIdPath
+from coordinator.openapi import NOT_OWN_SECRET, UNKNOWN_WORKER, errors
+from coordinator.schemas import SuspectRequest, SuspectResponse
 
 router = APIRouter(prefix="/workers", tags=["workers"])
 
@@ -25,8 +23,8 @@ router = APIRouter(prefix="/workers", tags=["workers"])
     openapi_extra=OWN_WORKER.openapi,
     responses=errors(
         401,
-        (403, "not this worker's secret"),
-        (404, "unknown worker id: register (again)"),
+        NOT_OWN_SECRET,
+        UNKNOWN_WORKER,
         (
             409,
             "the report is not about the current epoch (stale or ahead), or the reporter or the suspect "
@@ -38,7 +36,7 @@ router = APIRouter(prefix="/workers", tags=["workers"])
     ),
 )
 async def suspect(
-    worker_id: Annotated[str, Path(max_length=64, pattern=WORKER_ID_PATTERN)],
+    worker_id: WorkerIdPath,
     body: SuspectRequest,
     service: ServiceDep,
 ) -> SuspectResponse:

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, Response, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse
 
 from coordinator import membership as m
 from coordinator.auth import LEAVE_OR_EVICT, LISTING, OWN_WORKER, REGISTER
 from coordinator.credentials import Principal
-from coordinator.deps import ClockDep, ServiceDep
-from coordinator.openapi import errors
+from coordinator.deps import ClockDep, ServiceDep, WorkerIdPath
+from coordinator.openapi import NOT_OWN_SECRET, UNKNOWN_WORKER, errors
 from coordinator.ratelimit import retry_after
 from coordinator.schemas import (
     TELEMETRY_FIELDS,
-    WORKER_ID_PATTERN,
     HeartbeatRequest,
     HeartbeatResponse,
     RegisterRequest,
@@ -25,7 +24,6 @@ from coordinator.schemas import (
 from coordinator.views import listing_order, worker_dict
 
 router = APIRouter(prefix="/workers", tags=["workers"])
-WorkerIdPath = Annotated[str, Path(max_length=64, pattern=WORKER_ID_PATTERN)]
 WorkerSecretHeader = Annotated[
     str | None,
     Header(
@@ -103,8 +101,8 @@ async def register(
     openapi_extra=OWN_WORKER.openapi,
     responses=errors(
         401,
-        (403, "not this worker's secret"),
-        (404, "unknown worker id: register (again)"),
+        NOT_OWN_SECRET,
+        UNKNOWN_WORKER,
         (409, "the heartbeat's epoch is ahead of the coordinator's"),
         410,
         413,
