@@ -2,7 +2,8 @@
 channels_last), and a bfloat16 job learns digits.
 
 (a) The Trainer on one GPU (world 1 over the in-process fake backend, which adds nothing numerically at
-    world 1) trains resnet8 for 5 steps; the plain PyTorch loop trains the same steps on the same GPU. With
+    world 1, and takes host memory: gathers and gradients go through the pinned staging pools) trains
+    resnet8 for 5 steps; the plain PyTorch loop trains the same steps on the same GPU. With
     deterministic algorithms and TF32 off in both, every parameter agrees within ``FP32_TOL``
     (absolute; weights are O(0.1-1)). Both run the same kernels on the same data, so they differ at most by
     a kernel's rounding (cuDNN may pick another algorithm for a parameter that is a view of a flat buffer);
@@ -75,6 +76,10 @@ def _train_one_gpu(job: JobSpec) -> dict[str, torch.Tensor]:
     try:
         for step in range(job.steps):
             trainer.train_step(step)
+        # the fake lane takes host memory: gradients went through pinned buffers and the launcher
+        staging, launcher = trainer.engine.reductions.staging, trainer.engine.launcher
+        assert staging is not None and staging.pool.pin and launcher is not None
+        assert staging.pool.allocated >= 1 and staging.pool.lent == 0
         return full_parameters(trainer.engine, job.steps)
     finally:
         trainer.engine.close()

@@ -213,41 +213,44 @@ class FlatUnit:
         self._grad_in_flat[i] = True
 
     def flat_grad(self) -> torch.Tensor:
-        """This rank's gradient of the unit as a padded flat fp32 buffer on the wire's device (missing
-        gradients count as zero); clears the parameters' ``.grad``. A buffer of another dtype or device is
-        converted as a whole and dropped."""
+        """This rank's gradient of the unit as a padded flat fp32 buffer on the unit's device (missing
+        gradients count as zero); clears the parameters' ``.grad``. A buffer of another dtype is converted
+        as a whole and dropped."""
         flat, self._grad_flat = self._grad_flat, None
         in_flat = self._grad_in_flat if flat is not None else [False] * len(self.params)
         if flat is None:
-            wire = torch.empty(self.plan.padded_numel, dtype=torch.float32, device=self.comm_device)
-            wire[self.plan.numel :].zero_()
-        elif flat.dtype == torch.float32 and flat.device == self.comm_device:
-            wire = flat
+            full = torch.empty(self.plan.padded_numel, dtype=torch.float32, device=self.device)
+            full[self.plan.numel :].zero_()
         else:
-            wire = flat.to(device=self.comm_device, dtype=torch.float32)
+            full = flat.float()  # the buffer itself when it is fp32 already
         del flat
         for i, (slot, p) in enumerate(zip(self.plan.params, self.params, strict=True)):
             if not in_flat[i]:
-                part = wire[slot.offset : slot.offset + slot.numel]
+                part = full[slot.offset : slot.offset + slot.numel]
                 if p.grad is None:
                     part.zero_()
                 else:  # not moved into the buffer: copy it
                     part.copy_(p.grad.reshape(-1))
             p.grad = None
-        return wire
+        return full
 
     def grad_target(self) -> torch.Tensor:
         """A fresh fp32 buffer the wire writes this rank's reduced shard into: the gradient shard itself
-        when the wire works on the unit's device, else a host buffer that ``take_grad`` moves there."""
-        target = torch.empty(self.plan.shard_numel, dtype=torch.float32, device=self.comm_device)
-        if self.comm_device.type == self.device.type:
+        when the wire works on the unit's device, else a host buffer (pinned for CUDA) that ``take_grad``
+        moves there."""
+        staged = self.comm_device.type != self.device.type
+        pin = staged and self.device.type == "cuda"
+        n = self.plan.shard_numel
+        target = torch.empty(n, dtype=torch.float32, device=self.comm_device, pin_memory=pin)
+        if not staged:
             self.grad_shard = target
         return target
 
     def take_grad(self, target: torch.Tensor) -> None:
-        """The reduction into ``target`` (from ``grad_target``) is complete: it is the gradient shard."""
+        """The reduction into ``target`` (from ``grad_target``) is complete: it is the gradient shard (from
+        pinned memory the copy is asynchronous, ordered before the optimizer's kernels)."""
         if target is not self.grad_shard:
-            self.grad_shard = target.to(self.device)
+            self.grad_shard = target.to(self.device, non_blocking=target.is_pinned())
 
     def release_grad(self) -> None:
         """Drop the gradient shard (consumed by the optimizer step of the pass that reduced it)."""

@@ -11,10 +11,8 @@ Per training pass (``begin(step)``, forward, ``loss.backward()``, ``finish_backw
 - backward: a hook on unit k's outputs fires when their gradient is ready, i.e. just before unit k's
   backward; it waits unit k's gather and prefetches the unit before it (or the one before that, as in
   forward). When every parameter of unit k has its gradient accumulated, the gradient is flattened
-  (padded), handed to ``reduce_scatter`` and the full parameters are freed. Only ``finish_backward`` waits
-  for the reductions. A unit's full gradient is let go as soon as its reduction completed (checked at every
-  backward and gradient hook, on the training thread); a backend keeps what it still has to send. A
-  gradient shard exists from its reduction's issue to the next ``begin``.
+  (padded), its reduction is started (``worker.zero3.reductions``) and the full parameters are freed. Only
+  ``finish_backward`` waits for the reductions. A gradient shard exists from then to the next ``begin``.
 - the root unit (parameters outside every unit) is gathered at the start of the forward pass and reduced at
   the end of backward.
 - mixed precision (``param_dtype``, see ``worker.zero3.precision``): gathered parameters are cast to it for
@@ -44,11 +42,12 @@ from torch.utils._pytree import tree_flatten
 from communication.backend import Codec, CollectiveBackend, UnitSpec, accepts_device
 from communication.errors import CollectiveTimeout
 from communication.group import PeerGroup
-from communication.tensor_stream import all_finite
 from worker.zero3 import precision
 from worker.zero3.channels import channel_specs
 from worker.zero3.flat_unit import FlatUnit, UnitState
+from worker.zero3.launcher import OrderedLauncher
 from worker.zero3.plan import PartitionPlan, plan_model
+from worker.zero3.reductions import HostStaging, Reductions
 from worker.zero3.staging import StagingPool
 
 logger = logging.getLogger(__name__)
@@ -83,8 +82,11 @@ class ShardedModule:
         codec: Codec = "none",
         param_dtype: torch.dtype = torch.float32,
         shards: Sequence[torch.Tensor] | None = None,
+        host_staging: HostStaging | None = None,
     ) -> None:
-        """``shards``: this rank's materialized shard of every unit of ``plan`` (which they require)."""
+        """``shards``: this rank's materialized shard of every unit of ``plan`` (which they require).
+        ``host_staging``: how gradients reach a lane that takes host memory (default: pinned buffers and
+        CUDA events for CUDA units on such a lane, none otherwise)."""
         if keep_last < 0:
             raise ValueError(f"keep_last must be >= 0, got {keep_last}")
         self.keep_last = keep_last
@@ -120,15 +122,16 @@ class ShardedModule:
         comm = self.device if accepts_device(backend, group, self.device) else torch.device("cpu")
         for unit in self.units:  # device-resident where the lane takes device tensors (NCCL on one host)
             unit.comm_device = comm
+        staging = host_staging or HostStaging.for_units(self.units, self.device)
+        # gradients staged asynchronously are sent by a launcher: then every call goes through it, in order
+        self.launcher = OrderedLauncher(timeout) if staging is not None else None
+        self.reductions = Reductions(backend, codec, self.launcher, staging)
         self.root: FlatUnit | None = next((u for u in self.units if u.plan.is_root), None)
         self._body = [u for u in self.units if not u.plan.is_root]
         self._order: list[int] = [u.index for u in self._body]  # predicted forward order
         self._seen: list[int] = []  # this pass's forward order
         self._step: int | None = None
-        self.nonfinite = False
         self._prefetching: FlatUnit | None = None
-        # Reductions in flight: (future, [full gradient, until the future is done], target, unit).
-        self._pending: list[tuple[Future[torch.Tensor], list[torch.Tensor], torch.Tensor, FlatUnit]] = []
         self._callback_queued = False
         self._full_bytes_now = 0
         self.peak_full_bytes = 0
@@ -173,7 +176,6 @@ class ShardedModule:
         """Start a pass whose collectives use step key ``step``; drops the leftovers of an aborted pass."""
         self._abandon()
         self._step = step
-        self.nonfinite = False  # a gradient of this pass was not finite (zeros were reduced instead)
         self.stats = PassStats()
         for u in self.units:
             u.reset_pass()
@@ -184,15 +186,17 @@ class ShardedModule:
         if any(not u.reduced for u in self.units):
             missing = [u.index for u in self.units if not u.reduced]
             raise RuntimeError(f"{self._where()}: backward did not reduce units {missing}")
-        pending, self._pending = self._pending, []
-        for fut, flat, target, unit in pending:
-            self._wait(fut)
-            flat.clear()
-            unit.take_grad(target)
-            self.stats.reductions += 1
+        self.stats.reductions += self.reductions.finish(self._wait)
+
+    @property
+    def nonfinite(self) -> bool:
+        """A gradient of this pass was not finite (zeros were reduced instead; read after the pass)."""
+        return self.reductions.nonfinite
 
     def close(self) -> None:
         self._abandon()
+        if self.launcher is not None:
+            self.launcher.close()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -206,8 +210,12 @@ class ShardedModule:
             raise RuntimeError("call begin(step) before running the sharded model")
         out = unit.gather_target()
         self._account(unit.full_bytes)
-        group, step, shard = self.group, self._step, unit.shard_for_wire()
-        fut = self.backend.all_gather(group, step, unit.index, shard, out, self.timeout, codec=self.codec)
+        group, step, shard, backend = self.group, self._step, unit.shard_for_wire(), self.backend
+
+        def launch() -> Future[torch.Tensor]:
+            return backend.all_gather(group, step, unit.index, shard, out, self.timeout, codec=self.codec)
+
+        fut = launch() if self.launcher is None else self.launcher.call(launch)
         self._track(fut)
         unit.future = fut
         self.stats.gathers += 1
@@ -273,7 +281,10 @@ class ShardedModule:
         fut.add_done_callback(lambda _: setattr(stats, "comm_s", stats.comm_s + time.perf_counter() - t0))
 
     def _abandon(self) -> None:
-        """Forget an unfinished pass: wait what is in flight (bounded by the timeout), free everything."""
+        """Forget an unfinished pass: drop calls not started, wait what is in flight (bounded by the
+        timeout), free everything."""
+        if self.launcher is not None:
+            self.launcher.drop_queued(self._where())
         for unit in self.units:
             if unit.state is UnitState.GATHERING and unit.future is not None:
                 try:
@@ -286,7 +297,7 @@ class ShardedModule:
             for p in unit.params:
                 p.grad = None
         self._prefetching = None
-        self._pending = []
+        self.reductions.reset()
         self._callback_queued = False
 
     # -- hooks ---------------------------------------------------------------------------------------------
@@ -342,7 +353,7 @@ class ShardedModule:
             if unit.backward_started:
                 return
             unit.backward_started = True
-            self._release_reduced()
+            self.reductions.release_done()  # on the training thread (the memory bench tracks it)
             if not self._callback_queued:
                 self._callback_queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(self._post_backward)
@@ -355,7 +366,7 @@ class ShardedModule:
 
     def _grad_hook(self, unit: FlatUnit, i: int) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
-            self._release_reduced()
+            self.reductions.release_done()
             unit.take_param_grad(i)
             unit.grads_done += 1
             if unit.grads_done == len(unit.params):
@@ -367,26 +378,12 @@ class ShardedModule:
         if unit.reduced:
             raise RuntimeError(f"{self._where()}: unit {unit.index} reduced twice in one pass")
         assert self._step is not None
-        self._release_reduced()
-        flat = unit.flat_grad()
-        if not all_finite(flat):  # never sent: the step's vote skips it on every rank (worker.commit)
-            self.nonfinite = True
-            flat.zero_()
-        target = unit.grad_target()
-        group, step, codec = self.group, self._step, self.codec
-        fut = self.backend.reduce_scatter(group, step, unit.index, flat, target, self.timeout, codec=codec)
-        self._track(fut)
-        self._pending.append((fut, [flat], target, unit))
-        del flat  # the pending entry holds the only engine reference, dropped once the reduction is done
+        self.reductions.release_done()
+        if self.launcher is not None:
+            self.launcher.timeout = self.timeout
+        self.reductions.start(self.group, self._step, unit, self.timeout, self._track)
         unit.reduced = True
         self._free(unit)
-
-    def _release_reduced(self) -> None:
-        """Drop the full gradient of every reduction that has completed. Called from the backward hooks, so
-        the buffer is released on the training thread (whose allocations the memory benchmark tracks)."""
-        for fut, flat, _target, _unit in self._pending:
-            if flat and fut.done():
-                flat.clear()
 
     def _post_backward(self) -> None:
         """End of backward: reduce units whose gradients never completed (unused parameters count as zero),

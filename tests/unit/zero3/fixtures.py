@@ -14,6 +14,7 @@ from communication.group import PeerGroup
 from communication.testing import FakeHub
 from worker.job import JobSpec
 from worker.zero3.optim import ShardedOptimizer
+from worker.zero3.reductions import HostStaging
 from worker.zero3.schedule import lr_at
 from worker.zero3.sharded import ShardedModule
 from worker.zero3.state import full_parameters
@@ -152,9 +153,11 @@ def sharded_run(
     units: list[str] | None = None,
     probe: Callable[[int, ShardedModule], None] | None = None,
     param_dtype: torch.dtype = torch.float32,
+    host_staging: Callable[[], HostStaging] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """The same training with ``world`` ranks as threads over a FakeHub; returns each rank's full params
-    (compute in ``param_dtype``: inputs cast, loss in fp32)."""
+    (compute in ``param_dtype``: inputs cast, loss in fp32; each rank's gradients staged through
+    ``host_staging()`` when given)."""
     from worker.zero3.plan import plan_model
 
     x, y = data
@@ -166,7 +169,10 @@ def sharded_run(
             torch.manual_seed(job.seed)
             model = make_model()
         plan = plan_model(model, world, units)
-        engine = ShardedModule(model, group, backend, plan=plan, timeout=20.0, param_dtype=param_dtype)
+        staging = None if host_staging is None else host_staging()
+        engine = ShardedModule(
+            model, group, backend, plan=plan, timeout=20.0, param_dtype=param_dtype, host_staging=staging
+        )
         opt = ShardedOptimizer(engine.shards, job)
         sl = rank_slices(job.global_batch, world)[rank]
         for step in range(job.steps):

@@ -1,0 +1,175 @@
+"""The gradient reductions of one training pass: from a unit's complete gradient to its reduced shard.
+
+For each unit, once autograd has produced every gradient of it (``start``):
+
+1. The unit's gradient becomes one padded flat fp32 buffer on the unit's device (``FlatUnit.flat_grad``).
+2. It is checked for NaN and infinities and, if any, zeroed: a non-finite gradient is never sent, and the
+   step's vote skips the step on every rank (``worker.commit``). On the host the check answers at once. On
+   an accelerator it stays on the device (a flag tensor, and a masked fill that the stream orders before
+   the send), so backward never waits for the device; ``nonfinite`` reads the flags once, after the pass.
+3. Where the lane takes the device's tensors (CPU, NCCL) the buffer goes to ``reduce_scatter`` as it is.
+   Otherwise (an accelerator unit on the gRPC lane) it is copied into a host buffer from a small bounded
+   pool (``HostStaging``; pinned on CUDA, so the copy is asynchronous and leaves a fence), and the
+   reduction is started by the engine's ``OrderedLauncher`` once that fence has passed. When every pooled
+   buffer is busy the copy goes to a fresh pageable buffer, synchronously (counted in the pool's
+   ``overflows``).
+
+A unit's full gradient (and its host copy) is let go as soon as its reduction has completed
+(``release_done``, called from the backward hooks on the training thread); ``finish`` waits for the rest and
+hands every unit its reduced shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from communication.backend import Codec, CollectiveBackend
+from communication.group import PeerGroup
+from communication.tensor_stream import all_finite
+from worker.zero3.flat_unit import FlatUnit
+from worker.zero3.launcher import OrderedLauncher
+from worker.zero3.staging import Fence, StagingPool
+
+GRAD_STAGING_BUFFERS = 4  # pinned host buffers for gradients on their way from an accelerator to the wire
+
+
+def cuda_fence() -> Fence:
+    """An event recorded on the current CUDA stream: passed once the work enqueued before it is done."""
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+@dataclass
+class HostStaging:
+    """How gradients of accelerator units reach a lane that takes host memory: a pool of host buffers,
+    and the fence left behind by an asynchronous copy into one of them (None: the copy was synchronous)."""
+
+    pool: StagingPool
+    fence: Callable[[], Fence | None]
+
+    @classmethod
+    def for_units(cls, units: list[FlatUnit], device: torch.device) -> HostStaging | None:
+        """Pinned buffers and CUDA events for CUDA units whose lane takes host memory; None elsewhere."""
+        staged = [u for u in units if u.comm_device.type != device.type]
+        if device.type != "cuda" or not staged:
+            return None
+        pool = StagingPool(max(u.plan.padded_numel for u in staged), GRAD_STAGING_BUFFERS, pin=True)
+        return cls(pool, cuda_fence)
+
+
+def finite_flag(flat: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor on ``flat``'s device: every value finite (min and max propagate NaN)."""
+    lo, hi = torch.aminmax(flat)
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
+@dataclass
+class _Reduction:
+    future: Future[torch.Tensor]
+    inputs: list[torch.Tensor]  # the gradient the lane reads, until the reduction has completed
+    target: torch.Tensor
+    unit: FlatUnit
+    staged: torch.Tensor | None = None  # the pooled host buffer the gradient was copied into
+    fence: Fence | None = None
+
+
+@dataclass
+class Reductions:
+    backend: CollectiveBackend
+    codec: Codec
+    launcher: OrderedLauncher | None = None
+    staging: HostStaging | None = None
+    _pending: list[_Reduction] = field(default_factory=list)
+    _nonfinite: bool = False
+    _finite_flags: torch.Tensor | None = None  # on the device: AND of the pass's flags
+
+    @property
+    def nonfinite(self) -> bool:
+        """A gradient of this pass was not finite (zeros were reduced instead)."""
+        if self._finite_flags is not None:
+            self._nonfinite = self._nonfinite or not bool(self._finite_flags)
+            self._finite_flags = None
+        return self._nonfinite
+
+    def reset(self) -> None:
+        """Forget the pass (an abandoned one's reductions included; their host buffers leave the pool)."""
+        for r in self._pending:
+            self._release(r, reusable=False)
+        self._pending = []
+        self._nonfinite = False
+        self._finite_flags = None
+
+    def start(
+        self,
+        group: PeerGroup,
+        step: int,
+        unit: FlatUnit,
+        timeout: float,
+        track: Callable[[Future[torch.Tensor]], None],
+    ) -> None:
+        """Reduce-scatter ``unit``'s gradient (all of it is accumulated) into a fresh gradient shard."""
+        flat = unit.flat_grad()
+        self._guard(flat)
+        target = unit.grad_target()
+        staged, fence = None, None
+        if self.staging is not None or unit.comm_device.type != flat.device.type:
+            staged, fence = self._to_host(flat)
+            flat = staged
+        backend, codec, key = self.backend, self.codec, unit.index
+
+        def launch(wire: torch.Tensor = flat) -> Future[torch.Tensor]:
+            return backend.reduce_scatter(group, step, key, wire, target, timeout, codec=codec)
+
+        fut = launch() if self.launcher is None else self.launcher.call(launch, fence)
+        track(fut)
+        self._pending.append(_Reduction(fut, [flat], target, unit, staged, fence))
+
+    def release_done(self) -> None:
+        """Let go of the gradient of every reduction that has completed."""
+        for r in self._pending:
+            if r.inputs and r.future.done():
+                r.inputs.clear()
+                self._release(r, reusable=not r.future.cancelled() and r.future.exception() is None)
+
+    def finish(self, wait: Callable[[Future[torch.Tensor]], None]) -> int:
+        """Wait for every reduction of the pass and hand each unit its shard; how many there were."""
+        pending, self._pending = self._pending, []
+        for i, r in enumerate(pending):
+            try:
+                wait(r.future)
+            except BaseException:
+                for left in pending[i:]:
+                    self._release(left, reusable=False)
+                raise
+            r.inputs.clear()
+            self._release(r, reusable=True)
+            r.unit.take_grad(r.target)
+        return len(pending)
+
+    def _guard(self, flat: torch.Tensor) -> None:
+        if flat.device.type == "cpu":
+            if not all_finite(flat):
+                self._nonfinite = True
+                flat.zero_()
+            return
+        ok = finite_flag(flat)
+        flat.masked_fill_(~ok, 0.0)
+        self._finite_flags = ok if self._finite_flags is None else self._finite_flags & ok
+
+    def _to_host(self, flat: torch.Tensor) -> tuple[torch.Tensor, Fence | None]:
+        """``flat`` copied into a host buffer (pooled where one is free), and the fence of the copy."""
+        if self.staging is None:  # no pool: a synchronous copy
+            return flat.to("cpu"), None
+        buf = self.staging.pool.acquire(flat.numel())
+        buf.copy_(flat, non_blocking=buf.is_pinned() and flat.device.type == "cuda")
+        return buf, self.staging.fence()  # a synchronous copy's fence has passed already
+
+    def _release(self, r: _Reduction, *, reusable: bool) -> None:
+        staged, r.staged = r.staged, None
+        if staged is not None and self.staging is not None:
+            self.staging.pool.release(staged, reusable=reusable, fence=r.fence)
