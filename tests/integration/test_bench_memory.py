@@ -114,10 +114,11 @@ def test_bench_memory_json(reaper: object) -> None:
     assert report["model"] == "resnet8" and report["batch_per_worker"] == 2
     assert set(report["peak_bytes_per_rank"]) == {"2", "4"}
     for world, peaks in report["peak_bytes_per_rank"].items():
-        assert set(peaks) == {"zerowire", "ddp", "fsdp2"}
+        assert set(peaks) == {"zerowire", "zerowire_replicated", "ddp", "fsdp2"}
         assert all(v > 0 for v in peaks.values())
         assert len(report["peak_bytes_by_rank"][world]["zerowire"]) == int(world)
         ratios = report["ratios"][world]
-        assert ratios["zerowire/ddp"] == pytest.approx(peaks["zerowire"] / peaks["ddp"])
-        assert ratios["zerowire/fsdp2"] == pytest.approx(peaks["zerowire"] / peaks["fsdp2"])
+        for ours in ("zerowire", "zerowire_replicated"):
+            assert ratios[f"{ours}/ddp"] == pytest.approx(peaks[ours] / peaks["ddp"])
+            assert ratios[f"{ours}/fsdp2"] == pytest.approx(peaks[ours] / peaks["fsdp2"])
     assert [row["world_size"] for row in report["plan"]["rows"]] == [2, 4]

@@ -14,11 +14,12 @@ momentum. Every contender runs as real processes on this machine in the same inv
 The ``--steps`` measured steps are split over ``--rounds`` interleaved rounds; in each round every contender
 runs alone in fresh processes (``--warmup`` unmeasured steps, then its share of the measured ones), the
 order rotating every round (see ``step_rounds``). Every process gets the same thread count and malloc
-settings (reported as ``process_env``). Reported: the median over all rounds of rank 0's measured step
-times of each contender, per-round medians, and ratios. ``--memory`` instead measures the peak tensor
-bytes per rank of zerowire, DDP and FSDP2 at 2 and 4 workers (see ``step_memory``). Only the
-standard library is imported at module level; this module is also the entry point of the benchmark's
-worker processes (``python -m zerowire.bench.step --worker ...``).
+settings (reported as ``process_env``). zerowire's jobs keep no buddy replica unless ``--replicas 1``: the
+other contenders cannot survive a lost worker and pay nothing for it. Reported: the median over all rounds
+of rank 0's measured step times of each contender, per-round medians, and ratios. ``--memory`` instead
+measures the peak tensor bytes per rank of zerowire (with and without a replica), DDP and FSDP2 at 2 and 4
+workers (see ``step_memory``). Only the standard library is imported at module level; this module is also
+the entry point of the benchmark's worker processes (``python -m zerowire.bench.step --worker ...``).
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--replicas",
         type=int,
         choices=(0, 1),
-        default=1,
-        help="zerowire buddy replicas (default 1)",
+        default=0,
+        help="zerowire buddy replicas (default 0, as FSDP2 and DDP keep none; 1 adds the cost of losing a "
+        "worker without losing a step)",
     )
     p.add_argument("--steps", type=int, default=20, help="measured steps (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured first steps of every run (default 3)")
@@ -175,7 +177,7 @@ def _worker_main(argv: list[str], started_s: float) -> int:
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--compression", default="none")
-    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--replicas", type=int, default=0)
     p.add_argument("--memory", action="store_true")
     a = p.parse_args(argv)
     from zerowire.bench import step_workers

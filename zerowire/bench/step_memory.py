@@ -3,7 +3,10 @@
 Measured (``peak_bytes_per_rank``): every contender (zerowire over gRPC, DDP and FSDP2 over gloo) runs alone
 in fresh processes through the same harness as the timings (``step_rounds``), ``MEMORY_WARMUP`` warm-up
 step(s) then ``MEMORY_STEPS`` measured ones, at 2 and 4 workers; each rank reports the peak tensor bytes of
-its measured steps (``step_peak``); the figure of a contender is the largest over its ranks.
+its measured steps (``step_peak``); the figure of a contender is the largest over its ranks. zerowire runs
+twice: ``zerowire`` without a replica, as FSDP2 and DDP keep none, and ``zerowire_replicated`` with its
+default job's buddy replica (the ward's parameter and momentum shards: the price of losing a worker without
+losing a step); ``--replicas`` does not apply here.
 
 From the plan (``plan``): per-worker persistent bytes of ZeRO-3 vs DDP from the partition plan, and the peak
 of full parameters the engine held at once in one training step (ranks as threads over the in-process
@@ -74,7 +77,9 @@ def memory_table(model_name: str, worlds: tuple[int, ...] = (2, 4)) -> dict[str,
 
 
 MEMORY_WORLDS = (2, 4)
-MEMORY_CONTENDERS = ("zerowire", "ddp", "fsdp2")
+# zerowire as FSDP2 and DDP run (no replica), and with the buddy replica of its default job (replicas 1)
+MEMORY_CONTENDERS = ("zerowire", "zerowire_replicated", "ddp", "fsdp2")
+_REPLICAS = {"zerowire": 0, "zerowire_replicated": 1}
 MEMORY_WARMUP = 1
 MEMORY_STEPS = 2
 
@@ -89,11 +94,21 @@ def measured_memory(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         a = argparse.Namespace(**{**vars(args), "workers": world, "warmup": MEMORY_WARMUP, "memory": True})
         sub = root / str(world)
         sub.mkdir()
-        runs = [run_contender(kind, 0, MEMORY_STEPS, sub, a) for kind in MEMORY_CONTENDERS]
+        runs = [
+            run_contender(
+                "zerowire" if kind in _REPLICAS else kind,
+                0,
+                MEMORY_STEPS,
+                sub,
+                argparse.Namespace(**{**vars(a), "replicas": _REPLICAS.get(kind, 0)}),
+                label=kind,
+            )
+            for kind in MEMORY_CONTENDERS
+        ]
         by_rank[str(world)] = {r.contender: [int(rep["peak_bytes"]) for rep in r.reports] for r in runs}
         peaks[str(world)] = {k: max(v) for k, v in by_rank[str(world)].items()}
     ratios = {
-        w: {f"zerowire/{k}": p["zerowire"] / p[k] for k in MEMORY_CONTENDERS if k != "zerowire"}
+        w: {f"{z}/{k}": p[z] / p[k] for z in _REPLICAS for k in MEMORY_CONTENDERS if k not in _REPLICAS}
         for w, p in peaks.items()
     }
     return {

@@ -80,7 +80,7 @@ def _worker_cmd(kind: str, rank: int, world: int, ports: str, directory: Path, s
         sys.executable, "-m", "zerowire.bench.step", "--worker", kind, "--rank", str(rank), "--world",
         str(world), "--ports", ports, "--dir", str(directory), "--steps", str(steps), "--warmup",
         str(a.warmup), "--batch", str(a.batch), "--model", a.model, "--compression", a.compression,
-        "--replicas", str(getattr(a, "replicas", 1)), *(["--memory"] if getattr(a, "memory", False) else []),
+        "--replicas", str(getattr(a, "replicas", 0)), *(["--memory"] if getattr(a, "memory", False) else []),
     ]  # fmt: skip
 
 
@@ -94,10 +94,14 @@ def _kill(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait(timeout=10)
 
 
-def run_contender(kind: str, rnd: int, steps: int, root: Path, a: argparse.Namespace) -> Run:
-    """Start ``kind``'s processes, wait (at most ``a.timeout`` s) until every one has exited, read reports."""
+def run_contender(
+    kind: str, rnd: int, steps: int, root: Path, a: argparse.Namespace, label: str | None = None
+) -> Run:
+    """Start ``kind``'s processes, wait (at most ``a.timeout`` s) until every one has exited, read reports
+    (the run is called ``label``, default ``kind``)."""
+    name = label or kind
     world = 1 if kind == "floor" else a.workers
-    directory = root / f"{rnd}-{kind}"
+    directory = root / f"{rnd}-{name}"
     directory.mkdir()
     ports = ",".join(str(free_port()) for _ in range(world))
     env = {**os.environ, **process_env()}
@@ -119,19 +123,19 @@ def run_contender(kind: str, rnd: int, steps: int, root: Path, a: argparse.Names
             for rank, code in enumerate(codes):
                 if code not in (None, 0):
                     tail = (directory / f"log-{rank}").read_bytes()[-2000:].decode(errors="replace")
-                    raise RuntimeError(f"{kind} (round {rnd}): rank {rank} exited with {code}:\n{tail}")
+                    raise RuntimeError(f"{name} (round {rnd}): rank {rank} exited with {code}:\n{tail}")
             if all(code == 0 for code in codes):
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{kind} (round {rnd}): not finished after {a.timeout:.0f} s")
+                raise RuntimeError(f"{name} (round {rnd}): not finished after {a.timeout:.0f} s")
             time.sleep(POLL_S)
     finally:
         _kill(procs)
     reaped_s = time.time()
     reports = [json.loads((directory / f"report-{r}").read_text()) for r in range(world)]
     threads = {rep["torch_threads"] for rep in reports}
-    assert threads == {TORCH_THREADS}, f"{kind}: torch thread counts {threads}"
-    return Run(kind, rnd, steps, spawned_s, reaped_s, reports)
+    assert threads == {TORCH_THREADS}, f"{name}: torch thread counts {threads}"
+    return Run(name, rnd, steps, spawned_s, reaped_s, reports)
 
 
 def measure(kinds: list[str], a: argparse.Namespace, root: Path) -> list[Run]:
