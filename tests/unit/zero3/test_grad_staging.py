@@ -10,7 +10,9 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from communication.group import PeerGroup
 from tests.unit.zero3.fixtures import UNITS, TinyNet, assert_bit_identical, make_data, sharded_run
 from worker.job import JobSpec
 from worker.zero3.reductions import GRAD_STAGING_BUFFERS, HostStaging, finite_flag
@@ -86,3 +88,87 @@ def test_staged_gradients_give_the_same_bits_and_return_every_buffer() -> None:
 def test_the_device_side_finite_flag(values: list[float], finite: bool) -> None:
     flag = finite_flag(torch.tensor(values))
     assert flag.dtype == torch.bool and flag.dim() == 0 and bool(flag) is finite
+
+
+def _hierarchical_run(staged: bool) -> list[dict[str, torch.Tensor]]:
+    """JOB's steps on 2 simulated hosts x 2 ranks (threads, each a GrpcBackend on loopback and a gloo
+    local lane, which runs collectives in call order); every rank's full parameters."""
+    from communication.grpc_backend import GrpcBackend
+    from communication.hierarchical import HierarchicalBackend
+    from communication.rendezvous_store import RendezvousStore
+    from communication.torchdist import TorchDistBackend
+    from tests.unit.zero3.fixtures import batch_indices, rank_slices
+    from worker.zero3.optim import ShardedOptimizer
+    from worker.zero3.plan import plan_model
+    from worker.zero3.state import full_parameters
+
+    job = JobSpec.model_validate(dict(steps=2, global_batch=16, warmup_steps=0))
+    ids = ("a", "a", "b", "b")
+    stores = [RendezvousStore() for _ in ids]
+    backends = [
+        HierarchicalBackend(
+            GrpcBackend("tok"), TorchDistBackend(collective_timeout=20, rendezvous_timeout=20)
+        )
+        for _ in ids
+    ]
+    addresses = tuple(f"127.0.0.1:{b.remote.start()}" for b in backends)
+    x, y = make_data()
+    lock = threading.Lock()
+    results: list[object] = [None] * len(ids)
+
+    def rank_main(rank: int) -> None:
+        try:
+            group = PeerGroup(
+                "job", 1, rank, addresses, ids, store_addresses=tuple(s.address for s in stores)
+            )
+            backend = backends[rank]
+            backend.set_group(group)
+            with lock:
+                torch.manual_seed(job.seed)
+                model = TinyNet()
+            plan = plan_model(model, len(ids), UNITS)
+            staging = (
+                HostStaging(StagingPool(64 * 64, 2, pin=False), lambda: _LateFence(0.002)) if staged else None
+            )
+            engine = ShardedModule(model, group, backend, plan=plan, timeout=20.0, host_staging=staging)
+            opt = ShardedOptimizer(engine.shards, job)
+            for step in range(job.steps):
+                idx = batch_indices(step, x.shape[0], job.global_batch)[
+                    rank_slices(job.global_batch, 4)[rank]
+                ]
+                engine.begin(step)
+                F.cross_entropy(engine(x[idx]), y[idx], reduction="sum").backward()
+                engine.finish_backward()
+                opt.step([g.div(job.global_batch) for g in engine.grad_shards], step)
+                backend.commit(group, step)
+            results[rank] = full_parameters(engine, job.steps)
+            engine.close()
+        except BaseException as exc:
+            results[rank] = exc
+
+    threads = [threading.Thread(target=rank_main, args=(r,), daemon=True) for r in range(len(ids))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        for b in backends:
+            b.close()
+        for s in stores:
+            s.close()
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    assert all(isinstance(r, dict) for r in results), "a rank did not finish"
+    return results  # type: ignore[return-value]
+
+
+def test_staged_gradients_keep_the_call_order_of_a_lane_that_needs_it() -> None:
+    """Through the launcher every call of the pass (gathers too) reaches the hierarchical backend in the
+    engine's order, from another thread: the gloo lane inside each host matches its calls, and the run
+    gives the same bits as one whose calls come straight from the training thread."""
+    plain = _hierarchical_run(staged=False)
+    staged = _hierarchical_run(staged=True)
+    for a, b in zip(plain, staged, strict=True):
+        assert_bit_identical(a, b)
