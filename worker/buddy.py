@@ -108,7 +108,8 @@ class GradExchange:
         the ward's shards, which are the same as ours in this layout); None in a world of one."""
         if self.buddy is None or self.ward is None:
             return None
-        flat = torch.cat([g.detach().reshape(-1).to("cpu", torch.float32) for g in grads])
+        # one copy to host memory (where the replica lives) for all units, not one synchronous copy per unit
+        flat = torch.cat([g.detach().reshape(-1) for g in grads]).to("cpu", torch.float32)
         got = torch.empty_like(flat)
         swap(self.backend, self.group, flat, got, self.buddies, step, self.timeout)  # p2p key: the step
         return list(got.split([g.numel() for g in grads]))  # host memory, as the replica lives
