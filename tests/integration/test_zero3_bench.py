@@ -13,6 +13,7 @@ from itertools import combinations
 from pathlib import Path
 
 import pytest
+import torch
 
 from zerowire.localcluster import WORKER_MALLOC_ENV
 
@@ -126,7 +127,15 @@ def test_ddp_standalone_script(reaper: object) -> None:
 
 @pytest.mark.parametrize(
     ("args", "needle"),
-    [(["--vs", "horovod"], b"horovod"), (["--steps", "2", "--rounds", "3"], b"--rounds (3) must not exceed")],
+    [
+        (["--vs", "horovod"], b"horovod"),
+        (["--steps", "2", "--rounds", "3"], b"--rounds (3) must not exceed"),
+        pytest.param(
+            ["--device", "cuda", "--memory"],
+            b"CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="asks a machine without CUDA"),
+        ),
+    ],
 )
 def test_bench_step_rejects_bad_input(args: list[str], needle: bytes) -> None:
     proc = subprocess.run(

@@ -64,6 +64,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per run of a contender")
     p.add_argument("--memory", action="store_true", help="measure peak tensor bytes per rank instead")
     p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where every contender trains (cuda: rank r on GPU r mod the visible GPUs; NCCL for DDP and "
+        "FSDP2 where each rank has a GPU of its own, gloo otherwise)",
+    )
+    p.add_argument(
         "--colocated",
         action="store_true",
         help="workers sharing one host: zerowire over its local torch.distributed lane (zerowire_local) "
@@ -93,6 +100,7 @@ def _summary(kinds: list[str], runs: list[Run], args: argparse.Namespace) -> dic
     }
     return {
         "model": args.model,
+        "device": args.device,
         "workers": args.workers,
         "batch_per_worker": args.batch,
         "compression": args.compression,
@@ -115,6 +123,13 @@ def _summary(kinds: list[str], runs: list[Run], args: argparse.Namespace) -> dic
 
 
 def handle(args: argparse.Namespace) -> int:
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CommandError("--device cuda: CUDA is not available on this machine")
+        if args.colocated and torch.cuda.device_count() < args.workers:
+            raise CommandError("--colocated --device cuda needs a GPU per worker (the local lane is NCCL)")
     if args.memory:
         from zerowire.bench.step_memory import measured_memory, print_memory
 
@@ -179,6 +194,7 @@ def _worker_main(argv: list[str], started_s: float) -> int:
     p.add_argument("--compression", default="none")
     p.add_argument("--replicas", type=int, default=0)
     p.add_argument("--memory", action="store_true")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     a = p.parse_args(argv)
     from zerowire.bench import step_workers
 

@@ -117,7 +117,10 @@ def measured_memory(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "input": "3x32x32",
         "warmup": MEMORY_WARMUP,
         "steps": MEMORY_STEPS,
-        "measure": "peak bytes of live tensors on the training thread (torch profiler allocator events)",
+        "device": getattr(args, "device", "cpu"),
+        "measure": "torch.cuda.max_memory_allocated"
+        if getattr(args, "device", "cpu") == "cuda"
+        else "peak bytes of live tensors on the training thread (torch profiler allocator events)",
         "peak_bytes_per_rank": peaks,
         "ratios": ratios,
         "peak_bytes_by_rank": by_rank,

@@ -80,7 +80,8 @@ def _worker_cmd(kind: str, rank: int, world: int, ports: str, directory: Path, s
         sys.executable, "-m", "zerowire.bench.step", "--worker", kind, "--rank", str(rank), "--world",
         str(world), "--ports", ports, "--dir", str(directory), "--steps", str(steps), "--warmup",
         str(a.warmup), "--batch", str(a.batch), "--model", a.model, "--compression", a.compression,
-        "--replicas", str(getattr(a, "replicas", 0)), *(["--memory"] if getattr(a, "memory", False) else []),
+        "--replicas", str(getattr(a, "replicas", 0)), "--device", getattr(a, "device", "cpu"),
+        *(["--memory"] if getattr(a, "memory", False) else []),
     ]  # fmt: skip
 
 

@@ -24,9 +24,19 @@ from zerowire.bench.step_rounds import TORCH_THREADS, process_env
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 
 
+def device_of(a: argparse.Namespace) -> torch.device:
+    """This rank's device: the CPU, or with ``--device cuda`` GPU ``rank % visible GPUs`` (ranks share
+    GPUs where there are fewer GPUs than ranks)."""
+    if getattr(a, "device", "cpu") != "cuda":
+        return torch.device("cpu")
+    device = torch.device("cuda", a.rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
 def run(a: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(TORCH_THREADS)
-    meter = PeakMeter(torch.device("cpu")) if a.memory else None
+    meter = PeakMeter(device_of(a)) if a.memory else None
     runners: dict[str, Callable[[argparse.Namespace, PeakMeter | None], dict[str, Any]]] = {
         "zerowire": _zerowire,
         "zerowire_local": _zerowire,
@@ -42,18 +52,19 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     return {**report, "torch_threads": torch.get_num_threads(), "env": env}
 
 
-def _model(name: str, meter: PeakMeter | None) -> nn.Module:
+def _model(a: argparse.Namespace, meter: PeakMeter | None) -> nn.Module:
     from worker.models import build_model
 
     if meter is not None:
         meter.start()  # after any process-group set-up, right before the model exists
     torch.manual_seed(0)
-    return build_model(name, 10, 3)
+    return build_model(a.model, 10, 3).to(device_of(a))
 
 
-def _batch(batch: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 + rank)
-    return torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
+def _batch(a: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + a.rank)
+    x, y = torch.randn(a.batch, 3, 32, 32, generator=g), torch.randint(0, 10, (a.batch,), generator=g)
+    return x.to(device_of(a)), y.to(device_of(a))
 
 
 def _timed(step: Callable[[], None], a: argparse.Namespace, meter: PeakMeter | None) -> list[float]:
@@ -64,9 +75,12 @@ def _timed(step: Callable[[], None], a: argparse.Namespace, meter: PeakMeter | N
     times: list[float] = []
     if meter is not None:
         meter.open_window()
+    cuda = device_of(a).type == "cuda"
     for _ in range(a.steps):
         t0 = time.perf_counter()
         step()
+        if cuda:  # a step is done when its kernels are
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     if meter is not None:
         meter.close_window()
@@ -106,7 +120,7 @@ def _zerowire(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
     try:
         if meter is not None:
             meter.start()  # the trainer builds the model
-        trainer = Trainer(job, group, backend, device=torch.device("cpu"), collective_timeout=600.0)
+        trainer = Trainer(job, group, backend, device=device_of(a), collective_timeout=600.0)
         # formed as a worker's epoch is: agree on the (fresh) state, mirror every shard on its buddy
         cfg = WorkerConfig(coordinator="http://unused")
         manager = Manager(cfg, Telemetry(worker_id=f"bench-{a.rank}"), backend, default_trainer_factory)
@@ -168,15 +182,18 @@ def _zerowire_plane(a: argparse.Namespace, job_id: str, ports: list[int]) -> tup
 
 
 def _dist_init(a: argparse.Namespace) -> None:
+    """gloo; NCCL on GPUs when every rank has a GPU of its own (NCCL cannot put two ranks on one)."""
     import torch.distributed as dist
 
     port = int(a.ports.split(",")[0])
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=a.rank, world_size=a.world)
+    cuda = device_of(a).type == "cuda"
+    backend = "nccl" if cuda and torch.cuda.device_count() >= a.world else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=a.rank, world_size=a.world)
 
 
 def _train_loop(model: nn.Module, a: argparse.Namespace, meter: PeakMeter | None) -> list[float]:
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    x, y = _batch(a.batch, a.rank)
+    x, y = _batch(a)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -194,7 +211,7 @@ def _fsdp2(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
 
     _dist_init(a)
     try:
-        model = _model(a.model, meter)
+        model = _model(a, meter)
         for unit in units(model):
             fully_shard(unit)
         fully_shard(model)
@@ -210,7 +227,7 @@ def _ddp(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
 
     _dist_init(a)
     try:
-        model = DistributedDataParallel(_model(a.model, meter))
+        model = DistributedDataParallel(_model(a, meter))
         dist.barrier()
         return {"step_times_s": _train_loop(model, a, meter)}
     finally:
@@ -218,4 +235,4 @@ def _ddp(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
 
 
 def _floor(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
-    return {"step_times_s": _train_loop(_model(a.model, meter), a, meter)}
+    return {"step_times_s": _train_loop(_model(a, meter), a, meter)}
