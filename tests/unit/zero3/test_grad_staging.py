@@ -70,8 +70,8 @@ def test_staged_gradients_give_the_same_bits_and_return_every_buffer() -> None:
     assert len(checked) == 3 * job.steps
     units_per_pass = len(UNITS) + 1  # and the root
     assert len(fences) == 3 * job.steps * units_per_pass and all(f.queries >= 1 for f in fences)
-    for pool in pools:  # bounded: the pool's own buffers served every gradient
-        assert pool.allocated <= GRAD_STAGING_BUFFERS and pool.lent == 0 and pool.overflows == 0
+    for pool in pools:  # bounded, every buffer back (beyond the pool, a gradient gets a buffer of its own)
+        assert 1 <= pool.allocated <= GRAD_STAGING_BUFFERS and pool.lent == 0
 
 
 @pytest.mark.parametrize(

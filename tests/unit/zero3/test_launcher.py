@@ -16,12 +16,14 @@ pytestmark = pytest.mark.timeout(30)
 
 
 class _Gate:
-    """A fence that passes once opened."""
+    """A fence that passes once opened; ``asked`` is set once the launcher has started waiting for it."""
 
     def __init__(self) -> None:
         self.open = threading.Event()
+        self.asked = threading.Event()
 
     def query(self) -> bool:
+        self.asked.set()
         return self.open.is_set()
 
     def synchronize(self) -> None:
@@ -76,7 +78,7 @@ def test_dropped_calls_never_start_and_fail_cancelled() -> None:
     gate = _Gate()
     started: list[int] = []
     first = launcher.call(lambda: started.append(0) or _done(0.0), gate)
-    time.sleep(0.05)  # the launcher's thread is waiting for the first call's fence
+    assert gate.asked.wait(5)  # the launcher's thread is waiting for the first call's fence
     queued = [launcher.call(lambda i=i: started.append(i) or _done(float(i))) for i in (1, 2)]
     assert launcher.drop_queued("pass abandoned") == 2
     for fut in queued:
@@ -113,7 +115,7 @@ def test_close_drops_what_is_queued_joins_the_thread_and_refuses_new_calls() -> 
     launcher = OrderedLauncher(timeout=0.5)
     gate = _Gate()
     first = launcher.call(lambda: _done(0.0), gate)
-    time.sleep(0.05)
+    assert gate.asked.wait(5)
     queued = launcher.call(lambda: _done(1.0))
     thread = launcher._thread
     assert thread is not None and thread.is_alive()
