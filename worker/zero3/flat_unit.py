@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from worker.zero3.plan import UnitPlan
-from worker.zero3.staging import Fence, StagingPool
+from worker.zero3.staging import Fence, StagingPool, cuda_fence
 
 
 class UnitState(enum.Enum):
@@ -147,8 +147,7 @@ class FlatUnit:
                 kept[i] = part.to(self.device, copy=True, non_blocking=nonblocking)
         fence = None
         if nonblocking:  # the staging buffer is lent again only once the copies out of it are done
-            fence = torch.cuda.Event()
-            fence.record()
+            fence = cuda_fence()
         self._release_staging(fence)
         self.full = full
         self._kept = kept

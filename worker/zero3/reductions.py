@@ -32,16 +32,9 @@ from communication.group import PeerGroup
 from communication.tensor_stream import all_finite
 from worker.zero3.flat_unit import FlatUnit
 from worker.zero3.launcher import OrderedLauncher
-from worker.zero3.staging import Fence, StagingPool
+from worker.zero3.staging import Fence, StagingPool, cuda_fence
 
 GRAD_STAGING_BUFFERS = 4  # pinned host buffers for gradients on their way from an accelerator to the wire
-
-
-def cuda_fence() -> Fence:
-    """An event recorded on the current CUDA stream: passed once the work enqueued before it is done."""
-    event = torch.cuda.Event()
-    event.record()
-    return event
 
 
 @dataclass
@@ -71,11 +64,11 @@ def finite_flag(flat: torch.Tensor) -> torch.Tensor:
 @dataclass
 class _Reduction:
     future: Future[torch.Tensor]
-    inputs: list[torch.Tensor]  # the gradient the lane reads, until the reduction has completed
+    wire: torch.Tensor | None  # the gradient the lane reads, held until the reduction has completed
     target: torch.Tensor
     unit: FlatUnit
-    staged: torch.Tensor | None = None  # the pooled host buffer the gradient was copied into
-    fence: Fence | None = None
+    staged: bool = False  # ``wire`` is a host buffer lent by the staging pool
+    fence: Fence | None = None  # of the copy into it
 
 
 @dataclass
@@ -116,10 +109,10 @@ class Reductions:
         flat = unit.flat_grad()
         self._guard(flat)
         target = unit.grad_target()
-        staged, fence = None, None
+        staged, fence = False, None
         if self.staging is not None or unit.comm_device.type != flat.device.type:
-            staged, fence = self._to_host(flat)
-            flat = staged
+            flat, fence = self._to_host(flat)
+            staged = self.staging is not None
         backend, codec, key = self.backend, self.codec, unit.index
 
         def launch(wire: torch.Tensor = flat) -> Future[torch.Tensor]:
@@ -127,13 +120,12 @@ class Reductions:
 
         fut = launch() if self.launcher is None else self.launcher.call(launch, fence)
         track(fut)
-        self._pending.append(_Reduction(fut, [flat], target, unit, staged, fence))
+        self._pending.append(_Reduction(fut, flat, target, unit, staged, fence))
 
     def release_done(self) -> None:
         """Let go of the gradient of every reduction that has completed."""
         for r in self._pending:
-            if r.inputs and r.future.done():
-                r.inputs.clear()
+            if r.wire is not None and r.future.done():
                 self._release(r, reusable=not r.future.cancelled() and r.future.exception() is None)
 
     def finish(self, wait: Callable[[Future[torch.Tensor]], None]) -> int:
@@ -146,7 +138,6 @@ class Reductions:
                 for left in pending[i:]:
                     self._release(left, reusable=False)
                 raise
-            r.inputs.clear()
             self._release(r, reusable=True)
             r.unit.take_grad(r.target)
         return len(pending)
@@ -170,6 +161,7 @@ class Reductions:
         return buf, self.staging.fence()  # a synchronous copy's fence has passed already
 
     def _release(self, r: _Reduction, *, reusable: bool) -> None:
-        staged, r.staged = r.staged, None
-        if staged is not None and self.staging is not None:
-            self.staging.pool.release(staged, reusable=reusable, fence=r.fence)
+        """Drop the reduction's gradient; a pooled buffer goes back (once, with its copy's fence)."""
+        wire, r.wire = r.wire, None
+        if wire is not None and r.staged and self.staging is not None:
+            self.staging.pool.release(wire, reusable=reusable, fence=r.fence)

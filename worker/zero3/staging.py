@@ -38,6 +38,13 @@ class Fence(Protocol):
     def synchronize(self) -> None: ...
 
 
+def cuda_fence() -> Fence:
+    """An event recorded on the current CUDA stream: passed once the work enqueued before it is done."""
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
 class StagingPool:
     """At most ``count`` host fp32 buffers of ``numel`` elements each (pinned when ``pin``), lent out one
     per gather in flight; allocated on first use."""
