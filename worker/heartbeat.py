@@ -12,7 +12,8 @@ While running, each answer of the coordinator is acted on at once: `reform` with
 stop flag the trainer polls; 404/410 re-registers (a rejoin, which bumps the epoch), unless this worker's
 training is stalled: it was evicted for that, so it only fences itself (a newer epoch) and registers again
 once its training moves. A worker whose lease ran out (no successful beat for a heartbeat timeout) is
-fenced: `Telemetry.wait_lease` blocks the step loop until a beat gets through again. Meanwhile the
+fenced: `Telemetry.wait_lease` blocks the step loop from the lease's deadline on (it checks the deadline
+itself, so a beat still in flight does not extend it) until a beat gets through again. Meanwhile the
 heartbeat keeps trying, with backoff (worker/outage.py), until the coordinator answers or the outage
 outlasts `outage_limit_s` (the barrier timeout): only then does it end the worker (CoordinatorLost).
 """
@@ -74,7 +75,7 @@ class Heartbeat:
         self._kept_out = False  # evicted while stalled: not registering again until the training moves
         self._last_ok = time.monotonic()  # registration just succeeded: the lease starts now
         self._last_answer = self._last_ok  # any answer (a 410 too): the coordinator was reachable
-        self.t.lease_ok.set()
+        self.t.renew_lease(self._last_ok + timeout_s)
         self._closing = asyncio.Event()
 
     def _note_epoch(self, epoch: int) -> None:
@@ -103,6 +104,8 @@ class Heartbeat:
             return None
         except MustRegister as exc:
             self._last_answer = time.monotonic()
+            # the coordinator answered (it no longer knows us): the deadline moves, nothing is unfenced
+            self.t.lease_expires = self._last_answer + self.timeout_s
             await self._register_again(exc)
             return None
         self._last_ok = self._last_answer = time.monotonic()
@@ -111,7 +114,7 @@ class Heartbeat:
         self._warned_grace = False
         if not self.t.lease_ok.is_set():
             log.info("worker %s: heartbeat got through again: lease restored", self.t.worker_id)
-            self.t.restore_lease()
+        self.t.renew_lease(self._last_ok + self.timeout_s)
         epoch = int(answer.get("epoch", 0))
         action = answer.get("action", "continue")
         if action == "reform" or epoch > self.t.known_epoch:

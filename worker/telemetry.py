@@ -4,7 +4,9 @@ heartbeat (under a lock).
 The training side calls `progress(step)` for every committed step and `update(state=...)` as its
 lifecycle moves; the heartbeat reports worker_state "stalled" in place of "training" when the training
 makes no progress in time (worker/liveness.py). `wait_lease` is the fence between steps: it blocks the
-step loop while no heartbeat gets through.
+step loop while the lease is not held. The lease is a deadline, one heartbeat timeout after the last beat
+that got through (`lease_expires`, set by the heartbeat), so the fence holds from the moment it passes,
+not from whenever the heartbeat loop next notices a failed beat.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Telemetry:
     clock: ProgressClock = field(default_factory=ProgressClock)
     stop_requested: threading.Event = field(default_factory=threading.Event)
     lease_ok: threading.Event = field(default_factory=threading.Event)
+    lease_expires: float = math.inf  # time.monotonic() deadline of the lease (the heartbeat renews it)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def update(self, **values: Any) -> None:
@@ -91,7 +94,7 @@ class Telemetry:
         progress in time (while the lease holds: a fenced worker waits, it is not stalled)."""
         with self.lock:
             state, timeout, startup = self.state, self.progress_timeout_s, self.startup_timeout_s
-        if state != "training" or timeout is None or not self.lease_ok.is_set():
+        if state != "training" or timeout is None or not self.lease_held():
             return state
         return "stalled" if self.clock.overdue(timeout, startup) is not None else state
 
@@ -117,19 +120,27 @@ class Telemetry:
                     body[key] = value
             return body
 
-    def restore_lease(self) -> None:
-        """A heartbeat got through again: unfence; the time spent fenced was no stall."""
-        self.clock.touch()
-        self.lease_ok.set()
+    def lease_held(self) -> bool:
+        """Whether the lease holds now: not lost, and not past its deadline."""
+        return self.lease_ok.is_set() and time.monotonic() <= self.lease_expires
+
+    def renew_lease(self, expires: float) -> None:
+        """A heartbeat got through: the lease holds until ``expires`` (time.monotonic()); if it was not
+        held, unfence, and the time spent fenced was no stall."""
+        held = self.lease_held()
+        self.lease_expires = expires
+        if not held:
+            self.clock.touch()
+            self.lease_ok.set()
 
     def wait_lease(self, warn_after_s: float) -> None:
-        """The fence between steps: block the step loop while the lease is lost, for as long as it takes
+        """The fence between steps: block the step loop while the lease is not held, as long as it takes
         (the heartbeat gives up after the barrier timeout and stops the worker). Warns once after
         `warn_after_s`; raises LeaseLost when a stop is requested while fenced."""
         started = time.monotonic()
         warned = False
-        while not self.lease_ok.wait(0.1):
-            if self.stop_requested.is_set():
+        while not self.lease_held():
+            if self.stop_requested.wait(0.05):
                 raise LeaseLost(f"worker {self.worker_id}: stopping while fenced")
             if not warned and time.monotonic() - started > warn_after_s:
                 warned = True

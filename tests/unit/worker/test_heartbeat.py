@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 
 import pytest
@@ -204,3 +205,27 @@ def test_heartbeat_rejects_an_interval_not_below_its_timeout() -> None:
             grace_s=5,
             reregister=reregister,
         )
+
+
+def test_the_fence_holds_from_the_lease_deadline_not_from_a_failed_beat() -> None:
+    """The lease runs out at its deadline even while no beat has failed yet (a beat in flight, a loop
+    between retries): the step loop is fenced at once, and a renewal lets it go."""
+    tel = Telemetry(worker_id="w0")
+    tel.renew_lease(time.monotonic() + 0.2)
+    assert tel.lease_held() and tel.lease_ok.is_set()
+    time.sleep(0.25)
+    assert tel.lease_ok.is_set() and not tel.lease_held()  # nobody cleared it: the deadline passed
+    released: list[float] = []
+
+    def renew_later() -> None:
+        time.sleep(0.3)
+        released.append(time.monotonic())
+        tel.renew_lease(time.monotonic() + 10.0)
+
+    thread = threading.Thread(target=renew_later)
+    thread.start()
+    tel.wait_lease(5.0)  # blocks until the renewal
+    resumed = time.monotonic()
+    thread.join(5)
+    assert released and resumed >= released[0]
+    assert tel.lease_held()
