@@ -24,12 +24,14 @@ RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 
 WORKDIR /opt/zerowire
 COPY pyproject.toml README.md ./
+COPY requirements ./requirements
 COPY coordinator ./coordinator
 COPY communication ./communication
 COPY protos ./protos
 COPY worker ./worker
 COPY zerowire ./zerowire
-RUN pip install . && zerowire --help > /dev/null
+# The image's packages at the versions the project is tested with (requirements/dev.lock).
+RUN pip install -c requirements/dev.lock . && zerowire --help > /dev/null
 
 RUN useradd --create-home --uid 10001 zerowire \
     && mkdir -p /state /data \
