@@ -25,6 +25,7 @@ RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 WORKDIR /opt/zerowire
 COPY pyproject.toml README.md ./
 COPY requirements ./requirements
+COPY jobspec ./jobspec
 COPY coordinator ./coordinator
 COPY communication ./communication
 COPY protos ./protos

@@ -1,15 +1,15 @@
 """The owner's gradient accumulator: contributions of every rank to one shard, summed in rank order.
 
 Keyed by (epoch, step, unit, shard). Each member contributes once per key (a second contribution is
-rejected, never added twice). Anything of another job or epoch, an already committed step, a step
+rejected, never added twice). Anything of another job or epoch, an already released step, a step
 outside the window, a non-member sender, the wrong dtype, numel, codec or payload length is rejected
 before its payload is read; checksum mismatches are rejected after; non-finite values are reported to
 the waiting owner and never applied. Pending memory is bounded, in all and per sender.
 
 The step window: a peer can push its gradient of (step s, unit u) only after it gathered unit u at
 step s, so only after this rank published its own shard of it. A push is accepted for steps
-committed+1 .. base+window, where base is the highest step this rank has published, started reducing
-or committed in the current epoch; before any of that, every push is rejected. With a declared
+released+1 .. base+window, where base is the highest step this rank has published, started reducing
+or released in the current epoch; before any of that, every push is rejected. With a declared
 partition plan (`set_plan`) a push must also name a planned unit with its planned numel, in the
 unit's planned codec (and the backend's block for int8), and one sender's reservations stay within
 `window + 1` steps of the plan.
@@ -70,7 +70,7 @@ class GradientAccumulator:
         self.max_pending_bytes = max_pending_bytes
         self.max_pending_keys = max_pending_keys
         self.group: PeerGroup | None = None
-        self.committed: int | None = None  # highest committed step of the current epoch
+        self.released: int | None = None  # highest released step of the current epoch
         self.latest_local: int | None = None  # highest step this rank has reduced in the current epoch
         self.pending_bytes = 0
         self.plan: WirePlan | None = None  # the declared plan of the installed epoch
@@ -89,7 +89,7 @@ class GradientAccumulator:
         if self.group is None or group.world_size != self.group.world_size:
             self._pool.clear()
         self.group = group
-        self.committed = None
+        self.released = None
         self.latest_local = None
         if self.plan is not None and self.plan.epoch != group.epoch:
             self.plan = None
@@ -123,9 +123,9 @@ class GradientAccumulator:
         group = self._group()
         if epoch != group.epoch:
             raise StaleMessage(f"epoch {epoch} is not the installed epoch {group.epoch} ({group.describe()})")
-        if self.committed is not None and step <= self.committed:
-            raise StaleMessage(f"step {step} is already committed (last {self.committed})")
-        known = (self.committed, self.latest_local, published)
+        if self.released is not None and step <= self.released:
+            raise StaleMessage(f"step {step} is already released (last {self.released})")
+        known = (self.released, self.latest_local, published)
         base = max((s for s in known if s is not None), default=None)
         if base is None and remote:
             raise StaleMessage(
@@ -290,10 +290,10 @@ class GradientAccumulator:
         return out
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def commit(self, epoch: int, step: int) -> None:
+    def release(self, epoch: int, step: int) -> None:
         if self.group is None or epoch != self.group.epoch:
             return
-        self.committed = step if self.committed is None else max(self.committed, step)
+        self.released = step if self.released is None else max(self.released, step)
         for key in [k for k in self._entries if k[1] <= step]:
             entry = self._entries.pop(key)
             self._release(entry)

@@ -69,7 +69,7 @@ class CollectiveBackend(Protocol):
     ) -> Future[torch.Tensor]:
         """Gather every rank's shard of `unit` at `step` into `out` (flat, world_size * shard.numel()).
 
-        `shard` is this rank's own shard (served to peers until the step is committed). With codec
+        `shard` is this rank's own shard (served to peers until the step is released). With codec
         "int8" on a lane that encodes it, every rank's shard (its own included) arrives as the codec
         decodes it, the same on every rank; with "none" bit for bit. The future resolves to `out`, or
         fails with EpochChanged / PeerLost / CollectiveTimeout / InvalidMessage (also: `codec` is not
@@ -108,8 +108,9 @@ class CollectiveBackend(Protocol):
         to `out`. A message of another numel fails the call with InvalidMessage."""
         ...
 
-    def commit(self, group: PeerGroup, step: int) -> None:
-        """Step `step` is applied locally: release what was kept for it (served shards, accumulators)."""
+    def release(self, group: PeerGroup, step: int) -> None:
+        """Step `step` is done here (committed or dropped by the step vote): let go of what the lane kept
+        for it and for every earlier step (served shards, accumulators)."""
         ...
 
     def set_group(self, group: PeerGroup) -> None:

@@ -22,7 +22,6 @@ import torch
 
 from communication import peer_auth
 from communication.accumulator import GradientAccumulator
-from communication.channels import ChannelCache
 from communication.compression import get_codec
 from communication.errors import (
     CollectiveTimeout,
@@ -34,6 +33,7 @@ from communication.errors import (
     Unauthenticated,
 )
 from communication.group import PeerGroup
+from communication.grpc_channels import ChannelCache
 from communication.servicer import FETCH_METHOD, PUSH_METHOD, WireCounters
 from communication.shard_store import Published
 from communication.tensor_stream import (

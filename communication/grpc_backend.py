@@ -11,7 +11,7 @@ epoch cancels all older ones at once and their futures fail with EpochChanged.
 The codec is chosen per call (module doc of communication/backend.py); the int8 block size is this
 backend's (the job's). Error feedback applies to int8 reduce-scatters only. Calls return Handles:
 `cancel()` stops a call's streams (peers free what they reserved for them); what this rank published or
-contributed for the step stays until its commit or the epoch's end, as for a failed step.
+contributed for the step stays until it is released or the epoch ends, as for a failed step.
 Point-to-point send / recv: communication/grpc_p2p.py.
 
 By default a payload travels over one stream per peer and is copied and checksummed on the loop
@@ -34,11 +34,11 @@ import torch
 from communication import collectives
 from communication.accumulator import GradientAccumulator
 from communication.backend import Codec, UnitSpec, WireStats
-from communication.channels import ChannelCache
 from communication.compression import DEFAULT_INT8_BLOCK, MAX_INT8_BLOCK, ErrorFeedback, codec_id_for
 from communication.epoch_tasks import EpochTasks
 from communication.errors import EpochChanged
 from communication.group import PeerGroup
+from communication.grpc_channels import ChannelCache
 from communication.grpc_p2p import GrpcPointToPoint
 from communication.handle import Handle
 from communication.mailbox import Mailbox
@@ -266,7 +266,7 @@ class GrpcBackend(GrpcPointToPoint):
         *,
         codec: Codec = "none",
     ) -> Handle:
-        """See CollectiveBackend. `shard` is served from its own memory until commit: keep it unchanged."""
+        """See CollectiveBackend. `shard` is served from its own memory until released: keep it unchanged."""
         codec_id = codec_id_for(codec)
         if (stale := self._stale(group)) is not None:
             return stale
@@ -297,7 +297,7 @@ class GrpcBackend(GrpcPointToPoint):
     def publish(
         self, group: PeerGroup, step: int, unit: int, shard: torch.Tensor, *, codec: Codec = "none"
     ) -> None:
-        """Serve `shard` to peers for (step, unit) until commit, without gathering (one-way transfers)."""
+        """Serve `shard` to peers for (step, unit) until released, without gathering (one-way transfers)."""
         codec_id = codec_id_for(codec)
         self._check_group(group)
         assert self._store is not None
@@ -366,11 +366,11 @@ class GrpcBackend(GrpcPointToPoint):
             lambda: collectives.reduce_scatter(wire, group, step, unit, own, sends, out, codec_id, timeout),
         )
 
-    def commit(self, group: PeerGroup, step: int) -> None:
+    def release(self, group: PeerGroup, step: int) -> None:
         def run() -> None:
             assert self._store is not None and self._wire is not None
-            self._store.commit(group.epoch, step)
-            self._wire.accumulator.commit(group.epoch, step)
+            self._store.release(group.epoch, step)
+            self._wire.accumulator.release(group.epoch, step)
 
         self._on_loop(run)
 

@@ -29,7 +29,7 @@ this rank's local index, and the gRPC lane for everyone on the flat path. Other 
 another local index) are reachable by no single lane: ValueError.
 
 Failure: an error of either stage fails the call with that error (EpochChanged, PeerLost,
-CollectiveTimeout, InvalidMessage); `set_epoch`, `commit` and `close` fan out to both lanes. A
+CollectiveTimeout, InvalidMessage); `set_epoch`, `release` and `close` fan out to both lanes. A
 co-located member whose input failed leaves the epoch's local group failed, so its peers fail too
 rather than wait. This backend starts no thread of its own.
 """
@@ -307,15 +307,15 @@ class HierarchicalBackend:
         lane, lane_group, peer = route
         return lane.recv(out, group=lane_group, src=peer, key=key, timeout=timeout)
 
-    def commit(self, group: PeerGroup, step: int) -> None:
+    def release(self, group: PeerGroup, step: int) -> None:
         found = host_layout(group) if group != self._group else self._layout
         layout = found if isinstance(found, HostLayout) else None
         if layout is None:
-            self.remote.commit(group, step)
+            self.remote.release(group, step)
             return
         if layout.remote_group is not None:
-            self.remote.commit(layout.remote_group, step)
-        self.local.commit(layout.local_group, step)
+            self.remote.release(layout.remote_group, step)
+        self.local.release(layout.local_group, step)
 
     # -- accounting and lifecycle ------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Parameter shards this rank publishes for its peers, kept until the step is committed.
+"""Parameter shards this rank publishes for its peers, kept until the step is released.
 
 `publish` stores the encoded payload of (epoch, step, unit), in the codec of the call that published it;
 `wait` blocks a peer's request until the shard is published, the epoch moves on, or the deadline
@@ -59,7 +59,7 @@ class ShardStore:
     def __init__(self) -> None:
         self.group: PeerGroup | None = None
         self.epoch = -1  # highest epoch known (its group may not be installed yet)
-        self.committed: int | None = None
+        self.released: int | None = None
         self.plan: WirePlan | None = None  # the declared plan of the installed epoch
         self._published: dict[int, int] = {}  # epoch -> highest step published in it
         self._slots: dict[StoreKey, _Slot] = {}
@@ -74,7 +74,7 @@ class ShardStore:
     def set_group(self, group: PeerGroup) -> None:
         if self.group is None or group.epoch > self.group.epoch:
             self.group = group
-            self.committed = None
+            self.released = None
             if self.plan is not None and self.plan.epoch != group.epoch:
                 self.plan = None
         self.set_epoch(group.epoch)
@@ -135,12 +135,12 @@ class ShardStore:
             if key[0] < self.epoch:
                 raise StaleMessage(f"epoch {key[0]} is over (now {self.epoch})")
             if self.group is not None and key[0] == self.group.epoch:
-                if self.committed is not None and key[1] <= self.committed:
-                    raise StaleMessage(f"step {key[1]} is already committed (last {self.committed})")
+                if self.released is not None and key[1] <= self.released:
+                    raise StaleMessage(f"step {key[1]} is already released (last {self.released})")
                 slot = self._slots.get(key)
                 if slot is not None:
                     if slot.version != tensor_version(slot.source):
-                        raise StaleMessage(f"the owner changed its shard of {key} before committing the step")
+                        raise StaleMessage(f"the owner changed its shard of {key} before releasing the step")
                     return self._served(slot, codec, block)
             left = deadline - loop.time()
             if left <= 0:
@@ -162,7 +162,7 @@ class ShardStore:
             await self._changed(left)
 
     async def _changed(self, time_limit: float) -> None:
-        """Wait until something is published, installed or committed, or `time_limit` passes."""
+        """Wait until something is published, installed or released, or `time_limit` passes."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.add(waiter)
         try:
@@ -172,10 +172,10 @@ class ShardStore:
         finally:
             self._waiters.discard(waiter)
 
-    def commit(self, epoch: int, step: int) -> None:
+    def release(self, epoch: int, step: int) -> None:
         if self.group is None or epoch != self.group.epoch:
             return
-        self.committed = step if self.committed is None else max(self.committed, step)
+        self.released = step if self.released is None else max(self.released, step)
         for key in [k for k in self._slots if k[0] == epoch and k[1] <= step]:
             del self._slots[key]
         self._notify()
@@ -185,7 +185,7 @@ class ShardStore:
 
     @property
     def waiting(self) -> int:
-        """Requests waiting now for a publication, a commit or an epoch (diagnostics and tests)."""
+        """Requests waiting now for a publication, a release or an epoch (diagnostics and tests)."""
         return len(self._waiters)
 
 

@@ -237,7 +237,7 @@ class FakeBackend:
         self._pool.submit(run)
         return handle
 
-    def commit(self, group: PeerGroup, step: int) -> None:
+    def release(self, group: PeerGroup, step: int) -> None:
         with self.hub._cond:
             for key in [k for k in self.hub._shards if k[3] == self.rank and k[1] <= step]:
                 del self.hub._shards[key]

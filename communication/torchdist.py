@@ -55,7 +55,7 @@ from communication.compression import DEFAULT_INT8_BLOCK, codec_id_for
 from communication.errors import CollectiveTimeout, CommError, EpochChanged, InvalidMessage, PeerLost
 from communication.group import PeerGroup
 from communication.handle import Handle
-from communication.staging import StagingBuffers
+from communication.lane_buffers import StagingBuffers
 from communication.torchdist_calls import Launch, QueuedCall, TorchDistCalls, gather_by_broadcasts
 from communication.torchdist_group import (
     POLL_S,
@@ -252,7 +252,7 @@ class TorchDistBackend(TorchDistCalls):
                 return failed
         return self._enqueue(group, launch, timeout, nbytes, nbytes, ready)
 
-    def commit(self, group: PeerGroup, step: int) -> None:
+    def release(self, group: PeerGroup, step: int) -> None:
         """Nothing is kept per step on this lane (shards are not served after their collective)."""
 
     # -- dispatcher --------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ import torch.distributed as dist
 from communication.errors import EpochChanged
 from communication.group import PeerGroup
 from communication.handle import Handle
+from communication.lane_buffers import StagingBuffers
 from communication.p2p import check_call
-from communication.staging import StagingBuffers
 from communication.torchdist_group import EpochGroup
 
 # Issues the library call on the formed group; returns its Work and what to do once it completed.

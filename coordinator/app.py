@@ -21,7 +21,7 @@ from coordinator.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import Store
 from coordinator.telemetry import Metrics
-from worker.job import JobSpec
+from jobspec import JobSpec
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from coordinator.auth import DOCS, SECURITY_SCHEMES
 from coordinator.schemas import ErrorBody, ValidationErrorBody
 
 GENERIC: dict[int, str] = {
+    400: "the body could not be read as JSON text (for example, bytes that are not UTF-8)",
     401: "no bearer credential, or one this coordinator does not know (WWW-Authenticate: Bearer)",
     403: "the credential is known but does not grant this route (or speaks for another worker)",
     404: "unknown worker id",
@@ -43,6 +44,28 @@ def errors(*codes: int | tuple[int, str]) -> dict[int | str, dict[str, Any]]:
     return out
 
 
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+
+
+def exact_integer_bounds(node: Any) -> Any:
+    """The schema with every bound of an integer schema stated as an integer. FastAPI's OpenAPI models hold
+    bounds as floats (`le=2**62` is served as 4.611686018427388e18), and a client that reads a float bound
+    of an integer compares in floats: 2**62 + 95 looks valid. The bounds of the API are powers of two or
+    small numbers, exact as floats, so the integral value is the bound the models enforce (a test compares
+    them with the models' own schemas)."""
+    if isinstance(node, list):
+        return [exact_integer_bounds(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: exact_integer_bounds(value) for key, value in node.items()}
+    if out.get("type") == "integer":
+        for key in _BOUNDS:
+            value = out.get(key)
+            if isinstance(value, float) and value.is_integer():
+                out[key] = int(value)
+    return out
+
+
 def install(app: FastAPI) -> None:
     """Build the schema once, with the security schemes, and serve it and the Swagger UI behind `DOCS`."""
 
@@ -52,7 +75,7 @@ def install(app: FastAPI) -> None:
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
-            app.openapi_schema = schema
+            app.openapi_schema = exact_integer_bounds(schema)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -1,30 +1,51 @@
-"""Pydantic models of the REST API (request bodies are validated here; bad input answers 422)."""
+"""Pydantic models of the REST API (request bodies are validated here; bad input answers 422).
+
+In request bodies a number must be a JSON number: a number as a string or a boolean is refused, not
+converted (an integral number such as 3.0 is an integer, as JSON Schema says). Every bound the models
+enforce is part of the schema they publish."""
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 WORKER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
 HOST_PATTERN = r"^[A-Za-z0-9.:\-\[\]%_]+$"
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, (str, bytes, bool)):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+# The bounds come first, so that they stay keywords of the published schema; then the JSON-number check.
+_NUMBER = BeforeValidator(_json_number)
+# Steps, epochs and byte counts: integers of at most 2**62 (exact in every JSON reader that keeps integers).
+Count = Annotated[int, Field(ge=0, le=1 << 62), _NUMBER]
+Port = Annotated[int, Field(ge=1, le=65535), _NUMBER]
+MemoryBytes = Annotated[int, Field(ge=0, le=1 << 60), _NUMBER]
+StepOrNone = Annotated[int, Field(ge=-1, le=1 << 62), _NUMBER]  # -1: no step yet
+MAX_RANKS = 1 << 20
+Rank = Annotated[int, Field(ge=0, lt=MAX_RANKS), _NUMBER]
+Finite = Annotated[float, Field(allow_inf_nan=False), _NUMBER]
+NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False), _NUMBER]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False), _NUMBER]
 WorkerStateLit = Literal["starting", "waiting", "training", "stalled", "finished", "failed"]
 
 
 class RegisterRequest(BaseModel):
     worker_id: str | None = Field(None, pattern=WORKER_ID_PATTERN, description="omit to get a generated id")
     host: str = Field(min_length=1, max_length=253, pattern=HOST_PATTERN, description="advertised gRPC host")
-    port: int = Field(ge=1, le=65535, description="advertised gRPC port")
+    port: Port = Field(description="advertised gRPC port")
     host_id: str = Field(min_length=1, max_length=128, description="identifies the machine (co-location)")
     device: str = Field(min_length=1, max_length=64)
     device_name: str | None = Field(None, max_length=256)
-    memory_bytes: int | None = Field(None, ge=0, le=1 << 60)
+    memory_bytes: MemoryBytes | None = None
     version: str | None = Field(None, max_length=64)
-    store_port: int | None = Field(
+    store_port: Port | None = Field(
         None,
-        ge=1,
-        le=65535,
         description="port of the rendezvous store this worker hosts on `host` for the torch.distributed "
         "groups of its host's workers (omit when it hosts none)",
     )
@@ -50,49 +71,35 @@ class RegisterResponse(BaseModel):
 class RecoveryReport(BaseModel):
     """How the worker's current epoch was formed (worker/recovery.py): the state it continued from."""
 
-    epoch: int = Field(ge=0, le=1 << 62)
+    epoch: Count
     mode: Literal["fresh", "handover", "join", "checkpoint"]
-    resumed_at: int = Field(ge=0, le=1 << 62, description="the first step the epoch runs")
-    steps_lost: int = Field(ge=0, le=1 << 62, description="committed steps redone (checkpoint fallback)")
+    resumed_at: Count = Field(description="the first step the epoch runs")
+    steps_lost: Count = Field(description="committed steps redone (checkpoint fallback)")
 
 
 class HeartbeatRequest(BaseModel):
-    epoch: int = Field(ge=0, le=1 << 62)
-    step: int = Field(0, ge=0, le=1 << 62)
-    loss: float | None = None
-    samples_per_s: float | None = Field(None, ge=0.0)
-    bytes_sent: int | None = Field(None, ge=0, le=1 << 62)
-    bytes_received: int | None = Field(None, ge=0, le=1 << 62)
+    epoch: Count
+    step: Count = 0
+    loss: Finite | None = None
+    samples_per_s: NonNegative | None = None
+    bytes_sent: Count | None = None
+    bytes_received: Count | None = None
     state: WorkerStateLit | None = Field(
         None, description='"stalled": this worker\'s training made no progress in time; it is evicted'
     )
-    committed_step: int | None = Field(
-        None, ge=-1, le=1 << 62, description="the last step this worker committed (-1: none yet)"
+    committed_step: StepOrNone | None = Field(
+        None, description="the last step this worker committed (-1: none yet)"
     )
-    compute_s: float | None = Field(None, ge=0.0, description="last step: seconds computing")
-    comm_s: float | None = Field(None, ge=0.0, description="last step: seconds with collectives in flight")
-    wait_s: float | None = Field(None, ge=0.0, description="last step: seconds blocked on the network")
-    test_loss: float | None = Field(None, ge=0.0, description="latest evaluation loss")
-    test_accuracy: float | None = Field(None, ge=0.0, le=1.0, description="latest evaluation accuracy")
-    bytes_by_lane: dict[Literal["grpc", "local"], int] | None = Field(
+    compute_s: NonNegative | None = Field(None, description="last step: seconds computing")
+    comm_s: NonNegative | None = Field(None, description="last step: seconds with collectives in flight")
+    wait_s: NonNegative | None = Field(None, description="last step: seconds blocked on the network")
+    test_loss: NonNegative | None = Field(None, description="latest evaluation loss")
+    test_accuracy: Fraction | None = Field(None, description="latest evaluation accuracy")
+    bytes_by_lane: dict[Literal["grpc", "local"], Count] | None = Field(
         None,
         description="bytes this worker has sent, by data-plane lane (gRPC across hosts, local on its host)",
     )
     recovery: RecoveryReport | None = Field(None, description="how this worker's epoch was formed")
-
-    @field_validator("bytes_by_lane")
-    @classmethod
-    def _lane_bytes(cls, v: dict[str, int] | None) -> dict[str, int] | None:
-        if v is not None and any(not 0 <= n <= 1 << 62 for n in v.values()):
-            raise ValueError("lane byte counts must be between 0 and 2**62")
-        return v
-
-    @field_validator("loss", "samples_per_s", "compute_s", "comm_s", "wait_s", "test_loss")
-    @classmethod
-    def _finite(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
 
 
 TELEMETRY_FIELDS = ("compute_s", "comm_s", "wait_s", "test_loss", "test_accuracy", "bytes_by_lane")
@@ -150,18 +157,11 @@ class RankedWorkerView(BaseModel):
 
 
 class SuspectRequest(BaseModel):
-    epoch: int = Field(ge=0, le=1 << 62, description="the epoch the report is about: the current one")
-    suspect: StrictInt | Annotated[str, StringConstraints(pattern=WORKER_ID_PATTERN)] = Field(
+    epoch: Count = Field(description="the epoch the report is about: the current one")
+    suspect: Rank | Annotated[str, StringConstraints(pattern=WORKER_ID_PATTERN)] = Field(
         description="the peer found unreachable or stalled: its rank in the epoch, or its worker id"
     )
     reason: str = Field(min_length=1, max_length=200, pattern=r"^[\x20-\x7e]+$")
-
-    @field_validator("suspect")
-    @classmethod
-    def _rank(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 0 <= v < 1 << 20:
-            raise ValueError("a rank is between 0 and 2**20")
-        return v
 
 
 class SuspectResponse(BaseModel):

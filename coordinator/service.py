@@ -20,7 +20,7 @@ from coordinator.ratelimit import RegistrationLimiter
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import Store, heartbeat_row
 from coordinator.telemetry import Metrics
-from worker.job import JobSpec
+from jobspec import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class CoordinatorService:
 
     # -- membership changes (persisted before answering) ----------------------------------------------
     def _apply(self, decision: m.Decision) -> None:
-        self.store.commit(decision.state, decision.changed, decision.events)  # written before it is served
+        self.store.save(decision.state, decision.changed, decision.events)  # written before it is served
         for wid in decision.changed:
             self._index(self.state.workers.get(wid), decision.state.workers.get(wid))
         self.state = decision.state
@@ -272,7 +272,7 @@ class CoordinatorService:
             f"{report['mode']} at step {report['resumed_at']}, {report['steps_lost']} committed steps lost"
         )
         event = m.Event("recovered", worker_id, epoch, reason, self.clock.wall())
-        self.store.commit(self.state, [], [event])
+        self.store.save(self.state, [], [event])
 
     def flush_heartbeats(self, max_rows: int | None = None) -> int:
         """Write one transaction with the heartbeats received since the last flush (at most `max_rows`

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.job import check_nested_timeouts, check_timeouts
+from jobspec import check_nested_timeouts, check_timeouts
 
 
 class CoordinatorSettings(BaseSettings):

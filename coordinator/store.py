@@ -156,7 +156,7 @@ class Store:
         with _transaction(db):
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('job', ?)", (job_json,))
 
-    def commit(self, state: ClusterState, changed: Iterable[str], events: Sequence[Event]) -> None:
+    def save(self, state: ClusterState, changed: Iterable[str], events: Sequence[Event]) -> None:
         """One transaction: the epoch and flags, every changed worker row, and the events."""
         meta = {"epoch": str(state.epoch), "trained": "1" if state.trained else "0"}
         meta["finished"] = "1" if state.finished else "0"

@@ -25,7 +25,7 @@ import torch
 from communication.backend import CollectiveBackend
 from communication.group import PeerGroup
 from communication.handle import Handle
-from worker.job import JobSpec
+from jobspec import JobSpec
 from worker.zero3.optim import ShardedOptimizer
 
 

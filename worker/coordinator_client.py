@@ -51,7 +51,7 @@ class CoordinatorUnreachable(CoordinatorError):
     """No answer (connection refused, timeout, 5xx) after every retry."""
 
 
-class Rejected(CoordinatorError):
+class RequestRejected(CoordinatorError):
     """Any other 4xx answer: the request itself is wrong (message from the coordinator)."""
 
     def __init__(self, status: int, detail: str) -> None:
@@ -129,7 +129,7 @@ def check_response(response: httpx.Response, credential: Credential = "cluster")
         )
     if status >= 500:
         raise CoordinatorUnreachable(f"coordinator error {status}: {_detail(response)}")
-    raise Rejected(status, _detail(response))
+    raise RequestRejected(status, _detail(response))
 
 
 def _base_url(url: str) -> str:
@@ -258,7 +258,7 @@ class CoordinatorClient:
     async def suspect(self, worker_id: str, epoch: int, suspect: int | str, reason: str) -> dict[str, Any]:
         """Report a peer of `epoch` (its rank, or its worker id) that this worker found unreachable or
         stalled. Evidence only: the coordinator decides whom to evict, and answers `evicted` (or None).
-        Rejected(409) when `epoch` is no longer the current one (form the new epoch first)."""
+        RequestRejected(409) when `epoch` is no longer the current one (form the new epoch first)."""
         response = await self.request(
             "POST",
             f"/workers/{worker_id}/suspect",

@@ -22,6 +22,7 @@ from communication.backend import lane_bytes
 from communication.errors import CommError, Unauthenticated
 from communication.group import PeerGroup
 from communication.tls import client_ssl_context, describe_tls
+from jobspec import JobSpec
 from worker.coordinator_client import CoordinatorClient, CoordinatorError, MustRegister
 from worker.formation import (
     EXIT_CONFIG,
@@ -37,7 +38,7 @@ from worker.formation import (
     group_from_ready,
     suspect_of,
 )
-from worker.heartbeat import Heartbeat, LeaseLost, Telemetry, run_tied
+from worker.heartbeat import HeartbeatLoop, LeaseLost, Telemetry, run_tied
 from worker.identity import (
     WorkerConfig,
     adopt_timeouts,
@@ -45,7 +46,6 @@ from worker.identity import (
     check_worker_timeouts,
     describe_device,
 )
-from worker.job import JobSpec
 from worker.lanes import default_backend_factory
 from worker.manager import (
     Manager,
@@ -81,7 +81,7 @@ class WorkerDaemon:
         self.t = Telemetry(worker_id=self.worker_id)
         self.backend: Any = None
         self.group: PeerGroup | None = None
-        self.heartbeat: Heartbeat | None = None
+        self.heartbeat: HeartbeatLoop | None = None
         self.register_body: dict[str, Any] = {}
         self.interval_s = 0.5
         self.timeout_s = 2.0
@@ -150,7 +150,7 @@ class WorkerDaemon:
         except ValueError as exc:
             await self.client.leave(self.worker_id)
             raise ConfigError(str(exc)) from None
-        self.heartbeat = Heartbeat(
+        self.heartbeat = HeartbeatLoop(
             self.client,
             self.t,
             self.backend,
@@ -373,7 +373,7 @@ def run_worker(cfg: WorkerConfig) -> int:
     except (cc.Unauthorized, cc.CoordinatorUnreachable, cc.RateLimited, ConfigError) as exc:
         log.error("worker: %s", exc)
         return EXIT_CONFIG
-    except (cc.Rejected, cc.Forbidden, MustRegister) as exc:
+    except (cc.RequestRejected, cc.Forbidden, MustRegister) as exc:
         log.error("worker: the coordinator refused this worker: %s", exc)
         return EXIT_CONFIG
     except JobMismatch as exc:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from communication.group import PeerGroup
+from jobspec import JobSpec
 from worker.identity import format_address
-from worker.job import JobSpec
 
 EXIT_OK = 0
 EXIT_TRAINING_FAILED = 1

@@ -22,11 +22,11 @@ import logging
 import torch
 
 from communication.backend import UnitSpec
+from jobspec import JobSpec
 from worker.buddy import Replica, buddy_ranks, swap, ward_of
-from worker.job import JobSpec
-from worker.zero3 import checkpoint as ckpt
 from worker.zero3.channels import Channel, channel_specs, float_buffers, handover_unit
 from worker.zero3.optim import ShardedOptimizer, state_names
+from worker.zero3.plan import shard_range
 from worker.zero3.sharded import ShardedModule
 from worker.zero3.state import allgather_values, rank_order_sum
 
@@ -83,7 +83,7 @@ def repartition(
         n, size = u.plan.numel, u.plan.shard_numel
         full = torch.full((len(names), u.plan.padded_numel), -0.0, dtype=torch.float32)
         for old, tensors in sources.items():
-            lo, hi = ckpt.shard_range(n, old_world, old)
+            lo, hi = shard_range(n, old_world, old)
             hi = min(hi, n)
             for j, name in enumerate(names):
                 if lo < hi:

@@ -30,7 +30,7 @@ from worker.coordinator_client import CoordinatorClient, CoordinatorUnreachable,
 from worker.outage import CoordinatorLost, backoff_s
 from worker.telemetry import LeaseLost, Telemetry
 
-__all__ = ["CoordinatorLost", "Heartbeat", "LeaseLost", "Telemetry", "run_tied"]
+__all__ = ["CoordinatorLost", "HeartbeatLoop", "LeaseLost", "Telemetry", "run_tied"]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class EpochSink(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
 
 
-class Heartbeat:
+class HeartbeatLoop:
     def __init__(
         self,
         client: CoordinatorClient,
@@ -208,7 +208,7 @@ class Heartbeat:
 
 async def run_tied(
     main: Coroutine[Any, Any, T],
-    heartbeat: Heartbeat,
+    heartbeat: HeartbeatLoop,
     *,
     abort: Callable[[], None],
     final_state: Callable[[BaseException | None], str | None],

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from communication.tls import TlsConfig
-from worker.job import JobSpec, check_timeouts
+from jobspec import JobSpec, check_timeouts
 
 log = logging.getLogger(__name__)
 COORDINATOR_TIMEOUTS = ("collective_timeout_s", "startup_timeout_s", "barrier_timeout_s")
@@ -162,7 +162,7 @@ def adopt_timeouts(cfg: WorkerConfig, job_answer: Mapping[str, Any]) -> WorkerCo
 
 
 def check_worker_timeouts(cfg: WorkerConfig, heartbeat_interval_s: float, heartbeat_timeout_s: float) -> None:
-    """ValueError unless the heartbeat settings and ``cfg``'s timeouts nest (worker.job.check_timeouts)."""
+    """ValueError unless the heartbeat settings and ``cfg``'s timeouts nest (jobspec.check_timeouts)."""
     check_timeouts(
         heartbeat_interval_s,
         heartbeat_timeout_s,

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from jobspec import JobSpec
 from worker.identity import WorkerConfig, describe_device
-from worker.job import JobSpec
 
 
 def default_backend_factory(job: JobSpec, token: str, *, cfg: WorkerConfig) -> Any:

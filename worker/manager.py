@@ -25,11 +25,11 @@ from typing import Any
 from communication.backend import lane_bytes
 from communication.errors import EpochChanged
 from communication.group import PeerGroup
+from jobspec import JobSpec
 from worker import handover, recovery
 from worker.commit import settled
 from worker.heartbeat import Telemetry
 from worker.identity import WorkerConfig, describe_device
-from worker.job import JobSpec
 from worker.liveness import WatchedCalls
 from worker.recovery import Holding, RecoveryError
 from worker.zero3.channels import Channel
@@ -165,7 +165,7 @@ class Manager:
         handover.declare(engine, job)
         mine = recovery.report(self.current, self.previous)
         parts = zstate.allgather_values(engine, REPORT_KEY, Channel.REPORT, mine.values())
-        choice = recovery.choose([recovery.Report.parse(p) for p in parts])
+        choice = recovery.choose([recovery.StateReport.parse(p) for p in parts])
         key = choice.step  # every later collective of the formation: under the step it resumes at
         which = choice.which[group.rank]
         held = self.current if which in ("cur", "catchup") else self.previous if which == "prev" else None

@@ -6,7 +6,7 @@ staged. A holding is *confirmed* once a step committed in it: every member of it
 keeps its previous holding until the current one is confirmed, so a formation that broke half way never
 leaves the members without a common layout.
 
-Round one (REPORT, ``REPORT_VALUES`` per rank, :meth:`Report.values`): every member tells what it holds.
+Round one (REPORT, ``REPORT_VALUES`` per rank, :meth:`StateReport.values`): every member tells what it holds.
 Every member then takes the same :class:`Choice` (:func:`choose`):
 
 - the layout: the newest confirmed one reported (none: a *fresh* start, from a checkpoint if there is one);
@@ -53,7 +53,7 @@ class Holding:
 
 
 @dataclass(frozen=True)
-class Report:
+class StateReport:
     cur_layout: float = NONE
     cur_confirmed: float = 0.0
     cur_done: float = NONE
@@ -69,17 +69,17 @@ class Report:
         return torch.tensor([float(v) for v in self.__dict__.values()], dtype=torch.float32)
 
     @classmethod
-    def parse(cls, t: torch.Tensor) -> Report:
+    def parse(cls, t: torch.Tensor) -> StateReport:
         return cls(*[float(v) for v in t.tolist()])
 
 
-def report(current: Holding | None, previous: Holding | None) -> Report:
+def report(current: Holding | None, previous: Holding | None) -> StateReport:
     if current is None:
-        return Report()
+        return StateReport()
     tr = current.trainer
     last = tr.last_decision
     staged = tr.staged.step if tr.staged is not None else NONE
-    return Report(
+    return StateReport(
         cur_layout=current.layout,
         cur_confirmed=1.0 if current.confirmed else 0.0,
         cur_done=tr.steps_done,
@@ -106,7 +106,7 @@ class Choice:
         return [r for r, w in enumerate(self.which) if w]
 
 
-def choose(reports: list[Report]) -> Choice:
+def choose(reports: list[StateReport]) -> Choice:
     """The same choice on every member, from every member's report (in rank order)."""
     confirmed = [r.cur_layout for r in reports if r.cur_confirmed == 1.0] + [r.prev_layout for r in reports]
     layout = int(max(confirmed, default=NONE))

@@ -45,11 +45,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from jobspec import JobSpec
 from worker.data import GlobalBatchSampler, load_dataset, rank_slice
-from worker.durable import write_atomic
-from worker.job import JobSpec
 from worker.models import build_model
 from worker.zero3 import precision
+from worker.zero3.durable import write_atomic
 from worker.zero3.optim import ShardedOptimizer, clip_coefficient, local_sq_norm
 from worker.zero3.plan import PartitionPlan, UnitPlan, plan_model
 from worker.zero3.state import rank_order_sum

@@ -36,15 +36,15 @@ import torch.nn.functional as F
 
 from communication.backend import CollectiveBackend
 from communication.group import PeerGroup
+from jobspec import JobSpec
 from worker import commit
 from worker.buddy import GradExchange, Replica
 from worker.data import GlobalBatchSampler, load_dataset, rank_slice
-from worker.durable import write_atomic
-from worker.job import JobSpec
 from worker.models import build_model
 from worker.zero3 import precision, snapshot
 from worker.zero3 import state as zstate
 from worker.zero3.channels import Channel
+from worker.zero3.durable import write_atomic
 from worker.zero3.materialize import build_sharded
 from worker.zero3.optim import ShardedOptimizer, local_sq_norm
 from worker.zero3.schedule import lr_at
@@ -141,7 +141,7 @@ class Trainer:
         self.exchange = GradExchange(backend, group, collective_timeout)
         self.replica: Replica | None = None  # the ward's mirror (set once the formation replicated)
         self.staged: commit.Staged | None = None
-        self.last_decision: commit.Decision | None = None
+        self.last_decision: commit.CommitDecision | None = None
         self.skipped = 0
         self.may_commit: Callable[[], None] = lambda: None  # raises when this rank must not commit
         if checkpoint_dir is not None and restore:
@@ -212,7 +212,7 @@ class Trainer:
         if step > 0:
             # Every peer has now contributed its gradients of `step`, so it is done with everything of
             # `step - 1` (including pulling our small all-gathers of it): release what we serve for it.
-            self.backend.commit(group, step - 1)
+            self.backend.release(group, step - 1)
         grads = [g.div_(job.global_batch) for g in engine.grad_shards]
         self.exchange.timeout = engine.timeout  # the start-up timeout until the first step is done
         ward_grads = self.exchange.exchange(grads, step) if self.replica is not None else None
@@ -247,7 +247,7 @@ class Trainer:
         )
         return report
 
-    def apply(self, decision: commit.Decision) -> float:
+    def apply(self, decision: commit.CommitDecision) -> float:
         """Apply the staged update of ``decision.step`` (own shards, the ward's replica); returns the lr."""
         staged = self.staged
         if staged is None or staged.step != decision.step or decision.step != self.steps_done:

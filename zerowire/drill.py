@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zerowire.localcluster import LocalCluster
-from zerowire.summary import Telemetry, recoveries, recovery_after
+from zerowire.summary import RunTelemetry, recoveries, recovery_after
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class Drill:
                     said.append(f"fault drill: restarted {name}")
         return said
 
-    def report(self, tel: Telemetry, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def report(self, tel: RunTelemetry, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The measures of every kill (see the module docstring), in order."""
         forms = recoveries(tel)
         out = []
@@ -198,7 +198,7 @@ class Drill:
 
 
 def measure(
-    k: Kill, tel: Telemetry, events: list[dict[str, Any]], forms: list[dict[str, Any]], until: float
+    k: Kill, tel: RunTelemetry, events: list[dict[str, Any]], forms: list[dict[str, Any]], until: float
 ) -> dict[str, Any]:
     """The measures of kill `k` from the records before `until` (the next kill)."""
     names = [v["worker"] for v in k.victims]
@@ -246,7 +246,7 @@ def measure(
     return out
 
 
-def _join(k: Kill, tel: Telemetry, events: list[dict[str, Any]], until: float) -> dict[str, Any]:
+def _join(k: Kill, tel: RunTelemetry, events: list[dict[str, Any]], until: float) -> dict[str, Any]:
     """How the restarted workers came back: their registration, their formation's mode on each rank, the
     time to their first step, and the survivors' pause."""
     joins: dict[str, Any] = {}

@@ -14,7 +14,7 @@ FAILURE_EVENTS = ("died", "rejoined", "evicted", "failed")
 
 
 @dataclass
-class Telemetry:
+class RunTelemetry:
     """Every record of every worker, merged. A step run twice (after a re-form) keeps its latest record."""
 
     steps: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -52,8 +52,8 @@ class Telemetry:
         return self.evals[max(self.evals)] if self.evals else None
 
 
-def read_telemetry(folder: Path) -> Telemetry:
-    tel = Telemetry()
+def read_telemetry(folder: Path) -> RunTelemetry:
+    tel = RunTelemetry()
     for path in sorted(folder.glob("*.jsonl")):
         with open(path, encoding="utf-8") as f:
             for line in f:
@@ -80,7 +80,7 @@ def read_telemetry(folder: Path) -> Telemetry:
     return tel
 
 
-def steps_redone(tel: Telemetry) -> int:
+def steps_redone(tel: RunTelemetry) -> int:
     """How many step indices were committed in more than one epoch (a rollback runs them again)."""
     epochs: dict[int, int] = {}
     for step, _epoch in tel.commits:
@@ -97,7 +97,7 @@ def _mode_rank(mode: str) -> tuple[int, str]:
     return (MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER), mode)
 
 
-def recoveries(tel: Telemetry) -> list[dict[str, Any]]:
+def recoveries(tel: RunTelemetry) -> list[dict[str, Any]]:
     """The formations, one per epoch: ``mode`` (the most telling of the ranks' modes, ``modes`` all of
     them), ``world_size``, ``resumed_at``, ``steps_lost`` (max over the ranks), ``seconds`` (the slowest
     rank's formation) and ``time`` (when the last rank finished forming)."""
@@ -152,7 +152,7 @@ def build_summary(
     *,
     job: dict[str, Any],
     job_hash: str,
-    tel: Telemetry,
+    tel: RunTelemetry,
     events: list[dict[str, Any]],
     wall_time_s: float,
     worker_exit_codes: dict[str, int | None],
@@ -212,7 +212,7 @@ def build_summary(
     }
 
 
-def recovery_after(tel: Telemetry, when: float) -> float | None:
+def recovery_after(tel: RunTelemetry, when: float) -> float | None:
     """Seconds from `when` (a failure) to the first step the re-formed cluster completed after it."""
     before = [r["epoch"] for r in tel.steps.values() if r["time"] <= when]
     old_epoch = max(before, default=-1)
@@ -220,7 +220,7 @@ def recovery_after(tel: Telemetry, when: float) -> float | None:
     return round(min(after) - when, 3) if after else None
 
 
-def _split(tel: Telemetry) -> dict[str, float] | None:
+def _split(tel: RunTelemetry) -> dict[str, float] | None:
     """Mean compute / communication / waiting seconds per step (as the workers measured them)."""
     if not tel.steps:
         return None
@@ -231,7 +231,7 @@ def _split(tel: Telemetry) -> dict[str, float] | None:
     }
 
 
-def write_plot(tel: Telemetry, path: Path, title: str) -> bool:
+def write_plot(tel: RunTelemetry, path: Path, title: str) -> bool:
     """Loss per step and test accuracy per evaluation as a PNG (matplotlib, Agg); False if no data."""
     if not tel.steps:
         return False

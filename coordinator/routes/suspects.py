@@ -22,6 +22,7 @@ router = APIRouter(prefix="/workers", tags=["workers"])
     dependencies=[Depends(OWN_WORKER)],
     openapi_extra=OWN_WORKER.openapi,
     responses=errors(
+        400,
         401,
         NOT_OWN_SECRET,
         UNKNOWN_WORKER,

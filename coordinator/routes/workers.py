@@ -40,6 +40,7 @@ WorkerSecretHeader = Annotated[
     response_model=RegisterResponse,
     openapi_extra=REGISTER.openapi,
     responses=errors(
+        400,
         401,
         (403, "not the cluster token, or a live id registered again without its secret (X-Worker-Secret)"),
         (409, "the cluster is full (max_workers live workers)"),
@@ -100,6 +101,7 @@ async def register(
     dependencies=[Depends(OWN_WORKER)],
     openapi_extra=OWN_WORKER.openapi,
     responses=errors(
+        400,
         401,
         NOT_OWN_SECRET,
         UNKNOWN_WORKER,

@@ -18,7 +18,7 @@ import torch
 
 from communication.group import PeerGroup
 from communication.torchdist import TorchDistBackend
-from worker.job import JobSpec
+from jobspec import JobSpec
 from worker.trainer import Trainer
 
 

@@ -32,9 +32,9 @@ if not torch.cuda.is_available():
 
 from communication.group import PeerGroup
 from communication.testing import FakeHub
+from jobspec import JobSpec
 from tests.unit.zero3.fixtures import run_ranks
 from tests.unit.zero3.reference import plain_reference
-from worker.job import JobSpec
 from worker.trainer import Trainer
 from worker.zero3.state import full_parameters
 

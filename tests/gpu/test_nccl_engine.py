@@ -23,9 +23,9 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA devices", allow_module_level=True)
 
+from jobspec import JobSpec
 from tests.conftest import ProcessReaper, free_port
 from tests.unit.zero3.reference import plain_reference
-from worker.job import JobSpec
 
 REPO = Path(__file__).resolve().parents[2]
 FP32_TOL = 1e-5

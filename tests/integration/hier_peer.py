@@ -57,14 +57,14 @@ def _measure(backend: HierarchicalBackend, group: PeerGroup) -> dict[str, Any]:
     # rank's shard, so the counters then move only with the measured reduce-scatter of step 1
     backend.all_gather(group, 0, 0, _data(rank, n), torch.empty(world * n), 30).result(40)
     backend.reduce_scatter(group, 0, 0, fulls[rank], torch.empty(n), 30).result(40)
-    backend.commit(group, 0)
+    backend.release(group, 0)
     out = torch.empty(n)
     before = backend.bytes_by_lane()
     began = time.monotonic()
     backend.reduce_scatter(group, 1, 0, fulls[rank], out, 30).result(40)
     seconds = time.monotonic() - began
     lanes = _delta(backend.bytes_by_lane(), before)
-    backend.commit(group, 1)
+    backend.release(group, 1)
     parts = [f[rank * n : (rank + 1) * n] for f in fulls]
     want = parts[0].clone()
     for p in parts[1:]:
@@ -109,7 +109,7 @@ def _kill(backend: HierarchicalBackend, group: PeerGroup, directory: Path, victi
     out = torch.empty(world * n)
     backend.all_gather(group, 0, 0, torch.full((n,), float(rank)), out, 30).result(40)
     backend.reduce_scatter(group, 0, 0, torch.ones(world * n), torch.empty(n), 30).result(40)
-    backend.commit(group, 0)
+    backend.release(group, 0)
     if rank == victim:
         _write(directory / f"waiting.{rank}", {})
         time.sleep(120)

@@ -29,7 +29,7 @@ def worker_main(argv: list[str]) -> int:
 
     from communication.group import PeerGroup
     from communication.grpc_backend import GrpcBackend
-    from worker.job import JobSpec
+    from jobspec import JobSpec
     from worker.trainer import Trainer
 
     parser = argparse.ArgumentParser()
@@ -128,9 +128,9 @@ def test_grpc_workers_bit_identical_to_plain_loop(world: int, reaper: object, tm
     import torch
     from safetensors.torch import load_file
 
+    from jobspec import JobSpec
     from tests.unit.zero3.fixtures import assert_bit_identical
     from tests.unit.zero3.reference import plain_reference
-    from worker.job import JobSpec
 
     summaries = run_cluster(reaper, world, tmp_path / "run1", JOB)
     assert all(s["steps_done"] == 20 for s in summaries)

@@ -137,7 +137,7 @@ def run_cases(
         want = parts[0].clone()
         for r in range(1, world):
             want.add_(parts[r])
-        backend.commit(group, step)
+        backend.release(group, step)
         results.append(
             {
                 "numel": numel,

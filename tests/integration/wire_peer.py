@@ -63,7 +63,7 @@ def _hang(
     out = torch.empty(world * n)
     backend.all_gather(group, 0, 0, shard, out, 10).result(15)
     backend.reduce_scatter(group, 0, 0, torch.ones(world * n), torch.empty(n), 10).result(15)
-    backend.commit(group, 0)
+    backend.release(group, 0)
     time.sleep(0.2)
     loop = backend._loop
     assert loop is not None

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from worker.job import JobSpec
+from jobspec import JobSpec
 from zerowire.cli import main
 from zerowire.commands.replay import exactness_notes
 

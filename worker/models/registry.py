@@ -8,6 +8,7 @@ from torch import nn
 
 from worker.models.blocks import BasicBlock, Bottleneck
 from worker.models.resnet import ResNet, cifar_resnet, he_cifar_resnet, imagenet_resnet
+from worker.zero3.plan import DeclaresUnits
 
 _Factory = Callable[[int, int], ResNet]
 
@@ -38,12 +39,13 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Mo
 def units(model: nn.Module) -> list[nn.Module]:
     """The model's ZeRO-3 units in forward order.
 
-    For a :class:`ResNet` (every model of the registry): ``[stem, *blocks, head]``, and running them in order
-    is exactly ``model.forward``. For any other module: its direct children, in registration order (which is
+    A model that declares them (``zero3_units()``) gets those: every model of the registry, a :class:`ResNet`,
+    returns ``[stem, *blocks, head]``, and running them in order is exactly ``model.forward``. For any other
+    module: its direct children, in registration order (which is
     only a forward order if the module is a plain chain of its children, like ``nn.Sequential``).
     """
-    if isinstance(model, ResNet):
-        return model.units()
+    if isinstance(model, DeclaresUnits):
+        return list(model.zero3_units())
     children = list(model.children())
     if not children:
         raise ValueError(f"{type(model).__name__} has no child modules to use as units")

@@ -40,7 +40,8 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from worker.durable import fsync_dir, sha256_file, write_atomic
+from worker.zero3.durable import fsync_dir, sha256_file, write_atomic
+from worker.zero3.plan import shard_range
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +72,6 @@ class CheckpointInfo:
     unit_numels: tuple[int, ...]
     extra: dict[str, Any] = field(compare=False, hash=False)
     sha256: tuple[str, ...] = field(compare=False)
-
-
-def shard_range(numel: int, world_size: int, rank: int) -> tuple[int, int]:
-    """``[start, stop)`` of rank's shard in the padded flat buffer of a unit with ``numel`` elements."""
-    size = -(-numel // world_size)
-    return rank * size, (rank + 1) * size
 
 
 def step_dir(directory: Path | str, step: int) -> Path:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from worker.job import JobSpec
+from jobspec import JobSpec
 from worker.zero3.schedule import lr_at
 
 logger = logging.getLogger(__name__)

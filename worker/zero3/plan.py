@@ -5,8 +5,9 @@ to ``padded_numel`` (the next multiple of the world size), and rank ``r`` owns e
 ``[r * shard_numel, (r + 1) * shard_numel)``. The plan is pure data: :func:`build_plan` maps names and shapes
 to offsets with no torch state, and :func:`plan_model` only reads a module's structure.
 
-Unit selection (:func:`select_units`): for a model of ``worker.models`` the units are ``[stem, *blocks,
-head]``; for any other module, children holding at least ``min_unit_numel`` parameters become units,
+Unit selection (:func:`select_units`): a model that declares its units (the :class:`DeclaresUnits` hook,
+``zero3_units()``: the models of ``worker.models`` return ``[stem, *blocks, head]``) gets those; for any other
+module, children holding at least ``min_unit_numel`` parameters become units,
 containers (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``) above the threshold are recursed into,
 and every parameter left outside a unit goes to a final *root* unit (module name ``""``), which stays gathered
 from the start of the forward pass to the end of the backward pass.
@@ -17,10 +18,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from torch import nn
 
 DEFAULT_MIN_UNIT_NUMEL = 100_000
+
+
+def shard_range(numel: int, world_size: int, rank: int) -> tuple[int, int]:
+    """``[start, stop)`` of rank's shard in the padded flat buffer of a unit of ``numel`` elements: every
+    rank holds ``ceil(numel / world_size)`` of them, the last one the padding."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of size {world_size}")
+    size = -(-numel // world_size)
+    return rank * size, (rank + 1) * size
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +72,7 @@ class UnitPlan:
 
     def shard_range(self, rank: int) -> tuple[int, int]:
         """``[start, stop)`` of rank's shard in the padded flat buffer."""
-        if not 0 <= rank < self.world_size:
-            raise ValueError(f"rank {rank} outside world of size {self.world_size}")
-        return rank * self.shard_numel, (rank + 1) * self.shard_numel
+        return shard_range(self.numel, self.world_size, rank)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,17 +145,26 @@ def build_plan(
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
+@runtime_checkable
+class DeclaresUnits(Protocol):
+    """The hook by which a model names its own ZeRO-3 units: submodules, in forward order."""
+
+    def zero3_units(self) -> Sequence[nn.Module]: ...
+
+
 def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
 def select_units(model: nn.Module, min_unit_numel: int = DEFAULT_MIN_UNIT_NUMEL) -> list[str]:
     """Qualified names of the unit modules of ``model``, in registration order (see module docstring)."""
-    from worker.models import ResNet
-
     names = {id(m): n for n, m in model.named_modules()}
-    if isinstance(model, ResNet):
-        return [names[id(m)] for m in model.units()]
+    if isinstance(model, DeclaresUnits):
+        declared = list(model.zero3_units())
+        unknown = [type(m).__name__ for m in declared if id(m) not in names]
+        if unknown:
+            raise ValueError(f"zero3_units() of {type(model).__name__} names modules outside it: {unknown}")
+        return [names[id(m)] for m in declared]
     chosen: list[str] = []
 
     def visit(module: nn.Module, prefix: str) -> None:

@@ -29,7 +29,6 @@ import torch
 
 from communication.backend import Codec, CollectiveBackend
 from communication.group import PeerGroup
-from communication.tensor_stream import all_finite
 from worker.zero3.flat_unit import FlatUnit
 from worker.zero3.launcher import OrderedLauncher
 from worker.zero3.staging import Fence, StagingPool, cuda_fence
@@ -143,12 +142,12 @@ class Reductions:
         return len(pending)
 
     def _guard(self, flat: torch.Tensor) -> None:
-        if flat.device.type == "cpu":
-            if not all_finite(flat):
+        ok = finite_flag(flat)
+        if flat.device.type == "cpu":  # reading the flag synchronises nothing here
+            if not bool(ok):
                 self._nonfinite = True
                 flat.zero_()
             return
-        ok = finite_flag(flat)
         flat.masked_fill_(~ok, 0.0)
         self._finite_flags = ok if self._finite_flags is None else self._finite_flags & ok
 

@@ -13,9 +13,9 @@ from worker.zero3.checkpoint import (
     CheckpointInfo,
     read_part,
     resolve,
-    shard_range,
     sharded_unit,
 )
+from worker.zero3.plan import shard_range
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from worker.job import JobSpec
+from jobspec import JobSpec
 
 
 def lr_at(job: JobSpec, step: int) -> float:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from worker.job import JobSpec
+from jobspec import JobSpec
 from worker.zero3 import checkpoint as ckpt
 from worker.zero3 import state as zstate
 from worker.zero3.optim import ShardedOptimizer

@@ -249,12 +249,12 @@ def _peer(rank: int, directory: Path, size_mb: float, repeats: int, tls: bool = 
     def zw_gather() -> None:
         step[0] += 1
         backend.all_gather(group, step[0], 0, shard, out, 120).result(150)
-        backend.commit(group, step[0])
+        backend.release(group, step[0])
 
     def zw_reduce() -> None:
         step[0] += 1
         backend.reduce_scatter(group, step[0], 1, full, red, 120).result(150)
-        backend.commit(group, step[0])
+        backend.release(group, step[0])
 
     tls_out = torch.empty(numel)
     tls_red = torch.empty(half)
@@ -263,13 +263,13 @@ def _peer(rank: int, directory: Path, size_mb: float, repeats: int, tls: bool = 
         assert secure is not None
         step[0] += 1
         secure.all_gather(secure_group, step[0], 0, shard, tls_out, 120).result(150)
-        secure.commit(secure_group, step[0])
+        secure.release(secure_group, step[0])
 
     def tls_reduce() -> None:
         assert secure is not None
         step[0] += 1
         secure.reduce_scatter(secure_group, step[0], 1, full, tls_red, 120).result(150)
-        secure.commit(secure_group, step[0])
+        secure.release(secure_group, step[0])
 
     bare_out = torch.zeros(numel)
     bare_red = torch.empty(half)
@@ -291,7 +291,7 @@ def _peer(rank: int, directory: Path, size_mb: float, repeats: int, tls: bool = 
         else:
             backend.fetch(group, step[0], 2, 1, recv, 120).result(150)
         dist.barrier()  # the sender's time is the receiver's
-        backend.commit(group, step[0])
+        backend.release(group, step[0])
 
     conn: socket.socket
     if rank == 0:

@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 import torch
 
-from communication.channels import ChannelCache
+from communication.grpc_channels import ChannelCache
 from communication.server import SERVER_OPTIONS
 from communication.tensor_stream import CHUNK_BYTES, as_memoryview
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from zerowire.localcluster import LocalCluster, tail, write_job_toml
-from zerowire.summary import Telemetry, read_telemetry, steps_redone
+from zerowire.summary import RunTelemetry, read_telemetry, steps_redone
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Window:
 
 
 def membership_time(
-    events: list[dict[str, Any]], tel: Telemetry, start: float, end: float
+    events: list[dict[str, Any]], tel: RunTelemetry, start: float, end: float
 ) -> dict[int, float]:
     """Seconds of [start, end] spent at each world size of the coordinator's membership: its epochs, each
     from its ``epoch`` event on; an epoch's size is the one its steps were committed at, else the one its
@@ -86,7 +86,7 @@ def membership_time(
     return sizes
 
 
-def committed(tel: Telemetry, start: float, end: float, global_batch: int) -> tuple[int, dict[int, float]]:
+def committed(tel: RunTelemetry, start: float, end: float, global_batch: int) -> tuple[int, dict[int, float]]:
     """Samples committed in [start, end], and the window's seconds attributed to each world size by commits.
 
     A step counts once, at its commit in the latest epoch that committed it (a step rolled back and run
@@ -110,7 +110,9 @@ def committed(tel: Telemetry, start: float, end: float, global_batch: int) -> tu
     return len(inside) * global_batch, sizes
 
 
-def steady_rates(tel: Telemetry, start: float, end: float, global_batch: int) -> dict[int, tuple[int, float]]:
+def steady_rates(
+    tel: RunTelemetry, start: float, end: float, global_batch: int
+) -> dict[int, tuple[int, float]]:
     """(samples, seconds) of each world size between the first and the last commit of each epoch inside
     [start, end]: the run's own pace at that size, without its pauses between epochs."""
     by_epoch: dict[int, list[float]] = {}
@@ -129,8 +131,8 @@ def steady_rates(tel: Telemetry, start: float, end: float, global_batch: int) ->
 def run_window(args: argparse.Namespace, kind: str, workers: int, rnd: int, folder: Path) -> Window:
     """Train `workers` processes for ``args.warmup`` + ``args.duration`` (faults) or ``args.ref_duration``
     seconds after the first committed step; measure the part after the warm-up."""
+    from jobspec import JobSpec
     from worker.coordinator_client import RetryPolicy, SyncCoordinatorClient
-    from worker.job import JobSpec
     from zerowire.drill import Drill, all_events
 
     job = JobSpec(

@@ -99,8 +99,8 @@ def _ready_barrier(directory: Path, rank: int, world: int, timeout: float = 120.
 
 def _zerowire(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
     from communication.backend import lane_bytes
+    from jobspec import JobSpec
     from worker.identity import WorkerConfig
-    from worker.job import JobSpec
     from worker.manager import Manager, default_trainer_factory
     from worker.telemetry import Telemetry
     from worker.trainer import StepReport, Trainer

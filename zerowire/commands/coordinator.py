@@ -104,7 +104,7 @@ def _env(name: str) -> str | None:
 
 def job_values(args: argparse.Namespace) -> dict[str, Any] | None:
     """The job fields given by file, environment or flags; None when none was given."""
-    from worker.job import load_job_file
+    from jobspec import load_job_file
 
     values: dict[str, Any] = {}
     job_file = args.job_file or _env("job")
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
     from communication.tls import TlsConfig, is_loopback, plaintext_banner
     from coordinator.settings import CoordinatorSettings
-    from worker.job import JobSpec
+    from jobspec import JobSpec
 
     log = logging.getLogger("zerowire.coordinator")
     given = {

@@ -51,7 +51,7 @@ def schedule(summary: dict[str, Any], path: Path) -> tuple[list[int], list[int]]
 def _job(summary: dict[str, Any], path: Path, args: argparse.Namespace, job_flags: Any) -> Any:
     from pydantic import ValidationError
 
-    from worker.job import JobSpec
+    from jobspec import JobSpec
 
     given = [f"--{flag}" for flag, _, _ in job_flags if getattr(args, flag.replace("-", "_")) is not None]
     given += ["--job"] if args.job else []

@@ -143,7 +143,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _job_values(args: argparse.Namespace) -> dict[str, Any]:
-    from worker.job import JobSpec, load_job_file
+    from jobspec import JobSpec, load_job_file
 
     values: dict[str, Any] = load_job_file(args.job) if args.job else {}
     for flag, _kind, _text in JOB_FLAGS:
@@ -207,8 +207,8 @@ def handle(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
+    from jobspec import JobSpec
     from worker.coordinator_client import CoordinatorError
-    from worker.job import JobSpec
     from zerowire.localcluster import LocalCluster, write_job_toml
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per status poll is noise

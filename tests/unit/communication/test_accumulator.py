@@ -86,7 +86,7 @@ async def test_sum_in_rank_order_regardless_of_arrival(order: tuple[int, ...]) -
     out = torch.empty(8)
     await acc.wait_ready(1, 0, 0, out, 1.0)
     assert torch.equal(out, expected_sum(xs))
-    acc.commit(1, 0)
+    acc.release(1, 0)
     assert acc.pending() == 0 and acc.pending_bytes == 0
 
 
@@ -121,7 +121,7 @@ def test_every_rejection_changes_nothing() -> None:
     acc = GradientAccumulator(window=1)
     acc.set_group(group(epoch=5))
     acc.contribute_local(5, 10, 0, torch.zeros(8))
-    acc.commit(5, 9)
+    acc.release(5, 9)
     x = torch.ones(8)
     deliver(acc, header(1, x, step=10, epoch=5), x)
     before = (acc.pending(), acc.pending_bytes)
@@ -221,5 +221,5 @@ async def test_receive_buffers_are_reused_across_steps() -> None:
         out = torch.empty(16)
         await acc.wait_ready(1, step, 0, out, 1.0)
         assert torch.equal(out, 2 * x)
-        acc.commit(1, step)
+        acc.release(1, step)
     assert len(set(ptrs)) == 1

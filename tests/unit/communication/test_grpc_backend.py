@@ -52,7 +52,7 @@ def test_collectives_then_epoch_change_cancels_in_flight_at_once(
     assert backends[0]._wire is not None
     assert {lane for _, lane in backends[0]._wire.channels._channels} == {0, 1, 2}  # striped
     for r in range(2):
-        backends[r].commit(groups[r], 0)
+        backends[r].release(groups[r], 0)
     # rank 1 never joins step 1: rank 0's gather and reduce wait until the epoch moves on
     gather = backends[0].all_gather(groups[0], 1, 0, shards[0], outs[0], 30, codec="int8")
     reduce = backends[0].reduce_scatter(groups[0], 1, 0, torch.ones(2 * n), torch.empty(n), 30, codec="int8")
@@ -142,7 +142,7 @@ def test_world_of_one() -> None:
         x = torch.randn(10)
         assert torch.equal(backend.all_gather(group, 0, 0, x, torch.empty(10), 5).result(5), x)
         assert torch.equal(backend.reduce_scatter(group, 0, 0, x, torch.empty(10), 5).result(5), x)
-        backend.commit(group, 0)
+        backend.release(group, 0)
     finally:
         backend.close()
 

@@ -172,7 +172,7 @@ def test_reduce_scatter_within_rounding_and_epoch_change_fails_calls(cluster: _C
             want.add_(p)
         assert rounding_units(outs[r], want, parts) <= rounding_bound(world)
     for b, g in zip(cluster.backends, groups, strict=True):
-        b.commit(g, 0)
+        b.release(g, 0)
     lanes = cluster.backends[0].bytes_by_lane()
     assert lanes == {"grpc": 2 * 4 * n, "local": 2 * 4 * 2 * n}
     assert cluster.backends[0].stats().bytes_sent == sum(lanes.values())
@@ -202,7 +202,7 @@ def test_reduce_scatter_within_rounding_and_epoch_change_fails_calls(cluster: _C
                 world
             )
     for b, g in zip(cluster.backends, groups, strict=True):
-        b.commit(g, 1)
+        b.release(g, 1)
     # rank 3 never joins step 2: the others wait inside both collectives until the epoch moves on
     futs = [
         call

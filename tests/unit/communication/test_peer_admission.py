@@ -139,7 +139,7 @@ def finish_step(c: Cluster, step: int, futs: list[Future[torch.Tensor]] | None =
     outs = [f.result(15) for f in (futs if futs is not None else reduce(c, step))]
     assert torch.equal(outs[0], expected_sum(step))
     for r in range(3):
-        c.backends[r].commit(c.groups[r], step)
+        c.backends[r].release(c.groups[r], step)
 
 
 # -- the misbehaving caller ------------------------------------------------------------------------------

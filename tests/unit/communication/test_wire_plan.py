@@ -102,7 +102,7 @@ def test_one_sender_holds_at_most_window_plus_one_steps_of_the_plan() -> None:
     acc = GradientAccumulator(window=1)
     acc.set_group(group(epoch=1))
     acc.set_plan(WirePlan.build(1, raw({0: 8, 1: 8}), 1024))  # 64 bytes a step
-    acc.commit(1, 0)
+    acc.release(1, 0)
     published = 2  # committed 0, published 2: steps 1..3 are in the window
     for step in (1, 2):
         for unit in (0, 1):
@@ -115,7 +115,7 @@ def test_one_sender_holds_at_most_window_plus_one_steps_of_the_plan() -> None:
     acc.abandon(header(1, torch.ones(8), step=1, unit=0))
     assert acc.sender_bytes == {1: 96, 2: 32}
     acc.reserve(header(1, torch.ones(8), step=3, unit=0), published)
-    acc.commit(1, 3)
+    acc.release(1, 3)
     assert acc.sender_bytes == {} and acc.pending_bytes == 0
 
 

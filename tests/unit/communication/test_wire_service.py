@@ -137,7 +137,7 @@ def test_fetch_waits_for_the_shard_and_streams_it(
     assert status_of(lambda: list(stub.FetchShard(req8, timeout=10, metadata=AUTH))) == (
         grpc.StatusCode.INVALID_ARGUMENT
     )
-    backend.commit(group, step)
+    backend.release(group, step)
     assert status_of(lambda: list(stub.FetchShard(req, timeout=5, metadata=AUTH))) == (
         grpc.StatusCode.FAILED_PRECONDITION
     )
@@ -186,7 +186,7 @@ def test_bad_gradient_streams_are_rejected_and_change_nothing(
     push = push_raw(channel)
     x = torch.randn(CHUNK_BYTES // 4 + 1)
     step = 300
-    backend.commit(group, step - 1)  # this rank is done with 299: it takes pushes of step 300 only
+    backend.release(group, step - 1)  # this rank is done with 299: it takes pushes of step 300 only
     h = grad_header(x, step)
     good = gradient_stream(h, x)
     before = pending(backend)

@@ -19,7 +19,7 @@ from coordinator.clock import FakeClock
 from coordinator.deps import get_clock
 from coordinator.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
-from worker.job import JobSpec
+from jobspec import JobSpec
 
 TOKEN = "test-token-123"  # the cluster token
 READ_TOKEN = "test-read-token-456"

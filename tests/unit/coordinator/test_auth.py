@@ -16,9 +16,9 @@ from starlette.routing import Route
 from coordinator.app import create_app
 from coordinator.clock import FakeClock
 from coordinator.deps import get_clock
+from jobspec import JobSpec
 from tests.unit.coordinator.auth_table import CREDENTIALS, EXPECTED, render
 from tests.unit.coordinator.conftest import ADMIN_TOKEN, READ_TOKEN, TOKEN, Api, bearer, make_settings
-from worker.job import JobSpec
 
 README = Path(__file__).resolve().parents[3] / "README.md"
 SCHEME_OF = {

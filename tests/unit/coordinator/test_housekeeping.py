@@ -15,8 +15,8 @@ from coordinator.clock import FakeClock
 from coordinator.credentials import digest
 from coordinator.deps import get_clock
 from coordinator.ratelimit import RegistrationLimiter
+from jobspec import JobSpec
 from tests.unit.coordinator.conftest import READ_TOKEN, TOKEN, Api, bearer, make_settings
-from worker.job import JobSpec
 
 BODY = {"host": "127.0.0.1", "port": 7000, "host_id": "h", "device": "cpu"}
 

@@ -10,8 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.app import create_app
 from coordinator.clock import FakeClock
+from jobspec import JobSpec
 from tests.unit.coordinator.conftest import ADMIN_TOKEN, READ_TOKEN, Api, bearer, make_settings
-from worker.job import JobSpec
 
 
 async def test_store_ports_ride_the_barrier_answer_and_bad_ones_are_refused(api: Api) -> None:

@@ -14,8 +14,8 @@ from pydantic import ValidationError
 from coordinator.app import create_app
 from coordinator.clock import FakeClock
 from coordinator.deps import get_clock
+from jobspec import JobSpec
 from tests.unit.coordinator.conftest import READ_TOKEN, TOKEN, Api, bearer, make_settings
-from worker.job import JobSpec
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -249,7 +249,7 @@ def test_the_progress_timeout_must_exceed_the_heartbeat_timeout(tmp_path: Path) 
 
 
 async def test_the_worker_client_reports_a_suspect(api: Api) -> None:
-    from worker.coordinator_client import CoordinatorClient, Rejected
+    from worker.coordinator_client import CoordinatorClient, RequestRejected
 
     for wid in ("a", "b"):
         await api.register(wid)
@@ -263,7 +263,7 @@ async def test_the_worker_client_reports_a_suspect(api: Api) -> None:
         answer = await client.suspect("a", 2, 1, "push of unit 0 timed out after 30 s")
         assert answer == {"epoch": 2, "suspect": "b", "reporters": 1, "evicted": None}
         await api.register("c")  # the epoch moves on
-        with pytest.raises(Rejected, match="stale report") as stale:
+        with pytest.raises(RequestRejected, match="stale report") as stale:
             await client.suspect("a", 2, "b", "unreachable")
         assert stale.value.status == 409
     finally:

@@ -85,7 +85,7 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_job_flags_map_onto_jobspec_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.job import JobSpec
+    from jobspec import JobSpec
 
     job_file = tmp_path / "job.toml"
     job_file.write_text('[job]\njob_id = "from-file"\nsteps = 50\nmodel = "resnet18"\n')
@@ -111,7 +111,7 @@ def test_job_flags_map_onto_jobspec_fields(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_every_jobspec_field_has_a_flag() -> None:
-    from worker.job import JobSpec
+    from jobspec import JobSpec
 
     assert {field for _flag, field, _help in cmd.JOB_OPTIONS} == set(JobSpec.model_fields)
 
@@ -143,7 +143,7 @@ def test_a_different_job_on_an_existing_db_is_refused_before_serving(
     import sqlite3
 
     from coordinator.store import Store
-    from worker.job import JobSpec
+    from jobspec import JobSpec
 
     db = tmp_path / "c.db"
     store = Store(db)

@@ -10,8 +10,8 @@ import pytest
 
 from coordinator.app import create_app
 from coordinator.clock import FakeClock
+from jobspec import JobSpec
 from tests.unit.coordinator.conftest import READ_TOKEN, Api, bearer, make_settings
-from worker.job import JobSpec
 
 
 async def test_state_survives_a_new_app_on_the_same_db(tmp_path: Path) -> None:

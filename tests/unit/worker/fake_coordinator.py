@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from worker.job import JobSpec
+from jobspec import JobSpec
 
 
 async def eventually(predicate: Callable[[], object], timeout_s: float = 5.0) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from jobspec import JobSpec
 from worker.identity import (
     WorkerConfig,
     advertised_address,
@@ -17,7 +18,6 @@ from worker.identity import (
     parse_job_answer,
     split_host_port,
 )
-from worker.job import JobSpec
 from zerowire.commands.status import render
 from zerowire.localcluster import write_job_toml
 from zerowire.progress import Progress

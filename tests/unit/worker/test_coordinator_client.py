@@ -11,7 +11,7 @@ from worker.coordinator_client import (
     Forbidden,
     MustRegister,
     RateLimited,
-    Rejected,
+    RequestRejected,
     RetryPolicy,
     SyncCoordinatorClient,
     Unauthorized,
@@ -40,7 +40,7 @@ async def test_sends_bearer_token_and_parses_json() -> None:
 
 @pytest.mark.parametrize(
     ("status", "error"),
-    [(401, Unauthorized), (403, Forbidden), (404, MustRegister), (410, MustRegister), (422, Rejected)],
+    [(401, Unauthorized), (403, Forbidden), (404, MustRegister), (410, MustRegister), (422, RequestRejected)],
 )
 async def test_client_errors_raise_at_once_without_retry(status: int, error: type[Exception]) -> None:
     calls = 0

@@ -15,10 +15,10 @@ import pytest
 from communication.backend import WireStats
 from communication.errors import EpochChanged
 from communication.group import PeerGroup
+from jobspec import JobSpec
 from tests.unit.worker.fake_coordinator import FakeCoordinator, eventually
 from worker.daemon import EXIT_OK, EXIT_TRAINING_FAILED, ConfigError, JobMismatch, WorkerDaemon, run_worker
 from worker.identity import WorkerConfig
-from worker.job import JobSpec
 from worker.outage import CoordinatorLost
 
 pytestmark = pytest.mark.timeout(30)

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
+from jobspec import JobSpec
 from tests.unit.worker.fake_coordinator import FakeCoordinator
 from tests.unit.worker.test_daemon import FakeBackend, ScriptedTrainer, make_daemon
 from worker import daemon as daemon_module
 from worker.daemon import EXIT_OK, ConfigError, JobMismatch, WorkerDaemon
 from worker.identity import WorkerConfig, adopt_timeouts
-from worker.job import JobSpec
 
 pytestmark = pytest.mark.timeout(30)
 ANNOUNCED = {"collective_timeout_s": 7.0, "startup_timeout_s": 11.0, "barrier_timeout_s": 90.0}

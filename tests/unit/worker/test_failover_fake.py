@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 from communication.errors import PeerLost
 from communication.group import PeerGroup
 from communication.testing import FakeHub
+from jobspec import JobSpec
 from tests.unit.zero3.fixtures import assert_bit_identical
 from tests.unit.zero3.reference import plain_reference
 from worker.heartbeat import Telemetry
 from worker.identity import WorkerConfig
-from worker.job import JobSpec
 from worker.manager import Manager, default_trainer_factory
 from worker.models import build_model
 from worker.recovery import RecoveryError

@@ -12,7 +12,7 @@ import pytest
 from tests.unit.worker.fake_coordinator import FakeCoordinator, eventually
 from worker.coordinator_client import CoordinatorClient, RetryPolicy
 from worker.daemon import in_thread
-from worker.heartbeat import CoordinatorLost, Heartbeat, LeaseLost, Telemetry, run_tied
+from worker.heartbeat import CoordinatorLost, HeartbeatLoop, LeaseLost, Telemetry, run_tied
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -27,7 +27,7 @@ class RecordingBackend:
 
 def setup(
     fake: FakeCoordinator, grace_s: float = 5.0, outage_limit_s: float = 10.0
-) -> tuple[Heartbeat, Telemetry, RecordingBackend]:
+) -> tuple[HeartbeatLoop, Telemetry, RecordingBackend]:
     secret = fake.add_worker("w0")
     client = CoordinatorClient(
         "http://coordinator",
@@ -43,7 +43,7 @@ def setup(
         fake.add_worker("w0")
         return fake.epoch
 
-    hb = Heartbeat(
+    hb = HeartbeatLoop(
         client,
         tel,
         backend,
@@ -196,7 +196,7 @@ def test_heartbeat_rejects_an_interval_not_below_its_timeout() -> None:
         return 0
 
     with pytest.raises(ValueError, match="below its timeout"):
-        Heartbeat(
+        HeartbeatLoop(
             client,
             Telemetry("w"),
             RecordingBackend(),

@@ -12,9 +12,9 @@ import torch
 
 from communication.group import PeerGroup
 from communication.testing import FakeHub
+from jobspec import JobSpec
 from tests.unit.zero3.fixtures import assert_bit_identical, run_ranks
 from worker.commit import decide, vote_values
-from worker.job import JobSpec
 from worker.replay import Replay
 from worker.trainer import StepReport, Trainer
 from worker.zero3.state import full_parameters

@@ -12,7 +12,7 @@ from torch import nn
 
 from communication.group import PeerGroup
 from communication.testing import FakeHub
-from worker.job import JobSpec
+from jobspec import JobSpec
 from worker.zero3.optim import ShardedOptimizer
 from worker.zero3.reductions import HostStaging
 from worker.zero3.schedule import lr_at
@@ -182,7 +182,7 @@ def sharded_run(
             F.cross_entropy(out.float(), y[idx], reduction="sum").backward()
             engine.finish_backward()
             opt.step([g.div(job.global_batch) for g in engine.grad_shards], step)
-            backend.commit(group, step)
+            backend.release(group, step)
             if probe is not None:
                 probe(rank, engine)
         params = full_parameters(engine, job.steps)

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from jobspec import JobSpec
 from worker.data import GlobalBatchSampler, load_dataset, rank_slice
-from worker.job import JobSpec
 from worker.models import build_model
 from worker.zero3.schedule import lr_at
 

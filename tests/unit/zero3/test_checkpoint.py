@@ -19,9 +19,9 @@ from worker.zero3.checkpoint import (
     latest_complete,
     prune,
     save_shards,
-    shard_range,
     step_dir,
 )
+from worker.zero3.plan import shard_range
 from worker.zero3.reshard import load_resharded
 
 REPO = Path(__file__).resolve().parents[3]

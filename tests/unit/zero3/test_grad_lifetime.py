@@ -58,7 +58,7 @@ def test_gradient_shards_live_from_their_reduction_to_the_next_pass() -> None:
             F.cross_entropy(engine(x[idx]), y[idx], reduction="sum").backward()
             engine.finish_backward()
             after_finish.append(sum(s.numel() for s in engine.grad_shards))
-            backend.commit(group, step)
+            backend.release(group, step)
         backend.close()
         shard_numels = [u.plan.shard_numel for u in engine.units]
         return {"begin": after_begin, "finish": after_finish, "held": held_at_reduce, "numels": shard_numels}

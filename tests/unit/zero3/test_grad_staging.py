@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from communication.group import PeerGroup
+from jobspec import JobSpec
 from tests.unit.zero3.fixtures import UNITS, TinyNet, assert_bit_identical, make_data, sharded_run
-from worker.job import JobSpec
 from worker.zero3.reductions import GRAD_STAGING_BUFFERS, HostStaging, finite_flag
 from worker.zero3.sharded import ShardedModule
 from worker.zero3.staging import Fence, StagingPool
@@ -140,7 +140,7 @@ def _hierarchical_run(staged: bool) -> list[dict[str, torch.Tensor]]:
                 F.cross_entropy(engine(x[idx]), y[idx], reduction="sum").backward()
                 engine.finish_backward()
                 opt.step([g.div(job.global_batch) for g in engine.grad_shards], step)
-                backend.commit(group, step)
+                backend.release(group, step)
             results[rank] = full_parameters(engine, job.steps)
             engine.close()
         except BaseException as exc:

@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from communication.group import PeerGroup
 from communication.testing import FakeHub
+from jobspec import JobSpec
 from tests.unit.zero3.fixtures import (
     UNITS,
     TinyNet,
@@ -25,7 +26,6 @@ from tests.unit.zero3.fixtures import (
     reference_run,
     run_ranks,
 )
-from worker.job import JobSpec
 from worker.models import MODEL_NAMES, build_model
 from worker.zero3.flat_unit import FlatUnit
 from worker.zero3.materialize import build_sharded, materialize
@@ -159,7 +159,7 @@ def test_meta_built_engine_trains_bit_identical_to_plain_loop() -> None:
             F.cross_entropy(engine(x[idx]), y[idx], reduction="sum").backward()
             engine.finish_backward()
             opt.step([g.div(job.global_batch) for g in engine.grad_shards], step)
-            backend.commit(group, step)
+            backend.release(group, step)
         params = full_parameters(engine, job.steps)
         backend.close()
         return params

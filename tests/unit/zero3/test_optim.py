@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from worker.job import JobSpec
+from jobspec import JobSpec
 from worker.zero3.optim import ShardedOptimizer, clip_coefficient, local_sq_norm
 from worker.zero3.schedule import lr_at
 

@@ -91,3 +91,27 @@ def test_plan_model_rejects_nested_shared_and_frozen() -> None:
     frozen.scale.requires_grad_(False)
     with pytest.raises(ValueError, match="frozen"):
         plan_model(frozen, 2, UNITS)
+
+
+class _Declared(nn.Module):
+    """A user model that names its own units through the engine's hook."""
+
+    def __init__(self, outside: nn.Module | None = None) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.c = nn.Linear(4, 2)
+        self._outside = [outside] if outside is not None else []
+
+    def zero3_units(self) -> list[nn.Module]:
+        return [self.c, self.a, *self._outside]
+
+
+def test_a_model_names_its_units_through_the_hook() -> None:
+    # Any model, not only the zoo's: the declared order wins over the size threshold and registration order.
+    assert select_units(_Declared(), min_unit_numel=10**9) == ["c", "a"]
+    plan = plan_model(_Declared(), 2)
+    assert [u.module for u in plan.units] == ["c", "a", ""]
+    assert sorted(p.name for p in plan.units[-1].params) == ["b.bias", "b.weight"]
+    with pytest.raises(ValueError, match="names modules outside it"):
+        select_units(_Declared(outside=nn.Linear(2, 2)))

@@ -12,6 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from jobspec import JobSpec
 from tests.unit.zero3.fixtures import (
     UNITS,
     TinyNet,
@@ -22,7 +23,6 @@ from tests.unit.zero3.fixtures import (
     sharded_run,
     small_job,
 )
-from worker.job import JobSpec
 from worker.zero3 import precision
 from worker.zero3.flat_unit import FlatUnit
 from worker.zero3.plan import plan_model

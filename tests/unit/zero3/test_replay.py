@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from communication.group import PeerGroup
 from communication.testing import FakeHub
+from jobspec import JobSpec
 from tests.unit.zero3.fixtures import assert_bit_identical, bits, run_ranks
-from worker.job import JobSpec
 from worker.models import build_model
 from worker.replay import Replay, check_schedule
 from worker.trainer import StepReport, Trainer

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from worker.job import JobSpec
+from jobspec import JobSpec
 from worker.zero3.schedule import lr_at
 
 

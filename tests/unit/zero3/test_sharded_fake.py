@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from jobspec import JobSpec
 from tests.unit.zero3.fixtures import (
     UNITS,
     TinyNet,
@@ -13,7 +14,6 @@ from tests.unit.zero3.fixtures import (
     sharded_run,
     small_job,
 )
-from worker.job import JobSpec
 from worker.zero3.sharded import ShardedModule
 
 pytestmark = pytest.mark.timeout(60)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from jobspec import JobSpec
 from tests.unit.zero3.fixtures import UNITS, TinyNet, make_data, sharded_run
-from worker.job import JobSpec
 from worker.zero3.flat_unit import FlatUnit, UnitState
 from worker.zero3.sharded import STAGING_BUFFERS, ShardedModule
 from worker.zero3.staging import StagingPool

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from communication.group import PeerGroup
 from communication.testing import FakeHub
+from jobspec import JobSpec
 from tests.unit.zero3.fixtures import assert_bit_identical, run_ranks
 from tests.unit.zero3.reference import plain_reference
-from worker.job import JobSpec
 from worker.models import build_model
 from worker.trainer import EvalReport, Trainer, TrainOutcome
 

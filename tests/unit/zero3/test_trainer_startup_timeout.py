@@ -11,8 +11,8 @@ import torch
 
 from communication.group import PeerGroup
 from communication.testing import FakeHub
+from jobspec import JobSpec
 from tests.unit.zero3.fixtures import run_ranks
-from worker.job import JobSpec
 from worker.trainer import Trainer
 
 pytestmark = pytest.mark.timeout(90)
