@@ -12,14 +12,19 @@ are always raw (`UnitSpec.codec` "none"). The gRPC lane encodes int8 calls; the 
 and the in-process fake serve them exactly (raw fp32), still holding each call to its unit's codec.
 
 Point-to-point `send` / `recv` move raw float32 tensors between two members (communication/p2p.py).
-Calls return a `Handle` (communication/handle.py) or a plain Future: both can be waited on; a Handle's
-`cancel()` withdraws the call where its lane can, releasing what it reserved.
+Every call returns a `Handle` (communication/handle.py): it can be waited on, and its `cancel()` withdraws
+the call where its lane can, releasing what it reserved.
+
+What a lane says of itself is part of the contract too: which device's tensors its collectives take as
+they are (`accepts_device`) and the bytes it sent by lane (`bytes_by_lane`). A lane a worker process
+trains over (`WorkerLane`) also serves: `start` binds its server, `store_port` names the rendezvous store
+it hosts for the torch.distributed groups of its host (None where it hosts none). mypy checks every lane
+against these Protocols.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -66,7 +71,7 @@ class CollectiveBackend(Protocol):
         timeout: float,
         *,
         codec: Codec = "none",
-    ) -> Future[torch.Tensor]:
+    ) -> Handle:
         """Gather every rank's shard of `unit` at `step` into `out` (flat, world_size * shard.numel()).
 
         `shard` is this rank's own shard (served to peers until the step is released). With codec
@@ -88,7 +93,7 @@ class CollectiveBackend(Protocol):
         timeout: float,
         *,
         codec: Codec = "none",
-    ) -> Future[torch.Tensor]:
+    ) -> Handle:
         """Send slice r of `full` (flat, world_size * out.numel()) to rank r; receive into `out` (fp32)
         the sum of this rank's slice from every rank, added in rank order 0..N-1 (not divided). With
         codec "int8" the slices sent to peers are quantized (with error feedback where the backend keeps
@@ -134,31 +139,32 @@ class CollectiveBackend(Protocol):
         epochs at once with EpochChanged."""
         ...
 
+    def accepts_device(self, group: PeerGroup, device: torch.device) -> bool:
+        """Whether this lane's collectives of `group` take tensors on `device` as they are (a lane that
+        moves them itself, such as torch.distributed: NCCL keeps them on the GPU). Host memory is always
+        accepted; otherwise the engine stages device tensors through host memory."""
+        ...
+
+    def bytes_by_lane(self) -> dict[str, int]:
+        """Bytes this rank sent, by lane (`LANES`): "grpc" across hosts, "local" over torch.distributed."""
+        ...
+
     def stats(self) -> WireStats: ...
 
     def close(self) -> None: ...
 
 
+class WorkerLane(CollectiveBackend, Protocol):
+    """The data plane of a worker process: the contract, plus the server it runs for its peers."""
+
+    def start(self, bind: str = "127.0.0.1:0", timeout: float = 30.0) -> int:
+        """Bind the lane's server on `bind` ("host:port"); the bound port."""
+        ...
+
+    @property
+    def store_port(self) -> int | None:
+        """The port of the rendezvous store this lane hosts for its host's members (None: none)."""
+        ...
+
+
 LANES = ("grpc", "local")
-
-
-def lane_bytes(backend: object) -> dict[str, int]:
-    """Bytes `backend` has sent, by lane: "grpc" (across hosts) and "local" (torch.distributed on the
-    host). A backend without lanes of its own counts everything it sent as gRPC."""
-    by_lane = getattr(backend, "bytes_by_lane", None)
-    if callable(by_lane):
-        counts = by_lane()
-        return {lane: int(counts.get(lane, 0)) for lane in LANES}
-    stats = getattr(backend, "stats", None)
-    sent = int(stats().bytes_sent) if callable(stats) else 0
-    return {"grpc": sent, "local": 0}
-
-
-def accepts_device(backend: object, group: PeerGroup, device: torch.device) -> bool:
-    """Whether `backend`'s collectives of `group` take tensors on `device` as they are (a lane that moves
-    them itself, such as torch.distributed: NCCL keeps them on the GPU, gloo stages through the host).
-    Host memory is always accepted; a backend that says nothing takes host memory only."""
-    if device.type == "cpu":
-        return True
-    says = getattr(backend, "accepts_device", None)
-    return bool(says(group, device)) if callable(says) else False

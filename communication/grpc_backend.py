@@ -33,7 +33,7 @@ import torch
 
 from communication import collectives
 from communication.accumulator import GradientAccumulator
-from communication.backend import Codec, UnitSpec, WireStats
+from communication.backend import Codec, UnitSpec, WireStats, WorkerLane
 from communication.compression import DEFAULT_INT8_BLOCK, MAX_INT8_BLOCK, ErrorFeedback, codec_id_for
 from communication.epoch_tasks import EpochTasks
 from communication.errors import EpochChanged
@@ -377,6 +377,15 @@ class GrpcBackend(GrpcPointToPoint):
     def stats(self) -> WireStats:
         return WireStats(self._counters.bytes_sent, self._counters.bytes_received)
 
+    def accepts_device(self, group: PeerGroup, device: torch.device) -> bool:
+        """Host memory only: the wire encodes from and decodes into host tensors."""
+        return device.type == "cpu"
+
+    @property
+    def store_port(self) -> int | None:
+        """None: the gRPC lane hosts no rendezvous store (the hierarchical lane does)."""
+        return None
+
     def bytes_by_lane(self) -> dict[str, int]:
         """Bytes this rank sent, by lane (this backend is the gRPC lane)."""
         return {"grpc": self._counters.bytes_sent, "local": 0}
@@ -388,3 +397,7 @@ class GrpcBackend(GrpcPointToPoint):
     def call_soon(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         """Run a coroutine on the wire's loop (diagnostics and tests)."""
         return asyncio.run_coroutine_threadsafe(coro, self._require_loop())
+
+
+# mypy checks this lane against the contract (communication/backend.py).
+_CONTRACT: type[WorkerLane] = GrpcBackend

@@ -45,8 +45,8 @@ from dataclasses import replace
 
 import torch
 
-from communication.backend import Codec, UnitSpec, WireStats
-from communication.errors import CollectiveTimeout, CommError, EpochChanged
+from communication.backend import Codec, UnitSpec, WireStats, WorkerLane
+from communication.errors import Cancelled, CollectiveTimeout, CommError, EpochChanged
 from communication.group import PeerGroup
 from communication.grpc_backend import GrpcBackend
 from communication.handle import Handle
@@ -176,7 +176,7 @@ class HierarchicalBackend:
         timeout: float,
         *,
         codec: Codec = "none",
-    ) -> Future[torch.Tensor]:
+    ) -> Handle:
         try:
             layout = self._installed(group)
         except EpochChanged as exc:
@@ -194,7 +194,7 @@ class HierarchicalBackend:
         inside = self.local.all_gather(
             layout.local_group, step, unit, mid, gathered, timeout, codec=codec, ready=across
         )
-        result: Future[torch.Tensor] = _running()
+        result = Handle()
         _fail_on_error(across, result)
 
         def done(f: Future[torch.Tensor]) -> None:
@@ -203,6 +203,7 @@ class HierarchicalBackend:
                 _settle(result, value=out)
 
         inside.add_done_callback(done)
+        result.bind(lambda: _withdraw([across, inside]))  # inside waits for across: either ends both
         return result
 
     def reduce_scatter(
@@ -215,7 +216,7 @@ class HierarchicalBackend:
         timeout: float,
         *,
         codec: Codec = "none",
-    ) -> Future[torch.Tensor]:
+    ) -> Handle:
         try:
             layout = self._installed(group)
         except EpochChanged as exc:
@@ -233,14 +234,25 @@ class HierarchicalBackend:
         arranged = layout.to_local_major(full, n)
         local_group = layout.local_group
         inside = self.local.reduce_scatter(local_group, step, unit, arranged, mid, timeout, codec=codec)
-        result: Future[torch.Tensor] = _running()
+        result = Handle()
         res = torch.empty(n)
+        stages: list[Future[torch.Tensor]] = [inside]
+        withdrawn = threading.Event()
 
         def across() -> Future[torch.Tensor]:
+            if withdrawn.is_set():
+                raise Cancelled(f"{group.describe()}: reduce_scatter of unit {unit}: cancelled by the caller")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise CollectiveTimeout(f"{group.describe()}: no time left for the gRPC stage")
-            return self.remote.reduce_scatter(remote_group, step, unit, mid, res, left, codec=codec)
+            second = self.remote.reduce_scatter(remote_group, step, unit, mid, res, left, codec=codec)
+            stages.append(second)
+            return second
+
+        def withdraw() -> bool:
+            withdrawn.set()  # a stage not started yet never starts
+            pending = [stage for stage in stages if not stage.done()]
+            return _withdraw(pending) if pending else not result.done()
 
         def finish(f: Future[torch.Tensor]) -> None:
             if _fail_on_error(f, result):
@@ -248,6 +260,7 @@ class HierarchicalBackend:
                 _settle(result, value=out)
 
         inside.add_done_callback(lambda f: self._then(f, result, across, finish))
+        result.bind(withdraw)
         return result
 
     def _then(
@@ -321,6 +334,8 @@ class HierarchicalBackend:
 
     def accepts_device(self, group: PeerGroup, device: torch.device) -> bool:
         """Device tensors only where every member shares this host (the gRPC lane takes host memory)."""
+        if device.type == "cpu":
+            return True
         layout = host_layout(group)
         return isinstance(layout, HostLayout) and layout.num_hosts == 1
 
@@ -342,16 +357,16 @@ class HierarchicalBackend:
             self.store.close()
 
 
-def _running() -> Future[torch.Tensor]:
-    fut: Future[torch.Tensor] = Future()
-    fut.set_running_or_notify_cancel()
-    return fut
+def _failed(exc: BaseException) -> Handle:
+    failed = Handle()
+    failed.set_exception(exc)
+    return failed
 
 
-def _failed(exc: BaseException) -> Future[torch.Tensor]:
-    fut = _running()
-    fut.set_exception(exc)
-    return fut
+def _withdraw(stages: list[Future[torch.Tensor]]) -> bool:
+    """Cancel the stages of a composed call that are still pending; whether any was withdrawn (its
+    failure, Cancelled, then settles the composed handle)."""
+    return any([stage.cancel() for stage in stages if isinstance(stage, Handle) and not stage.done()])
 
 
 def _settle(
@@ -376,3 +391,7 @@ def _fail_on_error(stage: Future[torch.Tensor], result: Future[torch.Tensor]) ->
     if exc is not None:
         _settle(result, error=exc)
     return exc is None
+
+
+# mypy checks this lane against the contract (communication/backend.py).
+_CONTRACT: type[WorkerLane] = HierarchicalBackend

@@ -5,7 +5,8 @@ rank a CollectiveBackend with the same semantics as the gRPC one: rank-order fp3
 owner, epoch fencing, timeouts, and calls checked against the declared partition plan (numel and codec).
 Every codec is served exactly: "int8" calls carry raw fp32 here, as on the torch.distributed lane (tests
 of quantization use the gRPC backend). Point-to-point messages wait in the hub until received (`send`
-resolves at once, `recv` when its message is there). A deterministic
+resolves at once, `recv` when its message is there). Every call returns a Handle; a call still waiting
+for its peers can be cancelled. A deterministic
 `FaultInjector` keyed by (rank, step) makes a rank fail as if it had died.
 """
 
@@ -13,13 +14,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from communication.backend import Codec, UnitSpec, WireStats
+from communication.backend import Codec, CollectiveBackend, UnitSpec, WireStats
 from communication.compression import DEFAULT_INT8_BLOCK, codec_id_for
 from communication.errors import CollectiveTimeout, EpochChanged, InvalidMessage, PeerLost
 from communication.group import PeerGroup
@@ -89,10 +90,8 @@ class FakeBackend:
         if self.hub.faults.is_dead(self.rank, step):
             raise PeerLost(f"rank {self.rank} is dead at step {step} (injected)")
 
-    def _off_plan(
-        self, group: PeerGroup, unit: int, numel: int, codec: Codec, what: str
-    ) -> Future[torch.Tensor] | None:
-        """A failed future if the declared plan of the group's epoch does not have this call."""
+    def _off_plan(self, group: PeerGroup, unit: int, numel: int, codec: Codec, what: str) -> Handle | None:
+        """A failed handle if the declared plan of the group's epoch does not have this call."""
         codec_id = codec_id_for(codec)
         plan = self._plan
         if plan is None or plan.epoch != group.epoch:
@@ -100,10 +99,49 @@ class FakeBackend:
         try:
             plan.check_local(unit, numel, codec_id, what)
         except InvalidMessage as exc:
-            failed: Future[torch.Tensor] = Future()
+            failed = Handle()
             failed.set_exception(exc)
             return failed
         return None
+
+    def _call(
+        self,
+        group: PeerGroup,
+        step: int,
+        ready: Callable[[], bool],
+        finish: Callable[[], torch.Tensor],
+        timeout: float,
+        what: str,
+    ) -> Handle:
+        """A call that waits in the hub until `ready()`, then settles with `finish()` (both under the hub's
+        lock). Cancelling it while it waits withdraws it: it takes nothing from the hub."""
+        handle, hub, deadline = Handle(), self.hub, time.monotonic() + timeout
+        withdrawn = threading.Event()
+
+        def withdraw() -> bool:
+            with hub._cond:
+                if handle.done():
+                    return False
+                withdrawn.set()
+                hub._cond.notify_all()
+                return True
+
+        def run() -> None:
+            try:
+                with hub._cond:
+                    hub._wait(group, step, lambda: withdrawn.is_set() or ready(), deadline)
+                    if withdrawn.is_set():
+                        handle.fail_cancelled(f"{group.describe()}: {what}")
+                        return
+                    result = finish()
+                handle.set_result(result)
+            except Exception as exc:
+                if not handle.done():
+                    handle.set_exception(exc)
+
+        handle.bind(withdraw)
+        self._pool.submit(run)
+        return handle
 
     def all_gather(
         self,
@@ -115,7 +153,7 @@ class FakeBackend:
         timeout: float,
         *,
         codec: Codec = "none",
-    ) -> Future[torch.Tensor]:
+    ) -> Handle:
         self._check(group, step)
         n = shard.numel()
         if out.numel() != n * group.world_size:
@@ -126,22 +164,18 @@ class FakeBackend:
         with hub._cond:
             hub._shards[(group.epoch, step, unit, self.rank)] = shard.detach().clone()
             hub._cond.notify_all()
+        keys = [(group.epoch, step, unit, r) for r in group.peers()]
 
-        def run() -> torch.Tensor:
-            keys = [(group.epoch, step, unit, r) for r in group.peers()]
-            with hub._cond:
-                hub._wait(
-                    group, step, lambda: all(k in hub._shards for k in keys), time.monotonic() + timeout
-                )
-                parts = [hub._shards[k] for k in keys]
+        def finish() -> torch.Tensor:
             flat = out.view(-1)
-            for r, part in enumerate(parts):
-                flat[r * n : (r + 1) * n].copy_(part.view(-1))
+            for r, k in enumerate(keys):
+                flat[r * n : (r + 1) * n].copy_(hub._shards[k].view(-1))
             self._sent += n * shard.element_size() * (group.world_size - 1)
             self._received += n * shard.element_size() * (group.world_size - 1)
             return out
 
-        return self._pool.submit(run)
+        ready = lambda: all(k in hub._shards for k in keys)  # noqa: E731
+        return self._call(group, step, ready, finish, timeout, f"all_gather of unit {unit}")
 
     def reduce_scatter(
         self,
@@ -153,7 +187,7 @@ class FakeBackend:
         timeout: float,
         *,
         codec: Codec = "none",
-    ) -> Future[torch.Tensor]:
+    ) -> Handle:
         self._check(group, step)
         n = out.numel()
         if full.numel() != n * group.world_size:
@@ -167,12 +201,10 @@ class FakeBackend:
                 key = (group.epoch, step, unit, dest, self.rank)
                 hub._grads[key] = flat[dest * n : (dest + 1) * n].to(torch.float32).clone()
             hub._cond.notify_all()
+        keys = [(group.epoch, step, unit, self.rank, s) for s in group.peers()]
 
-        def run() -> torch.Tensor:
-            keys = [(group.epoch, step, unit, self.rank, s) for s in group.peers()]
-            with hub._cond:
-                hub._wait(group, step, lambda: all(k in hub._grads for k in keys), time.monotonic() + timeout)
-                parts = [hub._grads.pop(k) for k in keys]
+        def finish() -> torch.Tensor:
+            parts = [hub._grads.pop(k) for k in keys]
             acc = parts[0].clone()
             for part in parts[1:]:
                 acc.add_(part)
@@ -181,7 +213,8 @@ class FakeBackend:
             self._received += n * 4 * (group.world_size - 1)
             return out
 
-        return self._pool.submit(run)
+        ready = lambda: all(k in hub._grads for k in keys)  # noqa: E731
+        return self._call(group, step, ready, finish, timeout, f"reduce_scatter of unit {unit}")
 
     def send(self, tensor: torch.Tensor, *, group: PeerGroup, dest: int, key: int, timeout: float) -> Handle:
         """See CollectiveBackend: the message waits in the hub until `dest` receives it."""
@@ -205,37 +238,18 @@ class FakeBackend:
         """See CollectiveBackend; cancelling a receive not yet matched withdraws it."""
         flat = check_call(group, src, key, out, "recv")
         self._check(group, 0)
-        handle, hub, mail_key = Handle(), self.hub, (group.epoch, src, self.rank, key)
-        withdrawn = threading.Event()
+        hub, mail_key = self.hub, (group.epoch, src, self.rank, key)
 
-        def withdraw() -> bool:
-            with hub._cond:
-                if handle.done():
-                    return False
-                withdrawn.set()
-                hub._cond.notify_all()
-                return True
+        def finish() -> torch.Tensor:
+            if (got := hub._mail[mail_key].numel()) != flat.numel():
+                raise InvalidMessage(f"key {key}: {got} values, out has {flat.numel()}")
+            flat.copy_(hub._mail.pop(mail_key))
+            self._received += 4 * flat.numel()
+            return out
 
-        def run() -> None:
-            try:
-                with hub._cond:
-                    ready = lambda: withdrawn.is_set() or mail_key in hub._mail  # noqa: E731
-                    hub._wait(group, 0, ready, time.monotonic() + timeout)
-                    if withdrawn.is_set():
-                        handle.fail_cancelled(f"{group.describe()}: recv of key {key} from rank {src}")
-                        return
-                    if (got := hub._mail[mail_key].numel()) != flat.numel():
-                        raise InvalidMessage(f"key {key}: {got} values, out has {flat.numel()}")
-                    flat.copy_(hub._mail.pop(mail_key))
-                    self._received += 4 * flat.numel()
-                    handle.set_result(out)
-            except Exception as exc:
-                if not handle.done():
-                    handle.set_exception(exc)
-
-        handle.bind(withdraw)
-        self._pool.submit(run)
-        return handle
+        return self._call(
+            group, 0, lambda: mail_key in hub._mail, finish, timeout, f"recv of key {key} from {src}"
+        )
 
     def release(self, group: PeerGroup, step: int) -> None:
         with self.hub._cond:
@@ -251,8 +265,18 @@ class FakeBackend:
     def set_epoch(self, epoch: int) -> None:
         self.hub.set_epoch(epoch)
 
+    def accepts_device(self, group: PeerGroup, device: torch.device) -> bool:
+        return device.type == "cpu"  # the fake lane takes host memory
+
+    def bytes_by_lane(self) -> dict[str, int]:
+        return {"grpc": self._sent, "local": 0}  # the fake lane stands for the gRPC lane
+
     def stats(self) -> WireStats:
         return WireStats(self._sent, self._received)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# mypy checks this lane against the contract (communication/backend.py).
+_CONTRACT: type[CollectiveBackend] = FakeBackend

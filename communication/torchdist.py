@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from communication.backend import Codec, UnitSpec, WireStats
+from communication.backend import Codec, CollectiveBackend, UnitSpec, WireStats
 from communication.compression import DEFAULT_INT8_BLOCK, codec_id_for
 from communication.errors import CollectiveTimeout, CommError, EpochChanged, InvalidMessage, PeerLost
 from communication.group import PeerGroup
@@ -397,3 +397,7 @@ class TorchDistBackend(TorchDistCalls):
                 "closing with %d abandoned group(s) still busy; left to the process exit", len(self._aside)
             )
         self._buffers.clear()
+
+
+# mypy checks this lane against the contract (communication/backend.py).
+_CONTRACT: type[CollectiveBackend] = TorchDistBackend

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from communication.backend import lane_bytes
+from communication.backend import WorkerLane
 from communication.errors import CommError, Unauthenticated
 from communication.group import PeerGroup
 from communication.tls import client_ssl_context, describe_tls
@@ -66,7 +66,7 @@ class WorkerDaemon:
         cfg: WorkerConfig,
         *,
         trainer_factory: TrainerFactory = default_trainer_factory,
-        backend_factory: Callable[[JobSpec, str], Any] | None = None,
+        backend_factory: Callable[[JobSpec, str], WorkerLane] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.cfg = cfg
@@ -79,7 +79,7 @@ class WorkerDaemon:
         )
         self.worker_id = cfg.worker_id or ""
         self.t = Telemetry(worker_id=self.worker_id)
-        self.backend: Any = None
+        self.backend: WorkerLane | None = None
         self.group: PeerGroup | None = None
         self.heartbeat: HeartbeatLoop | None = None
         self.register_body: dict[str, Any] = {}
@@ -127,8 +127,8 @@ class WorkerDaemon:
             "device_name": device_name,
             "memory_bytes": memory,
         }
-        if getattr(self.backend, "store_port", None):  # it hosts a rendezvous store for its host's lane
-            self.register_body["store_port"] = int(self.backend.store_port)
+        if self.backend.store_port is not None:  # it hosts a rendezvous store for its host's lane
+            self.register_body["store_port"] = self.backend.store_port
         if self.worker_id:
             self.register_body["worker_id"] = self.worker_id
         self.session = Manager(self.cfg, self.t, self.backend, self.trainer_factory)
@@ -180,8 +180,11 @@ class WorkerDaemon:
         return int((await self.client.register(self.register_body)).get("epoch", 0))
 
     def _wire_stats(self) -> tuple[int, int]:
-        self.t.update(bytes_by_lane=lane_bytes(self.backend))
-        return int(self.backend.stats().bytes_sent), int(self.backend.stats().bytes_received)
+        if self.backend is None:  # before the job is known
+            return 0, 0
+        self.t.update(bytes_by_lane=self.backend.bytes_by_lane())
+        stats = self.backend.stats()
+        return stats.bytes_sent, stats.bytes_received
 
     def request_stop(self, why: str = "stop") -> None:
         """SIGTERM / Ctrl-C: stop at the next step boundary; drop the step in flight after a short grace."""
@@ -211,7 +214,7 @@ class WorkerDaemon:
                 return EXIT_OK
             group, self.members = group_from_ready(ready, job, self.worker_id)
             self.group = group
-            assert self.session is not None
+            assert self.session is not None and self.backend is not None
             session = self.session
             step_before = session.progress_step
             try:

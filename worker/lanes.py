@@ -4,13 +4,12 @@ members' host ids, so this only builds the lanes once per worker process."""
 
 from __future__ import annotations
 
-from typing import Any
-
+from communication.backend import WorkerLane
 from jobspec import JobSpec
 from worker.identity import WorkerConfig, describe_device
 
 
-def default_backend_factory(job: JobSpec, token: str, *, cfg: WorkerConfig) -> Any:
+def default_backend_factory(job: JobSpec, token: str, *, cfg: WorkerConfig) -> WorkerLane:
     """The worker's collective backend: a HierarchicalBackend over a GrpcBackend (the job's int8 block
     size, the worker's TLS; the engine names each call's codec) and a TorchDistBackend on the worker's
     device (NCCL when every co-located member has CUDA, gloo otherwise). Each call names its own

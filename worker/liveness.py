@@ -15,9 +15,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import torch
+
+from communication.backend import Codec, CollectiveBackend, UnitSpec, WireStats
+from communication.group import PeerGroup
+from communication.handle import Handle
 
 
 class ProgressClock:
@@ -77,34 +82,75 @@ class ProgressClock:
 
 class WatchedCalls:
     """The collective backend as the step loop sees it: every data-plane call (all_gather, reduce_scatter,
-    send, recv) is counted on `clock` from its issue until its future is done. Everything else is the
+    send, recv) is counted on `clock` from its issue until its handle is done. Everything else is the
     backend's own."""
 
-    def __init__(self, backend: Any, clock: ProgressClock) -> None:
+    def __init__(self, backend: CollectiveBackend, clock: ProgressClock) -> None:
         self._backend = backend
         self._clock = clock
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._backend, name)
-
-    def _watch(self, call: Callable[..., Future[Any]], *args: Any, **kwargs: Any) -> Future[Any]:
+    def _watch(self, call: Callable[..., Handle], *args: Any, **kwargs: Any) -> Handle:
         self._clock.call_started()
         try:
-            future = call(*args, **kwargs)
+            handle = call(*args, **kwargs)
         except BaseException:
             self._clock.call_done()
             raise
-        future.add_done_callback(lambda _: self._clock.call_done())
-        return future
+        handle.add_done_callback(lambda _: self._clock.call_done())
+        return handle
 
-    def all_gather(self, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._watch(self._backend.all_gather, *args, **kwargs)
+    def all_gather(
+        self,
+        group: PeerGroup,
+        step: int,
+        unit: int,
+        shard: torch.Tensor,
+        out: torch.Tensor,
+        timeout: float,
+        *,
+        codec: Codec = "none",
+    ) -> Handle:
+        return self._watch(self._backend.all_gather, group, step, unit, shard, out, timeout, codec=codec)
 
-    def reduce_scatter(self, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._watch(self._backend.reduce_scatter, *args, **kwargs)
+    def reduce_scatter(
+        self,
+        group: PeerGroup,
+        step: int,
+        unit: int,
+        full: torch.Tensor,
+        out: torch.Tensor,
+        timeout: float,
+        *,
+        codec: Codec = "none",
+    ) -> Handle:
+        return self._watch(self._backend.reduce_scatter, group, step, unit, full, out, timeout, codec=codec)
 
-    def send(self, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._watch(self._backend.send, *args, **kwargs)
+    def send(self, tensor: torch.Tensor, *, group: PeerGroup, dest: int, key: int, timeout: float) -> Handle:
+        return self._watch(self._backend.send, tensor, group=group, dest=dest, key=key, timeout=timeout)
 
-    def recv(self, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._watch(self._backend.recv, *args, **kwargs)
+    def recv(self, out: torch.Tensor, *, group: PeerGroup, src: int, key: int, timeout: float) -> Handle:
+        return self._watch(self._backend.recv, out, group=group, src=src, key=key, timeout=timeout)
+
+    def release(self, group: PeerGroup, step: int) -> None:
+        self._backend.release(group, step)
+
+    def set_group(self, group: PeerGroup) -> None:
+        self._backend.set_group(group)
+
+    def set_plan(self, group: PeerGroup, units: Mapping[int, UnitSpec]) -> None:
+        self._backend.set_plan(group, units)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._backend.set_epoch(epoch)
+
+    def accepts_device(self, group: PeerGroup, device: torch.device) -> bool:
+        return self._backend.accepts_device(group, device)
+
+    def bytes_by_lane(self) -> dict[str, int]:
+        return self._backend.bytes_by_lane()
+
+    def stats(self) -> WireStats:
+        return self._backend.stats()
+
+    def close(self) -> None:
+        self._backend.close()

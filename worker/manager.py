@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from communication.backend import lane_bytes
+from communication.backend import CollectiveBackend
 from communication.errors import EpochChanged
 from communication.group import PeerGroup
 from jobspec import JobSpec
@@ -82,7 +82,11 @@ class Manager:
     """Shared by the formations of one worker process: the training state and step count survive them."""
 
     def __init__(
-        self, cfg: WorkerConfig, telemetry: Telemetry, backend: Any, trainer_factory: TrainerFactory
+        self,
+        cfg: WorkerConfig,
+        telemetry: Telemetry,
+        backend: CollectiveBackend,
+        trainer_factory: TrainerFactory,
     ) -> None:
         self.cfg = cfg
         self.t = telemetry
@@ -281,7 +285,7 @@ class Manager:
                 "wait_s": float(report.wait_s),
                 "bytes_sent": int(stats.bytes_sent),
                 "bytes_received": int(stats.bytes_received),
-                "bytes_by_lane": lane_bytes(self.backend),
+                "bytes_by_lane": self.backend.bytes_by_lane(),
             }
         )
         self.check_fence(group)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from communication.backend import Codec, CollectiveBackend, UnitSpec, accepts_device
+from communication.backend import Codec, CollectiveBackend, UnitSpec
 from communication.errors import CollectiveTimeout
 from communication.group import PeerGroup
 from worker.zero3 import precision
@@ -119,7 +119,7 @@ class ShardedModule:
         self.param_dtype = precision.configure_units(model, self.units, param_dtype)
         self.staging = StagingPool.share(self.units, self.device, STAGING_BUFFERS)
         self.declare_plan()
-        comm = self.device if accepts_device(backend, group, self.device) else torch.device("cpu")
+        comm = self.device if backend.accepts_device(group, self.device) else torch.device("cpu")
         for unit in self.units:  # device-resident where the lane takes device tensors (NCCL on one host)
             unit.comm_device = comm
         staging = host_staging or HostStaging.for_units(self.units, self.device)

@@ -98,7 +98,6 @@ def _ready_barrier(directory: Path, rank: int, world: int, timeout: float = 120.
 
 
 def _zerowire(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
-    from communication.backend import lane_bytes
     from jobspec import JobSpec
     from worker.identity import WorkerConfig
     from worker.manager import Manager, default_trainer_factory
@@ -143,7 +142,7 @@ def _zerowire(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
             "step_times_s": [r.step_time_s for r in measured],
             "wait_times_s": [r.wait_s for r in measured],
             "bytes_sent": backend.stats().bytes_sent,
-            "bytes_by_lane": lane_bytes(backend),
+            "bytes_by_lane": backend.bytes_by_lane(),
             "peak_full_bytes": trainer.engine.peak_full_bytes,
         }
     finally:

@@ -23,6 +23,7 @@ from communication.grpc_backend import GrpcBackend
 from communication.hierarchical import HierarchicalBackend
 from communication.host_layout import HostLayout, host_layout
 from communication.rendezvous_store import RendezvousStore
+from communication.testing import FakeHub
 from communication.torchdist import TorchDistBackend
 from tests.integration.wire_harness import rounding_bound, rounding_units
 
@@ -298,20 +299,13 @@ def test_rendezvous_store_serves_client_only_groups_across_epochs() -> None:
         RendezvousStore("")
 
 
-def test_lane_bytes_of_a_backend_without_lanes_counts_everything_as_grpc() -> None:
-    from communication.backend import WireStats, lane_bytes
-
-    class Plain:
-        def stats(self) -> WireStats:
-            return WireStats(bytes_sent=12, bytes_received=5)
-
-    class Laned(Plain):
-        def bytes_by_lane(self) -> dict[str, int]:
-            return {"local": 7}
-
-    assert lane_bytes(Plain()) == {"grpc": 12, "local": 0}
-    assert lane_bytes(Laned()) == {"grpc": 0, "local": 7}
-    assert lane_bytes(object()) == {"grpc": 0, "local": 0}
+def test_every_lane_counts_its_bytes_under_its_own_name() -> None:
+    hub = FakeHub(1)
+    assert hub.backend(0).bytes_by_lane() == {"grpc": 0, "local": 0}
+    assert GrpcBackend("t").bytes_by_lane() == {"grpc": 0, "local": 0}
+    local = TorchDistBackend.__new__(TorchDistBackend)
+    local._lock, local._sent, local._received = threading.Lock(), 7, 3
+    assert local.bytes_by_lane() == {"grpc": 0, "local": 7}
 
 
 def _listeners(port: int) -> set[str]:
@@ -363,14 +357,16 @@ def test_point_to_point_takes_the_lane_that_reaches_the_peer(cluster: _Cluster) 
 
 
 def test_device_tensors_only_where_every_member_shares_the_host() -> None:
-    from communication.backend import accepts_device
-
     cuda = torch.device("cuda", 0)  # a device object only: nothing is allocated on it
     stores = tuple(f"127.0.0.1:{2000 + r}" for r in range(4))
     hier = HierarchicalBackend.__new__(HierarchicalBackend)  # accepts_device reads the group alone
-    assert accepts_device(hier, _group(0, "h,h,h,h", stores), cuda)  # one host: torch.distributed only
-    assert not accepts_device(hier, _group(0, "h,h,g,g", stores), cuda)  # a gRPC stage takes host memory
-    assert not accepts_device(hier, _group(0, "a,b,c,d", stores), cuda)  # the flat gRPC path
-    assert accepts_device(hier, _group(0, "a,b,c,d", stores), torch.device("cpu"))
-    assert not accepts_device(GrpcBackend.__new__(GrpcBackend), _group(0, "h,h,h,h", stores), cuda)
-    assert accepts_device(TorchDistBackend.__new__(TorchDistBackend), _group(0, "h,h", stores[:2]), cuda)
+    assert hier.accepts_device(_group(0, "h,h,h,h", stores), cuda)  # one host: torch.distributed only
+    assert not hier.accepts_device(_group(0, "h,h,g,g", stores), cuda)  # a gRPC stage takes host memory
+    assert not hier.accepts_device(_group(0, "a,b,c,d", stores), cuda)  # the flat gRPC path
+    cpu = torch.device("cpu")
+    grpc, local = GrpcBackend.__new__(GrpcBackend), TorchDistBackend.__new__(TorchDistBackend)
+    for lane in (hier, grpc, local, FakeHub(4).backend(0)):  # host memory: every lane
+        assert lane.accepts_device(_group(0, "a,b,c,d", stores), cpu)
+    assert not grpc.accepts_device(_group(0, "h,h,h,h", stores), cuda)
+    assert not FakeHub(4).backend(0).accepts_device(_group(0, "h,h,h,h", stores), cuda)
+    assert local.accepts_device(_group(0, "h,h", stores[:2]), cuda)

@@ -25,6 +25,10 @@ pytestmark = pytest.mark.timeout(30)
 
 
 class FakeBackend:
+    """The parts of a worker lane the daemon itself uses (the scripted trainer makes no calls)."""
+
+    store_port = None  # hosts no rendezvous store
+
     def __init__(self) -> None:
         self.groups: list[PeerGroup] = []
         self.epochs: list[int] = []
@@ -33,6 +37,9 @@ class FakeBackend:
 
     def start(self, bind: str) -> int:
         return 50051
+
+    def bytes_by_lane(self) -> dict[str, int]:
+        return {"grpc": 10, "local": 0}
 
     def set_group(self, group: PeerGroup) -> None:
         self.groups.append(group)
@@ -188,15 +195,15 @@ async def test_no_trainer_is_built_before_the_barrier_opens(tmp_path: Path) -> N
 
 async def test_an_epoch_change_reforms_with_a_new_trainer(tmp_path: Path) -> None:
     fake = FakeCoordinator(job=JobSpec(steps=6, warmup_steps=0))
+    daemon, backend = make_daemon(fake, tmp_path)
 
     def script(trainer: ScriptedTrainer, step: int) -> None:
         if len(ScriptedTrainer.built) == 1 and step == 2:
             fake.add_worker("w1", port=7)  # a join: the heartbeat announces the new epoch
-            assert trainer.backend.epoch_moved.wait(5)
+            assert backend.epoch_moved.wait(5)
             raise EpochChanged("cancelled in flight")
 
     ScriptedTrainer.script = script
-    daemon, backend = make_daemon(fake, tmp_path)
     assert await daemon.run() == EXIT_OK
     first, second = ScriptedTrainer.built
     assert (first.group.epoch, first.group.world_size) == (1, 1)

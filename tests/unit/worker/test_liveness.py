@@ -4,11 +4,15 @@ telemetry that reports it, and the heartbeat that stays out of the cluster while
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import Future
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 
+from communication.group import PeerGroup
+from communication.testing import FakeHub
 from tests.unit.worker.fake_coordinator import FakeCoordinator, eventually
 from tests.unit.worker.test_heartbeat import setup
 from worker.heartbeat import run_tied
@@ -69,61 +73,45 @@ def test_only_training_with_a_progress_timeout_and_a_lease_can_be_stalled() -> N
     assert never.reported_state() == "training"
 
 
+def _until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def test_a_call_in_flight_is_waiting_on_peers_and_its_end_is_progress() -> None:
     now = Now()
     tel = training(now, progress_s=2.0, startup_s=2.0)
-    backend = FakeLane()
-    watched = WatchedCalls(backend, tel.clock)
-    pending = watched.all_gather("group", 0, 1)
-    assert tel.clock.in_flight == 1 and backend.calls == [("all_gather", ("group", 0, 1), {})]
+    hub = FakeHub(2)
+    watched, peer = WatchedCalls(hub.backend(0), tel.clock), hub.backend(1)
+    groups = [PeerGroup("job", 1, r, ("a:1", "b:1")) for r in range(2)]
+    pending = watched.all_gather(groups[0], 0, 1, torch.ones(2), torch.empty(4), 10.0)
+    assert tel.clock.in_flight == 1
     now.t += 30.0  # a peer is slow: the collective timeout and peer reports judge that, not this
     assert tel.reported_state() == "training"
-    backend.futures[-1].set_result("done")
-    assert pending.result() == "done" and tel.clock.in_flight == 0
+    peer.all_gather(groups[1], 0, 1, torch.zeros(2), torch.empty(4), 10.0).wait(10.0)
+    assert pending.wait(10.0).tolist() == [1, 1, 0, 0]
+    assert _until(lambda: tel.clock.in_flight == 0)
     now.t += 1.5
     assert tel.reported_state() == "training"  # the call's end was progress
     now.t += 1.0
     assert tel.reported_state() == "stalled"
-    for name in ("reduce_scatter", "send", "recv"):
-        getattr(watched, name)(codec="int8")
+    for call in (
+        lambda: watched.reduce_scatter(groups[0], 1, 1, torch.ones(4), torch.empty(2), 10.0),
+        lambda: watched.recv(torch.empty(2), group=groups[0], src=1, key=5, timeout=10.0),
+    ):
+        handle = call()
         assert tel.clock.in_flight == 1
-        backend.futures[-1].set_exception(RuntimeError("peer lost"))
-        assert tel.clock.in_flight == 0
-    backend.fail = True
+        assert handle.cancel()  # a call withdrawn ends too
+        assert _until(lambda: tel.clock.in_flight == 0)
     with pytest.raises(ValueError):
-        watched.all_gather()
+        watched.all_gather(groups[0], 2, 1, torch.ones(2), torch.empty(3), 10.0)  # a bad call
     assert tel.clock.in_flight == 0
-    assert watched.store_port == 4321 and watched.set_epoch(3) == 3  # everything else passes through
-
-
-class FakeLane:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
-        self.futures: list[Future[Any]] = []
-        self.fail = False
-        self.store_port = 4321
-
-    def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
-        if self.fail:
-            raise ValueError("a bad call")
-        self.calls.append((name, args, kwargs))
-        self.futures.append(Future())
-        return self.futures[-1]
-
-    def all_gather(self, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._call("all_gather", args, kwargs)
-
-    def reduce_scatter(self, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._call("reduce_scatter", args, kwargs)
-
-    def send(self, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._call("send", args, kwargs)
-
-    def recv(self, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._call("recv", args, kwargs)
-
-    def set_epoch(self, epoch: int) -> int:
-        return epoch
+    watched.set_epoch(3)  # everything else is the backend's own
+    assert hub.epoch == 3 and watched.bytes_by_lane() == {"grpc": 8, "local": 0}  # the gather's 2 values
 
 
 def test_the_registration_answer_sets_the_timeouts() -> None:
