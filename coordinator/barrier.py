@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from coordinator.membership import ClusterState
+from coordinator.cluster_state import ClusterState
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from coordinator.membership import ClusterState, Decision, Event, Rejected, WorkerRecord, bump
+from coordinator.cluster_state import ClusterState, Decision, Event, WorkerRecord
+from coordinator.membership import Rejected, bump
 
 LAG_STEPS = 2  # a member this many committed steps behind the epoch's maximum is a straggler
 EvictionKind = Literal["stalled", "straggler", "suspect"]

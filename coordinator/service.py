@@ -11,6 +11,7 @@ import secrets
 from collections import Counter
 from typing import Any, cast
 
+from coordinator import cluster_state as cs
 from coordinator import liveness
 from coordinator import membership as m
 from coordinator.barrier import ChangeSignal, ReadyAnswer, ready_answer
@@ -31,7 +32,7 @@ class CoordinatorService:
         self.store = store
         self.clock = clock
         self.metrics = metrics
-        self.state = m.ClusterState()
+        self.state = cs.ClusterState()
         self.signal = ChangeSignal()
         self.job = JobSpec.model_validate({})
         self.job_hash = self.job.hash
@@ -84,7 +85,7 @@ class CoordinatorService:
         log.info("job %s (hash %s), epoch %d", self.job.job_id, self.job_hash[:12], self.state.epoch)
 
     # -- membership changes (persisted before answering) ----------------------------------------------
-    def _apply(self, decision: m.Decision) -> None:
+    def _apply(self, decision: cs.Decision) -> None:
         self.store.save(decision.state, decision.changed, decision.events)  # written before it is served
         for wid in decision.changed:
             self._index(self.state.workers.get(wid), decision.state.workers.get(wid))
@@ -98,7 +99,7 @@ class CoordinatorService:
         self._refresh_gauges()
         log.info("epoch %d: %s", decision.state.epoch, decision.reason)
 
-    def _index(self, old: m.WorkerRecord | None, new: m.WorkerRecord | None) -> None:
+    def _index(self, old: cs.WorkerRecord | None, new: cs.WorkerRecord | None) -> None:
         if old is not None and old.secret_digest and old.secret_digest != getattr(new, "secret_digest", b""):
             self._by_digest.pop(old.secret_digest, None)
         if new is not None and new.secret_digest:
@@ -108,8 +109,8 @@ class CoordinatorService:
         return self._by_digest.get(secret_digest)
 
     async def register(
-        self, worker_id: str | None, info: m.WorkerInfo, clock: Clock, presented_secret: str | None = None
-    ) -> tuple[m.WorkerRecord, str]:
+        self, worker_id: str | None, info: cs.WorkerInfo, clock: Clock, presented_secret: str | None = None
+    ) -> tuple[cs.WorkerRecord, str]:
         """Returns the record and the worker's secret: the presented one when it proved the id (it stays
         valid), else a fresh one (any older secret of the id stops working)."""
         wid = worker_id or f"w-{secrets.token_hex(6)}"
@@ -190,7 +191,7 @@ class CoordinatorService:
         self.metrics.liveness_evictions.labels(verdict.kind).inc()
         log.warning("epoch %d: evicted %s: %s", self.state.epoch, verdict.worker_id, verdict.reason)
 
-    async def evict_stalled(self, worker_id: str, worker_epoch: int) -> tuple[m.Action, m.WorkerRecord]:
+    async def evict_stalled(self, worker_id: str, worker_epoch: int) -> tuple[cs.Action, cs.WorkerRecord]:
         """A heartbeat said "stalled": the worker is evicted (as dead). Returns that heartbeat's answer:
         `reform` to the new epoch, which fences the worker at once."""
         async with self._changes:
@@ -242,14 +243,14 @@ class CoordinatorService:
         return target, count, verdict.worker_id if verdict is not None else None
 
     # -- heartbeats (memory only) ----------------------------------------------------------------------
-    def heartbeat(self, worker_id: str, hb: m.Heartbeat, clock: Clock) -> tuple[m.Action, m.WorkerRecord]:
+    def heartbeat(self, worker_id: str, hb: cs.Heartbeat, clock: Clock) -> tuple[cs.Action, cs.WorkerRecord]:
         try:
             out = m.heartbeat(self.state, worker_id, hb, clock.monotonic(), clock.wall())
         except m.Rejected as exc:
             self.metrics.heartbeats.labels(str(exc.status)).inc()
             raise
         if out.member:
-            workers = cast(dict[str, m.WorkerRecord], self.state.workers)
+            workers = cast(dict[str, cs.WorkerRecord], self.state.workers)
             self._counts = self._counts.moved(workers[worker_id], out.record, self.state.epoch)
             workers[worker_id] = out.record
             self._dirty.add(worker_id)
@@ -271,7 +272,7 @@ class CoordinatorService:
         reason = (
             f"{report['mode']} at step {report['resumed_at']}, {report['steps_lost']} committed steps lost"
         )
-        event = m.Event("recovered", worker_id, epoch, reason, self.clock.wall())
+        event = cs.Event("recovered", worker_id, epoch, reason, self.clock.wall())
         self.store.save(self.state, [], [event])
 
     def flush_heartbeats(self, max_rows: int | None = None) -> int:
@@ -302,7 +303,7 @@ class CoordinatorService:
     def world_size(self) -> int:
         return self._world_size
 
-    def phase(self) -> m.ClusterPhase:
+    def phase(self) -> cs.ClusterPhase:
         return m.phase_from_counts(self._counts, self.state.finished, self.state.trained)
 
     def ready(self, min_workers: int) -> ReadyAnswer:

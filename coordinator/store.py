@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from coordinator.cluster_state import ClusterState, Event, WorkerInfo, WorkerRecord
 from coordinator.credentials import new_master_key
-from coordinator.membership import ClusterState, Event, WorkerInfo, WorkerRecord
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from coordinator.membership import WorkerRecord
+from coordinator.cluster_state import WorkerRecord
 from coordinator.schemas import TELEMETRY_FIELDS
 
 

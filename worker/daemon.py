@@ -1,7 +1,8 @@
 """The worker daemon's lifecycle: job -> gRPC server -> register -> (barrier -> train)* -> save -> leave.
 
 Training runs on its own thread; the asyncio loop runs the heartbeat (tied to the lifecycle, see
-worker/heartbeat.py), the barrier long-poll and signal handling. On EpochChanged / PeerLost /
+worker/heartbeat.py), the barrier long-poll (worker/rendezvous.py: the barrier, registering again, peer
+reports, lingering at the end) and signal handling. On EpochChanged / PeerLost /
 CollectiveTimeout (or a lost lease) the worker goes back to the barrier for a newer epoch, and its
 Manager (worker/manager.py) forms it: the members continue from the state they hold, without a rollback.
 """
@@ -11,10 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
@@ -36,7 +36,6 @@ from worker.formation import (
     TooManyReforms,
     checked_job,
     group_from_ready,
-    suspect_of,
 )
 from worker.heartbeat import HeartbeatLoop, LeaseLost, Telemetry, run_tied
 from worker.identity import (
@@ -54,10 +53,10 @@ from worker.manager import (
     in_thread,
     outcome_dict,
 )
-from worker.outage import CoordinatorLost, through_outage
+from worker.outage import CoordinatorLost
+from worker.rendezvous import Rendezvous
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class WorkerDaemon:
@@ -82,6 +81,7 @@ class WorkerDaemon:
         self.backend: WorkerLane | None = None
         self.group: PeerGroup | None = None
         self.heartbeat: HeartbeatLoop | None = None
+        self.rendezvous: Rendezvous | None = None  # once registered
         self.register_body: dict[str, Any] = {}
         self.interval_s = 0.5
         self.timeout_s = 2.0
@@ -150,6 +150,9 @@ class WorkerDaemon:
         except ValueError as exc:
             await self.client.leave(self.worker_id)
             raise ConfigError(str(exc)) from None
+        self.rendezvous = Rendezvous(
+            self.client, self.t, self.cfg, self.worker_id, self.register_body, self.interval_s, self.timeout_s
+        )
         self.heartbeat = HeartbeatLoop(
             self.client,
             self.t,
@@ -158,7 +161,7 @@ class WorkerDaemon:
             timeout_s=self.timeout_s,
             grace_s=self.cfg.coordinator_grace_s,
             outage_limit_s=self.cfg.barrier_timeout_s,
-            reregister=self._reregister,
+            reregister=self.rendezvous.reregister,
             stats=self._wire_stats,
         )
         try:
@@ -175,9 +178,6 @@ class WorkerDaemon:
 
     def _final(self, exc: BaseException | None) -> str | None:
         return self.t.state if exc is None else "failed"  # finished, or waiting after a stop: at once
-
-    async def _reregister(self) -> int:
-        return int((await self.client.register(self.register_body)).get("epoch", 0))
 
     def _wire_stats(self) -> tuple[int, int]:
         if self.backend is None:  # before the job is known
@@ -204,12 +204,16 @@ class WorkerDaemon:
             self.backend.set_epoch(epoch)
 
     async def _lifecycle(self, job: JobSpec) -> int:
+        assert self.rendezvous is not None
+        rendezvous = self.rendezvous
         failed_epoch: int | None = None
         reforms_without_progress = 0
         while True:
             self.t.update(state="waiting")
             try:
-                ready = await self._barrier(job, failed_epoch)
+                first = self.formations == 0
+                min_workers = (self.cfg.min_workers or job.min_workers) if first else 1
+                ready = await rendezvous.ready(job, failed_epoch, min_workers)
             except Stopped:
                 return EXIT_OK
             group, self.members = group_from_ready(ready, job, self.worker_id)
@@ -248,7 +252,7 @@ class WorkerDaemon:
                     exc,
                 )
                 failed_epoch = group.epoch
-                await self._report_suspect(exc, group)
+                await rendezvous.report_suspect(exc, group, self.members)
                 continue
             if outcome is None:
                 return EXIT_OK  # stopped before the end
@@ -269,100 +273,8 @@ class WorkerDaemon:
                 outcome.steps_done,
                 outcome.test_accuracy,
             )
-            await self._linger(group)
+            await rendezvous.linger(group, self.members)
             return EXIT_OK
-
-    async def _barrier(self, job: JobSpec, failed_epoch: int | None) -> dict[str, Any]:
-        """Wait until an epoch newer than `failed_epoch` is ready with this worker in it."""
-        first = self.formations == 0
-        min_workers = (self.cfg.min_workers or job.min_workers) if first else 1
-        deadline = time.monotonic() + self.cfg.barrier_timeout_s
-        stale_since = time.monotonic()
-        while True:
-            if self.t.stop_requested.is_set():
-                raise Stopped()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BarrierTimeout(
-                    f"worker {self.worker_id}: no epoch with {min_workers} workers ready within "
-                    f"{self.cfg.barrier_timeout_s:.0f}s"
-                )
-            asked = time.monotonic()
-            poll = partial(self.client.ready, min_workers, wait_s=min(left, self.cfg.barrier_poll_s))
-            ready = await self._unless_stopped(through_outage(poll, deadline=deadline, what="barrier"))
-            epoch = int(ready["epoch"])
-            if ready.get("job_hash") and ready["job_hash"] != job.hash:
-                raise JobMismatch(
-                    f"the barrier announces job hash {str(ready['job_hash'])[:12]}, not {job.hash[:12]}"
-                )
-            if not ready.get("ready"):
-                if time.monotonic() - asked < 0.1:  # an answer without a wait: never spin
-                    await asyncio.sleep(self.interval_s)
-                continue
-            mine = any(w["worker_id"] == self.worker_id for w in ready["workers"])
-            stale = failed_epoch is not None and epoch <= failed_epoch
-            if mine and not stale:
-                return ready
-            # Not a member, or the epoch did not move after our failure: after a short wait, register
-            # again (a rejoin bumps the epoch, so everybody re-forms together).
-            if not mine or time.monotonic() - stale_since > 2 * self.timeout_s + self.interval_s:
-                log.info(
-                    "worker %s: epoch %d %s; registering again",
-                    self.worker_id,
-                    epoch,
-                    "does not include me" if not mine else "did not move",
-                )
-                joined = await through_outage(self._reregister, deadline=deadline, what="registration")
-                self.t.update(known_epoch=max(self.t.known_epoch, joined))
-                stale_since = time.monotonic()
-            await asyncio.sleep(self.interval_s)
-
-    async def _report_suspect(self, exc: BaseException, group: PeerGroup) -> None:
-        """A peer this worker could not reach: tell the coordinator (evidence; it decides whom to evict)."""
-        if (suspect := suspect_of(exc, group, self.members)) is not None:
-            try:
-                await self.client.suspect(self.worker_id, group.epoch, suspect, f"unreachable: {exc}"[:500])
-            except CoordinatorError as err:  # a stale epoch, or the coordinator is away: nothing to add
-                log.debug("worker %s: suspect report on %s not taken: %s", self.worker_id, suspect, err)
-
-    async def _unless_stopped(self, call: Coroutine[Any, Any, T]) -> T:
-        """Await `call`, but give up (Stopped) as soon as a stop is requested."""
-        task = asyncio.ensure_future(call)
-        try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=0.2)
-                if self.t.stop_requested.is_set():
-                    raise Stopped()
-            return task.result()
-        finally:
-            task.cancel()
-
-    async def _linger(self, group: PeerGroup) -> None:
-        """Keep serving shards until no other member of the epoch is still training (its last collective
-        may still need ours), bounded by the collective timeout."""
-        deadline = time.monotonic() + self.cfg.collective_timeout_s
-        while time.monotonic() < deadline and not self.t.stop_requested.is_set():
-            try:
-                answer = (await self.client.request("GET", "/workers")).json()
-            except CoordinatorError:  # the coordinator is away for now: our shards may still be needed
-                await asyncio.sleep(self.interval_s)
-                continue
-            busy = [
-                w["worker_id"]
-                for w in answer.get("workers", [])
-                if w["worker_id"] in self.members
-                and w["worker_id"] != self.worker_id
-                and w.get("state") == "alive"
-                and w.get("worker_state") == "training"
-            ]
-            if not busy:
-                return
-            log.debug("worker %s: waiting for %s to finish", self.worker_id, busy)
-            await asyncio.sleep(self.interval_s / 2)
-        if not self.t.stop_requested.is_set():  # a stop (the job is over) ends the wait without a word
-            log.warning(
-                "worker %s: %s still training after the collective timeout", self.worker_id, group.describe()
-            )
 
 
 def run_worker(cfg: WorkerConfig) -> int:

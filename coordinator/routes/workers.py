@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse
 
+from coordinator import cluster_state as cs
 from coordinator import membership as m
 from coordinator.auth import LEAVE_OR_EVICT, LISTING, OWN_WORKER, REGISTER
 from coordinator.credentials import Principal
@@ -67,7 +68,7 @@ async def register(
             f"too many registrations: retry in {wait:.1f} s",
             headers={"Retry-After": retry_after(wait)},
         )
-    info = m.WorkerInfo(
+    info = cs.WorkerInfo(
         body.host,
         body.port,
         body.host_id,
@@ -117,7 +118,7 @@ async def heartbeat(
     """The hot path: memory only, answered without re-validating the response model. A heartbeat saying
     worker_state "stalled" evicts its worker (a membership change, written before the answer)."""
     telemetry = {k: v for k in TELEMETRY_FIELDS if (v := getattr(body, k)) is not None}
-    hb = m.Heartbeat(
+    hb = cs.Heartbeat(
         body.epoch,
         body.step,
         body.loss,

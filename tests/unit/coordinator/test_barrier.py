@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from coordinator import cluster_state as cs
 from coordinator import membership as m
 from coordinator.barrier import ChangeSignal, ready_answer
 from coordinator.credentials import digest
@@ -16,9 +17,9 @@ def digest_of(worker_id: str) -> bytes:
 
 
 def test_ready_answer_sorted_by_rank_and_identical_within_an_epoch() -> None:
-    state = m.ClusterState()
+    state = cs.ClusterState()
     for i, wid in enumerate(["c", "a", "b"]):
-        info = m.WorkerInfo(f"10.0.0.{i}", 5000 + i, f"h{i}", "cpu")
+        info = cs.WorkerInfo(f"10.0.0.{i}", 5000 + i, f"h{i}", "cpu")
         state = m.register(
             state, wid, info, 0.0, 0.0, max_workers=8, fresh_digest=digest_of(wid), proof=digest_of(wid)
         ).state
@@ -28,7 +29,7 @@ def test_ready_answer_sorted_by_rank_and_identical_within_an_epoch() -> None:
     assert [w.worker_id for w in first.workers] == ["c", "a", "b"]
     assert first.workers[1].ip_address == "10.0.0.1" and first.workers[1].port == 5001
     # a heartbeat changes telemetry, not the answer
-    out = m.heartbeat(state, "a", m.Heartbeat(epoch=3, step=7, loss=0.5), 1.0, 1.0)
+    out = m.heartbeat(state, "a", cs.Heartbeat(epoch=3, step=7, loss=0.5), 1.0, 1.0)
     state.workers["a"] = out.record  # type: ignore[index]
     assert ready_answer(state, 3, "hash") == first
     assert not ready_answer(state, 4, "hash").ready

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from coordinator import cluster_state as cs
 from coordinator import membership as m
 from coordinator.credentials import digest
 
-INFO = m.WorkerInfo("10.0.0.1", 50051, "host-a", "cpu")
+INFO = cs.WorkerInfo("10.0.0.1", 50051, "host-a", "cpu")
 TIMEOUT = 2.0
 
 
@@ -16,25 +17,25 @@ def digest_of(worker_id: str) -> bytes:
     return digest(f"secret-of-{worker_id}")
 
 
-def reg(state: m.ClusterState, wid: str, now: float, wall: float, max_workers: int = 16) -> m.Decision:
+def reg(state: cs.ClusterState, wid: str, now: float, wall: float, max_workers: int = 16) -> cs.Decision:
     """Register `wid`, proving the id with its secret (a rejoin of a live id needs it)."""
     return m.register(
         state, wid, INFO, now, wall, max_workers, fresh_digest=digest_of(wid), proof=digest_of(wid)
     )
 
 
-def join(state: m.ClusterState, *ids: str, now: float = 0.0) -> m.ClusterState:
+def join(state: cs.ClusterState, *ids: str, now: float = 0.0) -> cs.ClusterState:
     for wid in ids:
         state = reg(state, wid, now, 1e9 + now).state
     return state
 
 
-def ranks(state: m.ClusterState) -> dict[str, int | None]:
+def ranks(state: cs.ClusterState) -> dict[str, int | None]:
     return {w.worker_id: w.rank for w in state.alive()}
 
 
 def test_join_bumps_epoch_and_assigns_dense_ranks() -> None:
-    state = join(m.ClusterState(), "a", "b", "c")
+    state = join(cs.ClusterState(), "a", "b", "c")
     assert state.epoch == 3
     assert ranks(state) == {"a": 0, "b": 1, "c": 2}
     d = reg(state, "d", 0.0, 0.0)
@@ -45,7 +46,7 @@ def test_join_bumps_epoch_and_assigns_dense_ranks() -> None:
 
 
 def test_register_same_id_is_a_rejoin_with_new_epoch_and_kept_rank() -> None:
-    state = join(m.ClusterState(), "a", "b", "c")
+    state = join(cs.ClusterState(), "a", "b", "c")
     d = reg(state, "b", 5.0, 5.0)
     assert d.state.epoch == state.epoch + 1
     assert d.events[0].kind == "rejoined"
@@ -54,7 +55,7 @@ def test_register_same_id_is_a_rejoin_with_new_epoch_and_kept_rank() -> None:
 
 
 def test_max_workers_rejects_and_changes_nothing() -> None:
-    state = m.ClusterState()
+    state = cs.ClusterState()
     for wid in ("a", "b"):
         state = reg(state, wid, 0.0, 0.0, max_workers=2).state
     with pytest.raises(m.Rejected) as exc:
@@ -76,9 +77,9 @@ def test_assign_ranks_keeps_survivors_where_possible() -> None:
 
 
 def test_expire_is_strictly_after_the_timeout_and_bumps_once() -> None:
-    state = join(m.ClusterState(), "a", "b", "c", now=0.0)
+    state = join(cs.ClusterState(), "a", "b", "c", now=0.0)
     assert m.expire(state, TIMEOUT, 0.0, TIMEOUT) is None  # exactly at the deadline: still alive
-    hb = m.heartbeat(state, "b", m.Heartbeat(epoch=3), 1.5, 0.0)
+    hb = m.heartbeat(state, "b", cs.Heartbeat(epoch=3), 1.5, 0.0)
     state.workers["b"] = hb.record  # type: ignore[index]
     d = m.expire(state, TIMEOUT + 0.01, 0.0, TIMEOUT)
     assert d is not None
@@ -91,7 +92,7 @@ def test_expire_is_strictly_after_the_timeout_and_bumps_once() -> None:
 
 
 def test_restart_grace_protects_live_workers_from_the_downtime() -> None:
-    state = join(m.ClusterState(), "a", "b", now=0.0)
+    state = join(cs.ClusterState(), "a", "b", now=0.0)
     # the coordinator was down for 100 s; its clock restarted too
     d = m.restart(state, now=100.0, wall=2e9, grace=2.0)
     assert d.state.epoch == state.epoch and d.events[0].kind == "coordinator_restarted"
@@ -101,36 +102,36 @@ def test_restart_grace_protects_live_workers_from_the_downtime() -> None:
 
 
 def test_heartbeat_rejections() -> None:
-    state = join(m.ClusterState(), "a", "b")
+    state = join(cs.ClusterState(), "a", "b")
     with pytest.raises(m.Rejected) as unknown:
-        m.heartbeat(state, "zz", m.Heartbeat(epoch=1), 0.0, 0.0)
+        m.heartbeat(state, "zz", cs.Heartbeat(epoch=1), 0.0, 0.0)
     assert unknown.value.status == 404
     with pytest.raises(m.Rejected) as future:
-        m.heartbeat(state, "a", m.Heartbeat(epoch=99), 0.0, 0.0)
+        m.heartbeat(state, "a", cs.Heartbeat(epoch=99), 0.0, 0.0)
     assert future.value.status == 409
     dead = m.expire(state, 10.0, 0.0, TIMEOUT)
     assert dead is not None
     with pytest.raises(m.Rejected) as gone:
-        m.heartbeat(dead.state, "a", m.Heartbeat(epoch=dead.state.epoch), 10.0, 0.0)
+        m.heartbeat(dead.state, "a", cs.Heartbeat(epoch=dead.state.epoch), 10.0, 0.0)
     assert gone.value.status == 410
 
 
 def test_leave_bumps_epoch_once_and_is_idempotent() -> None:
-    state = join(m.ClusterState(), "a", "b", "c")
+    state = join(cs.ClusterState(), "a", "b", "c")
     d = m.leave(state, "a", 0.0)
     assert d is not None and d.state.epoch == 4 and d.events[0].kind == "left"
     assert ranks(d.state) == {"b": 1, "c": 0}
     assert m.leave(d.state, "a", 0.0) is None
     with pytest.raises(m.Rejected):
         m.leave(state, "nobody", 0.0)
-    out = m.heartbeat(d.state, "a", m.Heartbeat(epoch=4), 0.0, 0.0)
+    out = m.heartbeat(d.state, "a", cs.Heartbeat(epoch=4), 0.0, 0.0)
     assert out.member is False
     assert m.heartbeat_action("training", out.member, 4, 4) == "stop"
 
 
-def _beat(state: m.ClusterState, wid: str, ws: m.WorkerState, epoch: int | None = None) -> m.ClusterState:
+def _beat(state: cs.ClusterState, wid: str, ws: cs.WorkerState, epoch: int | None = None) -> cs.ClusterState:
     out = m.heartbeat(
-        state, wid, m.Heartbeat(epoch=state.epoch if epoch is None else epoch, state=ws), 0.0, 0.0
+        state, wid, cs.Heartbeat(epoch=state.epoch if epoch is None else epoch, state=ws), 0.0, 0.0
     )
     workers = dict(state.workers)
     workers[wid] = out.record
@@ -140,7 +141,7 @@ def _beat(state: m.ClusterState, wid: str, ws: m.WorkerState, epoch: int | None 
 
 
 def test_cluster_phase_state_machine() -> None:
-    state = join(m.ClusterState(), "a", "b")
+    state = join(cs.ClusterState(), "a", "b")
     assert m.cluster_phase(state) == "waiting"
     state = _beat(_beat(state, "a", "training"), "b", "training")
     assert m.cluster_phase(state) == "training"
@@ -162,7 +163,7 @@ def test_cluster_phase_state_machine() -> None:
 
 
 def test_cluster_phase_failed() -> None:
-    state = join(m.ClusterState(), "a", "b")
+    state = join(cs.ClusterState(), "a", "b")
     state = _beat(_beat(state, "a", "training"), "b", "failed")
     assert m.cluster_phase(state) == "training"
     state = _beat(state, "a", "failed")
@@ -171,7 +172,7 @@ def test_cluster_phase_failed() -> None:
 
 
 def test_a_coordinator_stall_pauses_expiry() -> None:
-    state = join(m.ClusterState(), "a", "b", now=0.0)
+    state = join(cs.ClusterState(), "a", "b", now=0.0)
     # both last heard at 0; the coordinator was stalled for 3 s when it wakes at t=10
     paused = m.absorb_stall(state, now=10.0, stall=3.0, timeout=TIMEOUT)
     assert paused.epoch == state.epoch and paused.workers == state.workers

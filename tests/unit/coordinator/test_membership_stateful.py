@@ -8,6 +8,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from coordinator import cluster_state as cs
 from coordinator import membership as m
 from coordinator.barrier import ready_answer
 from coordinator.credentials import digest
@@ -25,13 +26,13 @@ def digest_of(worker_id: str) -> bytes:
 class Membership(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.state = m.ClusterState()
+        self.state = cs.ClusterState()
         self.now = 0.0
         self.answers: dict[int, object] = {}
         self.last_epoch = 0
         self.counts = m.PhaseCounts()  # maintained incrementally, as the service does
 
-    def _apply(self, decision: m.Decision | None, changed_membership: bool) -> None:
+    def _apply(self, decision: cs.Decision | None, changed_membership: bool) -> None:
         if decision is None:
             assert not changed_membership
             return
@@ -43,7 +44,7 @@ class Membership(RuleBasedStateMachine):
 
     @rule(wid=IDS)
     def register(self, wid: str) -> None:
-        info = m.WorkerInfo("127.0.0.1", 1000 + int(wid[1:]), "h", "cpu")
+        info = cs.WorkerInfo("127.0.0.1", 1000 + int(wid[1:]), "h", "cpu")
         before = self.state
         try:
             d = m.register(
@@ -71,9 +72,9 @@ class Membership(RuleBasedStateMachine):
         lag=st.integers(0, 2),
         ws=st.sampled_from(["starting", "waiting", "training", "finished", "failed"]),
     )
-    def heartbeat(self, wid: str, dt: float, lag: int, ws: m.WorkerState) -> None:
+    def heartbeat(self, wid: str, dt: float, lag: int, ws: cs.WorkerState) -> None:
         self.now += dt
-        hb = m.Heartbeat(epoch=max(0, self.state.epoch - lag), state=ws)
+        hb = cs.Heartbeat(epoch=max(0, self.state.epoch - lag), state=ws)
         try:
             out = m.heartbeat(self.state, wid, hb, self.now, self.now)
         except m.Rejected as exc:
