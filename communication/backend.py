@@ -11,7 +11,10 @@ the backend (the job's), not of the call. Unit ids from `CONTROL_BASE` up are co
 are always raw (`UnitSpec.codec` "none"). The gRPC lane encodes int8 calls; the torch.distributed lane
 and the in-process fake serve them exactly (raw fp32), still holding each call to its unit's codec.
 
-Point-to-point `send` / `recv` move raw float32 tensors between two members (communication/p2p.py).
+Control values (losses, norms, flags, recovery reports, BatchNorm statistics, commit votes) travel on their
+own exact channel, never on a data unit: `exchange` gathers every rank's small int64 or float64 vector,
+bit for bit, and `barrier` is an exchange of one value. Point-to-point `send` / `recv` move raw float32
+tensors between two members (communication/p2p.py).
 Every call returns a `Handle` (communication/handle.py): it can be waited on, and its `cancel()` withdraws
 the call where its lane can, releasing what it reserved.
 
@@ -113,6 +116,16 @@ class CollectiveBackend(Protocol):
         to `out`. A message of another numel fails the call with InvalidMessage."""
         ...
 
+    def exchange(self, values: torch.Tensor, *, group: PeerGroup, key: int, timeout: float) -> Handle:
+        """The exact small collective: every rank's `values` (1-D, int64 or float64, the same numel on
+        every rank, at most MAX_CONTROL_VALUES), gathered in rank order. The handle resolves to a host
+        tensor of shape (world_size, numel) and the same dtype, row r bit for bit what rank r passed.
+        Never compressed and off the partition plan. `key` (0..MAX_CONTROL_KEY) names the exchange among
+        those of the epoch: every rank passes the same key, and a key is not used twice in an epoch.
+        ValueError on a bad call (`check_exchange`); InvalidMessage when a peer's values differ in numel
+        or dtype."""
+        ...
+
     def release(self, group: PeerGroup, step: int) -> None:
         """Step `step` is done here (committed or dropped by the step vote): let go of what the lane kept
         for it and for every earlier step (served shards, accumulators)."""
@@ -168,3 +181,26 @@ class WorkerLane(CollectiveBackend, Protocol):
 
 
 LANES = ("grpc", "local")
+CONTROL_DTYPES = (torch.int64, torch.float64)
+MAX_CONTROL_VALUES = 1 << 20
+MAX_CONTROL_KEY = (1 << 31) - 1
+
+
+def check_exchange(group: PeerGroup, key: int, values: torch.Tensor) -> torch.Tensor:
+    """ValueError unless `values` is a non-empty int64 or float64 vector of at most MAX_CONTROL_VALUES and
+    `key` an integer in 0..MAX_CONTROL_KEY; the values flat and contiguous, on the host."""
+    if not isinstance(key, int) or isinstance(key, bool) or not 0 <= key <= MAX_CONTROL_KEY:
+        raise ValueError(f"exchange: key must be an integer in 0..{MAX_CONTROL_KEY}, got {key!r}")
+    if values.dtype not in CONTROL_DTYPES:
+        raise ValueError(f"exchange: control values are int64 or float64, got {values.dtype}")
+    if values.dim() != 1 or not 1 <= values.numel() <= MAX_CONTROL_VALUES:
+        raise ValueError(
+            f"exchange: needs a vector of 1..{MAX_CONTROL_VALUES} values, got shape {tuple(values.shape)}"
+        )
+    return values.detach().to("cpu").contiguous()
+
+
+def barrier(lane: CollectiveBackend, *, group: PeerGroup, key: int, timeout: float) -> Handle:
+    """Resolves once every member of `group` has reached the barrier `key` (an exchange of one value): then
+    every call a member made before it has completed on that member."""
+    return lane.exchange(torch.zeros(1, dtype=torch.int64), group=group, key=key, timeout=timeout)

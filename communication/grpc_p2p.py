@@ -1,4 +1,5 @@
-"""Point-to-point `send` / `recv` of the gRPC lane (communication/p2p.py for the semantics).
+"""Point-to-point `send` / `recv` and the exact `exchange` of the gRPC lane (communication/p2p.py and
+communication/backend.py for the semantics).
 
 `send` streams the tensor's bytes to the destination's SendTensor method (the header names the key in
 `step`, unit 0, the destination as `shard`); the destination checks and holds it in its mailbox
@@ -6,19 +7,24 @@
 this rank's mailbox, waiting for it if it has not arrived. Cancelling a send stops its stream (the
 receiver frees what it reserved for it); cancelling a recv withdraws it (a message that arrives later
 stays held for another recv, until the epoch changes).
+
+`exchange` sends this rank's control values to every peer as SendTensor messages of unit `CONTROL_UNIT`
+(their own namespace of keys, int64 or float64) and receives each peer's into its row of the result.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import torch
 
 from communication import collectives
+from communication.backend import check_exchange
 from communication.group import PeerGroup
 from communication.handle import Handle
-from communication.mailbox import Mailbox
+from communication.mailbox import CONTROL_UNIT, Mailbox
 from communication.p2p import check_call
 from communication.servicer import SEND_METHOD
 from communication.tensor_stream import Key, make_header
@@ -71,6 +77,40 @@ class GrpcPointToPoint:
 
         async def run() -> torch.Tensor:
             await mailbox.recv(group.epoch, src, key, flat, timeout)
+            return out
+
+        return self._submit(group, run)
+
+    def exchange(self, values: torch.Tensor, *, group: PeerGroup, key: int, timeout: float) -> Handle:
+        """See CollectiveBackend: N - 1 messages out, N - 1 in, each peer's values into its row."""
+        flat = check_exchange(group, key, values)
+        if (stale := self._stale(group)) is not None:
+            return stale
+        wire, mailbox = self._wire, self._mailbox
+        assert wire is not None
+        out = torch.empty((group.world_size, flat.numel()), dtype=flat.dtype)
+        out[group.rank].copy_(flat)
+        payload = flat.view(torch.uint8)
+
+        def header(dest: int) -> pb.TensorHeader:
+            name = Key(group.job_id, group.epoch, key, CONTROL_UNIT, dest)
+            return make_header(
+                name, group.rank, flat.dtype, flat.numel(), pb.CODEC_NONE, 0, payload, with_checksum=False
+            )
+
+        async def run() -> torch.Tensor:
+            peers = [p for p in group.peers() if p != group.rank]
+            sends = [
+                collectives.push(wire, group, p, header(p), payload, timeout, SEND_METHOD) for p in peers
+            ]
+            recvs = [mailbox.recv(group.epoch, p, key, out[p], timeout, unit=CONTROL_UNIT) for p in peers]
+            tasks = [asyncio.ensure_future(call) for call in (*sends, *recvs)]
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException:  # the first failure ends the exchange: nothing of it lingers
+                for task in tasks:
+                    task.cancel()
+                raise
             return out
 
         return self._submit(group, run)

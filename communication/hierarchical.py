@@ -45,7 +45,7 @@ from dataclasses import replace
 
 import torch
 
-from communication.backend import Codec, UnitSpec, WireStats, WorkerLane
+from communication.backend import Codec, UnitSpec, WireStats, WorkerLane, check_exchange
 from communication.errors import Cancelled, CollectiveTimeout, CommError, EpochChanged
 from communication.group import PeerGroup
 from communication.grpc_backend import GrpcBackend
@@ -258,6 +258,54 @@ class HierarchicalBackend:
             if _fail_on_error(f, result):
                 out.view(-1).copy_(res)
                 _settle(result, value=out)
+
+        inside.add_done_callback(lambda f: self._then(f, result, across, finish))
+        result.bind(withdraw)
+        return result
+
+    def exchange(self, values: torch.Tensor, *, group: PeerGroup, key: int, timeout: float) -> Handle:
+        """See CollectiveBackend: inside the host first, then every host's block across hosts (between
+        matching local ranks), rows put back in rank order."""
+        flat = check_exchange(group, key, values)
+        try:
+            layout = self._installed(group)
+        except EpochChanged as exc:
+            return _failed(exc)
+        if layout is None:
+            return self.remote.exchange(flat, group=group, key=key, timeout=timeout)
+        if layout.remote_group is None:  # one host: local order is rank order
+            return self.local.exchange(flat, group=layout.local_group, key=key, timeout=timeout)
+        remote_group, n = layout.remote_group, flat.numel()
+        deadline = time.monotonic() + timeout
+        inside = self.local.exchange(flat, group=layout.local_group, key=key, timeout=timeout)
+        result = Handle()
+        stages: list[Future[torch.Tensor]] = [inside]
+        withdrawn = threading.Event()
+
+        def across() -> Future[torch.Tensor]:
+            if withdrawn.is_set():
+                raise Cancelled(f"{group.describe()}: exchange {key}: cancelled by the caller")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CollectiveTimeout(f"{group.describe()}: no time left for the gRPC stage")
+            block = inside.result().reshape(-1)  # this host's rows, by local index
+            second = self.remote.exchange(block, group=remote_group, key=key, timeout=left)
+            stages.append(second)
+            return second
+
+        def finish(f: Future[torch.Tensor]) -> None:
+            if _fail_on_error(f, result):
+                blocks = f.result().view(layout.num_hosts, layout.per_host, n)
+                out = torch.empty((group.world_size, n), dtype=flat.dtype)
+                for h, ranks in enumerate(layout.hosts):
+                    for local, rank in enumerate(ranks):
+                        out[rank] = blocks[h, local]
+                _settle(result, value=out)
+
+        def withdraw() -> bool:
+            withdrawn.set()
+            pending = [stage for stage in stages if not stage.done()]
+            return _withdraw(pending) if pending else not result.done()
 
         inside.add_done_callback(lambda f: self._then(f, result, across, finish))
         result.bind(withdraw)

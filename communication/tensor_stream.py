@@ -31,6 +31,8 @@ DTYPES: dict[torch.dtype, int] = {
     torch.float32: pb.DTYPE_FLOAT32,
     torch.float16: pb.DTYPE_FLOAT16,
     torch.bfloat16: pb.DTYPE_BFLOAT16,
+    torch.int64: pb.DTYPE_INT64,  # control values only (the exchange)
+    torch.float64: pb.DTYPE_FLOAT64,
 }
 TORCH_DTYPES: dict[int, torch.dtype] = {v: k for k, v in DTYPES.items()}
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from communication.backend import Codec, CollectiveBackend, UnitSpec, WireStats
+from communication.backend import Codec, CollectiveBackend, UnitSpec, WireStats, check_exchange
 from communication.compression import DEFAULT_INT8_BLOCK, codec_id_for
 from communication.errors import CollectiveTimeout, EpochChanged, InvalidMessage, PeerLost
 from communication.group import PeerGroup
@@ -48,6 +48,7 @@ class FakeHub:
         self._shards: dict[tuple[int, int, int, int], torch.Tensor] = {}  # (epoch, step, unit, rank)
         self._grads: dict[tuple[int, int, int, int, int], torch.Tensor] = {}  # (+dest, sender)
         self._mail: dict[tuple[int, int, int, int], torch.Tensor] = {}  # (epoch, src, dest, key)
+        self._control: dict[tuple[int, int, int], torch.Tensor] = {}  # (epoch, key, rank): exchanges
         self.epoch = 0
 
     def backend(self, rank: int) -> FakeBackend:
@@ -58,6 +59,8 @@ class FakeHub:
             self.epoch = max(self.epoch, epoch)
             for key in [k for k in self._mail if k[0] < self.epoch]:
                 del self._mail[key]
+            for ck in [k for k in self._control if k[0] < self.epoch]:
+                del self._control[ck]
             self._cond.notify_all()
 
     def _wait(self, group: PeerGroup, step: int, ready: object, deadline: float) -> None:
@@ -250,6 +253,30 @@ class FakeBackend:
         return self._call(
             group, 0, lambda: mail_key in hub._mail, finish, timeout, f"recv of key {key} from {src}"
         )
+
+    def exchange(self, values: torch.Tensor, *, group: PeerGroup, key: int, timeout: float) -> Handle:
+        """See CollectiveBackend: each rank's values stay in the hub until the epoch changes."""
+        flat = check_exchange(group, key, values)
+        self._check(group, 0)
+        hub, world = self.hub, group.world_size
+        names = [(group.epoch, key, r) for r in range(world)]
+        with hub._cond:
+            if names[group.rank] in hub._control:
+                raise ValueError(f"exchange: key {key} was used already in {group.describe()}")
+            hub._control[names[group.rank]] = flat.clone()
+            hub._cond.notify_all()
+
+        def finish() -> torch.Tensor:
+            parts = [hub._control[name] for name in names]
+            if any(p.dtype != flat.dtype or p.numel() != flat.numel() for p in parts):
+                raise InvalidMessage(f"exchange {key}: ranks passed {[(p.dtype, p.numel()) for p in parts]}")
+            out = torch.stack(parts)
+            self._sent += flat.numel() * flat.element_size() * (world - 1)
+            self._received += flat.numel() * flat.element_size() * (world - 1)
+            return out
+
+        ready = lambda: all(name in hub._control for name in names)  # noqa: E731
+        return self._call(group, 0, ready, finish, timeout, f"exchange {key}")
 
     def release(self, group: PeerGroup, step: int) -> None:
         with self.hub._cond:

@@ -19,6 +19,8 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_FLOAT32: _ClassVar[DType]
     DTYPE_FLOAT16: _ClassVar[DType]
     DTYPE_BFLOAT16: _ClassVar[DType]
+    DTYPE_INT64: _ClassVar[DType]
+    DTYPE_FLOAT64: _ClassVar[DType]
 CODEC_UNSPECIFIED: Codec
 CODEC_NONE: Codec
 CODEC_INT8: Codec
@@ -26,6 +28,8 @@ DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
 DTYPE_BFLOAT16: DType
+DTYPE_INT64: DType
+DTYPE_FLOAT64: DType
 
 class TensorHeader(_message.Message):
     __slots__ = ("job_id", "epoch", "step", "unit", "shard", "sender", "dtype", "numel", "shape", "codec", "block_size", "payload_bytes", "checksum", "offset", "length")

@@ -28,7 +28,7 @@ from worker.zero3.channels import Channel, channel_specs, float_buffers, handove
 from worker.zero3.optim import ShardedOptimizer, state_names
 from worker.zero3.plan import shard_range
 from worker.zero3.sharded import ShardedModule
-from worker.zero3.state import allgather_values, rank_order_sum
+from worker.zero3.state import exchange_floats, exchange_values, rank_order_sum
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def declare(engine: ShardedModule, job: JobSpec) -> None:
     names = len(carried(job))
     handover = {u.index: names * u.plan.shard_numel for u in engine.units}
     plan: dict[int, UnitSpec] = dict(engine.wire_plan())
-    plan.update(channel_specs(engine.model, handover))
+    plan.update(channel_specs(handover))
     engine.backend.set_plan(engine.group, plan)
 
 
@@ -145,9 +145,9 @@ def adopt_buffers(engine: ShardedModule, key: int, holder: bool) -> None:
     if not buffers:
         return
     flat = torch.cat([b.detach().reshape(-1).float().cpu() for _, b in buffers])
-    flags = allgather_values(engine, key, Channel.HOLDERS, torch.tensor([1.0 if holder else 0.0]))
-    parts = allgather_values(engine, key, Channel.ADOPT, flat)
-    chosen = [p for p, f in zip(parts, flags, strict=True) if float(f) == 1.0]
+    flags = exchange_values(engine, key, Channel.HOLDERS, torch.tensor([1 if holder else 0]))
+    parts = exchange_floats(engine, key, Channel.ADOPT, flat)
+    chosen = [p for p, f in zip(parts, flags, strict=True) if int(f) == 1]
     if not chosen:
         return
     mean = rank_order_sum(chosen).div_(len(chosen))

@@ -131,6 +131,9 @@ class WatchedCalls:
     def recv(self, out: torch.Tensor, *, group: PeerGroup, src: int, key: int, timeout: float) -> Handle:
         return self._watch(self._backend.recv, out, group=group, src=src, key=key, timeout=timeout)
 
+    def exchange(self, values: torch.Tensor, *, group: PeerGroup, key: int, timeout: float) -> Handle:
+        return self._watch(self._backend.exchange, values, group=group, key=key, timeout=timeout)
+
     def release(self, group: PeerGroup, step: int) -> None:
         self._backend.release(group, step)
 
@@ -154,3 +157,7 @@ class WatchedCalls:
 
     def close(self) -> None:
         self._backend.close()
+
+
+# mypy checks the wrapper against the contract it stands in for.
+_CONTRACT: type[CollectiveBackend] = WatchedCalls

@@ -168,7 +168,7 @@ class Manager:
 
         handover.declare(engine, job)
         mine = recovery.report(self.current, self.previous)
-        parts = zstate.allgather_values(engine, REPORT_KEY, Channel.REPORT, mine.values())
+        parts = zstate.exchange_values(engine, REPORT_KEY, Channel.REPORT, mine.values())
         choice = recovery.choose([recovery.StateReport.parse(p) for p in parts])
         key = choice.step  # every later collective of the formation: under the step it resumes at
         which = choice.which[group.rank]
@@ -178,10 +178,10 @@ class Manager:
             held.trainer.apply(settled(step, skip, total_sq))
             log.info("%s: applied step %d, which another rank had committed", group.describe(), step)
         lost = recovery.lost_ranks(held, choice, ids) if held is not None else []
-        flags = zstate.allgather_values(
+        flags = zstate.exchange_values(
             engine, key, Channel.SETTLE, recovery.settle_values(bool(lost), held is not None)
         )
-        any_lost = any(float(f[1]) == 1.0 for f in flags)
+        any_lost = any(int(f[1]) == 1 for f in flags)
         known = max(self.progress_step + 1, choice.step)
         if choice.layout >= 0 and not any_lost:
             assert held is not None or not choice.which[group.rank]

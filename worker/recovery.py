@@ -1,4 +1,4 @@
-"""What a new epoch starts from: the members agree, from exact all-gathers, on the state to continue.
+"""What a new epoch starts from: the members agree, from exact int64 exchanges, on the state to continue.
 
 A *holding* is a rank's training state in one *layout* (the partition of the members of the epoch that
 formed it): its own shards, the replica of its ward, the step it has committed and the update it has
@@ -6,7 +6,7 @@ staged. A holding is *confirmed* once a step committed in it: every member of it
 keeps its previous holding until the current one is confirmed, so a formation that broke half way never
 leaves the members without a common layout.
 
-Round one (REPORT, ``REPORT_VALUES`` per rank, :meth:`StateReport.values`): every member tells what it holds.
+Round one (REPORT, :meth:`StateReport.values`, int64): every member tells what it holds.
 Every member then takes the same :class:`Choice` (:func:`choose`):
 
 - the layout: the newest confirmed one reported (none: a *fresh* start, from a checkpoint if there is one);
@@ -22,6 +22,7 @@ never silently restarts from step 0. Otherwise the shards are handed over (``wor
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ import torch
 from worker.buddy import buddy_ranks
 from worker.handover import own_state
 
-NONE = -1.0
+NONE = -1
 
 
 class RecoveryError(RuntimeError):
@@ -54,23 +55,40 @@ class Holding:
 
 @dataclass(frozen=True)
 class StateReport:
-    cur_layout: float = NONE
-    cur_confirmed: float = 0.0
-    cur_done: float = NONE
-    cur_staged: float = NONE
-    prev_layout: float = NONE
-    prev_done: float = NONE
-    last_step: float = NONE  # the newest decision applied in the current holding
-    last_skip: float = 0.0
+    """What a member holds, as exact integers (the REPORT exchange is int64): layouts, steps and flags, and
+    the squared gradient norm of its newest decision as the bits of its float64 value."""
+
+    cur_layout: int = NONE
+    cur_confirmed: int = 0
+    cur_done: int = NONE
+    cur_staged: int = NONE
+    prev_layout: int = NONE
+    prev_done: int = NONE
+    last_step: int = NONE  # the newest decision applied in the current holding
+    last_skip: int = 0
     last_total_sq: float = 0.0
-    opt_steps: float = 0.0
+    opt_steps: int = 0
 
     def values(self) -> torch.Tensor:
-        return torch.tensor([float(v) for v in self.__dict__.values()], dtype=torch.float32)
+        fields = dict(self.__dict__)
+        fields["last_total_sq"] = _float_bits(self.last_total_sq)
+        return torch.tensor([int(v) for v in fields.values()], dtype=torch.int64)
 
     @classmethod
     def parse(cls, t: torch.Tensor) -> StateReport:
-        return cls(*[float(v) for v in t.tolist()])
+        values = [int(v) for v in t.tolist()]
+        names = list(cls.__dataclass_fields__)
+        fields: dict[str, Any] = dict(zip(names, values, strict=True))
+        fields["last_total_sq"] = _bits_float(fields["last_total_sq"])
+        return cls(**fields)
+
+
+def _float_bits(x: float) -> int:
+    return int(struct.unpack("<q", struct.pack("<d", float(x)))[0])
+
+
+def _bits_float(bits: int) -> float:
+    return float(struct.unpack("<d", struct.pack("<q", bits))[0])
 
 
 def report(current: Holding | None, previous: Holding | None) -> StateReport:
@@ -81,13 +99,13 @@ def report(current: Holding | None, previous: Holding | None) -> StateReport:
     staged = tr.staged.step if tr.staged is not None else NONE
     return StateReport(
         cur_layout=current.layout,
-        cur_confirmed=1.0 if current.confirmed else 0.0,
+        cur_confirmed=1 if current.confirmed else 0,
         cur_done=tr.steps_done,
         cur_staged=staged,
         prev_layout=NONE if previous is None else previous.layout,
         prev_done=NONE if previous is None else previous.trainer.steps_done,
         last_step=NONE if last is None else last.step,
-        last_skip=1.0 if (last is not None and last.skip) else 0.0,
+        last_skip=1 if (last is not None and last.skip) else 0,
         last_total_sq=0.0 if last is None else last.total_sq_norm,
         opt_steps=tr.optimizer.steps_done,
     )
@@ -108,8 +126,8 @@ class Choice:
 
 def choose(reports: list[StateReport]) -> Choice:
     """The same choice on every member, from every member's report (in rank order)."""
-    confirmed = [r.cur_layout for r in reports if r.cur_confirmed == 1.0] + [r.prev_layout for r in reports]
-    layout = int(max(confirmed, default=NONE))
+    confirmed = [r.cur_layout for r in reports if r.cur_confirmed == 1] + [r.prev_layout for r in reports]
+    layout = max(confirmed, default=NONE)
     if layout < 0:
         return Choice(-1, 0, ("",) * len(reports), None, 0)
     have: list[tuple[str, int]] = []
@@ -124,7 +142,7 @@ def choose(reports: list[StateReport]) -> Choice:
     settle = None
     for r, (w, done) in zip(reports, have, strict=True):
         if w == "cur" and done == step and r.last_step == step - 1:
-            settle = (step - 1, r.last_skip == 1.0, r.last_total_sq)
+            settle = (step - 1, r.last_skip == 1, r.last_total_sq)
     which: list[str] = []
     opt_steps = 0
     for r, (w, done) in zip(reports, have, strict=True):
@@ -163,4 +181,5 @@ def sources(holding: Holding, choice: Choice, new_ids: tuple[str, ...]) -> dict[
 
 
 def settle_values(lost: bool, holder: bool) -> torch.Tensor:
-    return torch.tensor([1.0 if holder else 0.0, 1.0 if lost else 0.0], dtype=torch.float32)
+    """Round two's values (SETTLE, int64): whether this rank holds state, whether it found a shard lost."""
+    return torch.tensor([1 if holder else 0, 1 if lost else 0], dtype=torch.int64)

@@ -219,7 +219,7 @@ class Trainer:
         self.staged = commit.Staged(step, grads, ward_grads)
         vote = commit.vote_values(loss, local_sq_norm(grads), not engine.nonfinite)
         self.may_commit()
-        votes = zstate.allgather_values(engine, step, Channel.VOTE, vote)
+        votes = zstate.exchange_floats(engine, step, Channel.VOTE, vote)
         decision = commit.decide(step, votes, job.global_batch)
         lr = self.apply(decision)
         engine.timeout = self.collective_timeout  # past start-up: the steady-state timeout
@@ -299,7 +299,7 @@ class Trainer:
                     sums[2] += float(y.numel())
         finally:
             engine.model.train()
-        total = zstate.rank_order_sum(zstate.allgather_values(engine, key, Channel.EVAL, sums.float()))
+        total = zstate.rank_order_sum(zstate.exchange_floats(engine, key, Channel.EVAL, sums.float()))
         count = max(1.0, float(total[2]))
         report = EvalReport(
             step=key, test_loss=float(total[0]) / count, test_accuracy=float(total[1]) / count

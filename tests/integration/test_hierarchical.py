@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import ProcessReaper
 from tests.integration.hier_peer import KILL_TIMEOUT, MEASURE_NUMEL
-from tests.integration.wire_harness import REPO, check_results, payload_bytes, rounding_bound
+from tests.integration.wire_harness import REPO, check_control, check_results, payload_bytes, rounding_bound
 
 pytestmark = [pytest.mark.slow]
 
@@ -72,6 +72,7 @@ def test_hierarchical_conformance(hosts: str, mode: str, reaper: ProcessReaper, 
     for run in (0, 1):
         check_results([r["runs"][run] for r in results], "none", exact_reduce=exact)
     check_results([r["mixed"] for r in results], "mixed", exact_reduce=exact)
+    check_control([r["control"] for r in results])
     sizes = [c["numel"] for c in results[0]["runs"][0]["cases"]]
     mixed = [(c["numel"], c["codec"]) for c in results[0]["mixed"]["cases"]]
     for r in results:

@@ -2,7 +2,9 @@
 processes on loopback: 2, 3 and 4 peers, uneven sizes, sizes at a 1 MiB chunk boundary and one past
 it, raw float32, int8 and both in one plan (each call naming its codec); and against the torch.distributed
 lane (gloo) at 2 and 3 peers, raw float32 (int8 calls served raw). The same point-to-point cases run on
-all three (on the torch.distributed lane only those posted in one call order)."""
+all three (on the torch.distributed lane only those posted in one call order), and the same exact
+control exchanges (int64 and float64, bit for bit, and a barrier); tests/integration/test_hierarchical.py
+runs the harness on the hierarchical lane."""
 
 from __future__ import annotations
 
@@ -19,10 +21,12 @@ from communication.testing import FakeHub
 from tests.conftest import ProcessReaper, free_port
 from tests.integration.wire_harness import (
     case_codecs,
+    check_control,
     check_p2p,
     check_results,
     payload_bytes,
     run_cases,
+    run_control_cases,
     run_p2p_cases,
     spawn_peers,
     spawn_torchdist,
@@ -52,7 +56,13 @@ def test_fake_backend_conformance(world: int) -> None:
             second = PeerGroup("job-test", 2, rank, addresses)
             backend.set_group(second)
             mixed = run_cases(backend, second, "mixed", 1024, timeout=20)
-            return {"none": raw, "mixed": mixed, "p2p": run_p2p_cases(backend, second, timeout=20)}
+            control = run_control_cases(backend, second, timeout=20)
+            return {
+                "none": raw,
+                "mixed": mixed,
+                "p2p": run_p2p_cases(backend, second, timeout=20),
+                "control": control,
+            }
         finally:
             backend.close()
 
@@ -61,6 +71,7 @@ def test_fake_backend_conformance(world: int) -> None:
     check_results([r["none"] for r in results], "none")
     check_results([r["mixed"] for r in results], "mixed", int8_exact=True)  # the fake serves int8 raw
     check_p2p([r["p2p"] for r in results])
+    check_control([r["control"] for r in results])
 
 
 @pytest.mark.slow
@@ -72,6 +83,7 @@ def test_grpc_backend_conformance(world: int, reaper: ProcessReaper, tmp_path: P
     check_results([r["int8"] for r in results], "int8")
     check_results([r["mixed"] for r in results], "mixed")
     check_p2p([r["p2p"] for r in results])
+    check_control([r["control"] for r in results])
     # raw float32: every peer's shard and every slice for a peer crossed the wire exactly once
     sizes = [c["numel"] for c in results[0]["none"]["cases"]]
     expected = sum(4 * n * (world - 1) * 2 for n in sizes)
@@ -99,6 +111,7 @@ def test_torchdist_conformance(world: int, reaper: ProcessReaper, tmp_path: Path
     check_results(results, "none")
     check_results([r["mixed"] for r in results], "mixed", int8_exact=True)  # the local lane serves int8 raw
     check_p2p([r["p2p"] for r in results], in_call_order=True)
+    check_control([r["control"] for r in results])
     sizes = [c["numel"] for c in results[0]["cases"]]
     expected = sum(4 * n * (world - 1) * 2 for n in sizes)
     for r in results:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from communication.backend import CODECS, Codec, CollectiveBackend, UnitSpec
+from communication.backend import CODECS, Codec, CollectiveBackend, UnitSpec, barrier
 from communication.errors import Cancelled, CommError
 from communication.group import PeerGroup
 from tests.conftest import ProcessReaper
@@ -187,8 +187,65 @@ def check_results(
                 assert c["reduce_rel_err"] < 0.03, c
     if compression == "none":
         # raw fp32: every byte of every shard except one's own crossed the wire exactly once per peer
+        # and in a symmetric pattern every rank receives what it sends (the exact counts: per lane)
         for r in per_rank:
-            assert r["bytes_received"] >= 0
+            assert r["bytes_received"] == r["bytes_sent"] > 0, r
+
+
+def control_values(case: int, rank: int) -> torch.Tensor:
+    """The control values rank `rank` passes in exchange case `case`: int64 at both ends of its range and
+    past 2**53 (no float carries them), float64 with NaN payloads, infinities, -0.0 and subnormals, and
+    a float64 exchange one value past a 1 MiB chunk."""
+    if case == 0:
+        return torch.tensor([rank, -(2**63), 2**63 - 1, 2**62 + rank, 2**53 + 1], dtype=torch.int64)
+    if case == 1:
+        bits = torch.tensor(
+            [0x7FF8_0000_DEAD_0000 + rank, 0x7FF0_0000_0000_0000, 1, -(2**63)], dtype=torch.int64
+        )
+        return torch.cat(
+            [bits.view(torch.float64), torch.tensor([1 / 3 + rank, 5e-324], dtype=torch.float64)]
+        )
+    return torch.arange(CHUNK // 8 + 1, dtype=torch.float64) * (rank + 1) + 0.5
+
+
+def run_control_cases(backend: CollectiveBackend, group: PeerGroup, timeout: float = 30.0) -> dict[str, Any]:
+    """The exact exchange: three exchanges (`control_values`) and a barrier, each under its own key; then
+    what a lane must refuse (values that are not int64 or float64, a key out of range, a matrix)."""
+    world, rank = group.world_size, group.rank
+    exact = []
+    for case in range(3):
+        got = backend.exchange(control_values(case, rank), group=group, key=10 + case, timeout=timeout).wait(
+            timeout + 5
+        )
+        want = torch.stack([control_values(case, r) for r in range(world)])
+        exact.append(
+            got.dtype == want.dtype
+            and tuple(got.shape) == (world, want.shape[1])
+            and bool(torch.equal(got.view(torch.int64), want.view(torch.int64)))  # bit for bit, NaNs too
+        )
+    barrier(backend, group=group, key=20, timeout=timeout).wait(timeout + 5)
+    refused = []
+    for bad, key in (
+        (torch.ones(3), 21),
+        (torch.ones(3, dtype=torch.int32), 21),
+        (torch.ones(2, 2, dtype=torch.int64), 21),
+        (torch.ones(1, dtype=torch.int64), -1),
+        (torch.ones(1, dtype=torch.int64), 1 << 31),
+    ):
+        try:
+            backend.exchange(bad, group=group, key=key, timeout=timeout)
+            refused.append(False)
+        except ValueError:
+            refused.append(True)
+    return {"rank": rank, "exact": exact, "refused": refused}
+
+
+def check_control(per_rank: list[dict[str, Any]]) -> None:
+    """Every exchange arrived bit for bit on every rank, in rank order; every bad call was refused."""
+    assert sorted(r["rank"] for r in per_rank) == list(range(len(per_rank)))
+    for r in per_rank:
+        assert r["exact"] == [True, True, True], r
+        assert all(r["refused"]), r
 
 
 def p2p_sizes(world: int) -> dict[tuple[int, int], int]:

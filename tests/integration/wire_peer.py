@@ -26,7 +26,7 @@ import torch
 from communication.errors import CommError
 from communication.group import PeerGroup
 from communication.grpc_backend import GrpcBackend
-from tests.integration.wire_harness import run_cases, run_p2p_cases
+from tests.integration.wire_harness import run_cases, run_control_cases, run_p2p_cases
 
 TOKEN = "test-token"
 
@@ -140,6 +140,7 @@ def main(argv: list[str]) -> int:
             backends[c].set_group(groups[c])
         if scenario == "conformance":
             result = {c: run_cases(backends[c], groups[c], c, 1024, timeout) for c in codecs}
+            result["control"] = run_control_cases(backends["none"], groups["none"], timeout)
             p2p = run_p2p_cases(backends["none"], groups["none"], timeout)
             p2p["mailbox_bytes"] = backends["none"].call_soon(_mailbox_bytes(backends["none"])).result(5)
             result["p2p"] = p2p

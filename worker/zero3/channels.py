@@ -1,15 +1,13 @@
-"""Control channels: the small exact values ranks exchange besides parameters and gradients, each under
-its own unit id in the wire's control key space (``communication.backend.control_unit``), and the size
-of each rank's shard on each, so that the plan the engine declares to its backend covers everything it
-sends.
+"""Control channels: the small exact values ranks exchange besides parameters and gradients, and the
+hand-over units of a re-partition.
 
-Every channel travels uncompressed (codec "none", whatever the job's codec), so values arrive bit for
-bit. The all-gather channels carry a fixed number of fp32 values per rank: BatchNorm statistics (every
-floating buffer of the model), the step's commit vote (loss, squared gradient norm, staged flag), the
-evaluation sums (loss, correct, count), the checkpoint step a rank would resume from and the two rounds
-of the recovery exchange (``worker.recovery``). A barrier is a reduce-scatter of one value per rank; a
-step key has at most ``BARRIER_SLOTS`` of them. A re-partition moves every unit on its own hand-over
-channel (``handover_unit``). A caller that sends another size fails with InvalidMessage (off the plan).
+Control values travel on the contract's exact exchange (``CollectiveBackend.exchange``: int64 or
+float64, never compressed, off the partition plan), each under its own key, ``control_key(step,
+channel)``: BatchNorm statistics (every floating buffer of the model), the step's commit vote (loss,
+squared gradient norm, staged flag), the evaluation sums (loss, correct, count), the checkpoint step a rank
+would resume from, the two rounds of the recovery exchange (``worker.recovery``) and up to
+``BARRIER_SLOTS`` barriers per step key. A re-partition moves every unit's shards, which are data, with
+the wire's all-gather on its own hand-over unit (``handover_unit``), declared in the plan.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from enum import IntEnum
 import torch
 from torch import nn
 
-from communication.backend import UnitSpec, control_unit
+from communication.backend import MAX_CONTROL_KEY, UnitSpec, control_unit
 
 
 class Channel(IntEnum):
@@ -29,36 +27,28 @@ class Channel(IntEnum):
     RESUME = 4
     REPORT = 5
     SETTLE = 6
-    BARRIER = 8  # the first of BARRIER_SLOTS barrier channels (see barrier_unit)
+    BARRIER = 8  # the first of BARRIER_SLOTS barrier slots (see control_key)
     HOLDERS = 16  # 1 if the rank brought state to a formation
     ADOPT = 17  # BatchNorm statistics adopted at a formation (as BUFFERS)
     HANDOVER = 64  # the first of one channel per unit (see handover_unit)
 
 
 BARRIER_SLOTS = 8
-VOTE_VALUES = 3  # loss sum, squared gradient norm, 1 if the update is staged (0: skip the step)
-REPORT_VALUES = 10  # see worker.recovery.Holding.report
-SETTLE_VALUES = 2  # see worker.recovery.settle_values
-_VALUES = {
-    Channel.VOTE: VOTE_VALUES,
-    Channel.EVAL: 3,
-    Channel.RESUME: 1,
-    Channel.REPORT: REPORT_VALUES,
-    Channel.SETTLE: SETTLE_VALUES,
-    Channel.HOLDERS: 1,
-}  # fp32 per rank
+KEYS_PER_STEP = int(Channel.HANDOVER)  # control channels (and barrier slots) of one step key
+MAX_STEP_KEY = (MAX_CONTROL_KEY + 1) // KEYS_PER_STEP - 1
 
 
-def channel_unit(channel: Channel) -> int:
-    """The unit id `channel` travels under."""
-    return control_unit(int(Channel(channel)))
-
-
-def barrier_unit(slot: int) -> int:
-    """The unit id of the `slot`-th barrier of a step key."""
-    if not 0 <= slot < BARRIER_SLOTS:
-        raise ValueError(f"barrier slot {slot} outside 0..{BARRIER_SLOTS - 1}")
-    return control_unit(Channel.BARRIER + slot)
+def control_key(step: int, channel: Channel, slot: int = 0) -> int:
+    """The exchange key of `channel` (its `slot`-th use, for barriers) at step key `step`."""
+    channel = Channel(channel)
+    if channel >= Channel.HANDOVER:
+        raise ValueError(f"{channel.name} is not a control channel")
+    limit = BARRIER_SLOTS if channel == Channel.BARRIER else 1
+    if not 0 <= slot < limit:
+        raise ValueError(f"{channel.name} slot {slot} outside 0..{limit - 1}")
+    if not 0 <= step <= MAX_STEP_KEY:
+        raise ValueError(f"step key {step} outside 0..{MAX_STEP_KEY}")
+    return step * KEYS_PER_STEP + int(channel) + slot
 
 
 def handover_unit(index: int) -> int:
@@ -73,16 +63,7 @@ def float_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
 
 
-def channel_specs(model: nn.Module, handover: dict[int, int] | None = None) -> dict[int, UnitSpec]:
-    """unit id -> shard spec (raw fp32) of every control channel of an engine over `model`; `handover`:
-    unit index -> values per rank of its hand-over channel."""
-    specs = {channel_unit(channel): UnitSpec(n) for channel, n in _VALUES.items()}
-    for index, n in (handover or {}).items():
-        specs[handover_unit(index)] = UnitSpec(n)
-    buffer_values = sum(b.numel() for _, b in float_buffers(model))
-    if buffer_values:
-        specs[channel_unit(Channel.BUFFERS)] = UnitSpec(buffer_values)
-        specs[channel_unit(Channel.ADOPT)] = UnitSpec(buffer_values)
-    for slot in range(BARRIER_SLOTS):
-        specs[barrier_unit(slot)] = UnitSpec(1)
-    return specs
+def channel_specs(handover: dict[int, int] | None = None) -> dict[int, UnitSpec]:
+    """unit id -> shard spec (raw fp32) of the hand-over units of a re-partition; `handover`: unit index
+    -> values per rank of its hand-over unit. Control values are off the plan (the exchange)."""
+    return {handover_unit(index): UnitSpec(n) for index, n in (handover or {}).items()}

@@ -43,7 +43,6 @@ from communication.backend import Codec, CollectiveBackend, UnitSpec
 from communication.errors import CollectiveTimeout
 from communication.group import PeerGroup
 from worker.zero3 import precision
-from worker.zero3.channels import channel_specs
 from worker.zero3.flat_unit import FlatUnit, UnitState
 from worker.zero3.launcher import OrderedLauncher
 from worker.zero3.plan import PartitionPlan, plan_model
@@ -153,10 +152,9 @@ class ShardedModule:
         return self.model(*args, **kwargs)
 
     def wire_plan(self) -> dict[int, UnitSpec]:
-        """Unit id -> spec of everything this engine sends: its units (its codec), control channels (raw)."""
-        specs = {u.index: UnitSpec(u.plan.shard_numel, self.codec) for u in self.units}
-        specs.update(channel_specs(self.model))
-        return specs
+        """Unit id -> spec of every unit this engine gathers and reduces, in its codec (control values are off
+        the plan: they travel on the exact exchange)."""
+        return {u.index: UnitSpec(u.plan.shard_numel, self.codec) for u in self.units}
 
     def declare_plan(self) -> None:
         """Tell the backend this epoch's plan, so peers' messages are checked against it (called once the

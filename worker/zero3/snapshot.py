@@ -64,7 +64,7 @@ def agreed_step(engine: ShardedModule, job: JobSpec, directory: Path) -> int | N
     """The step of the checkpoint every rank will load (collective), or None when some rank has none."""
     info = ckpt.latest_complete(directory, job.hash) if Path(directory).is_dir() else None
     mine = -1 if info is None else info.step
-    parts = zstate.allgather_values(engine, 0, zstate.Channel.RESUME, torch.tensor([float(mine)]))
+    parts = zstate.exchange_values(engine, 0, zstate.Channel.RESUME, torch.tensor([mine]))
     steps = [int(p.item()) for p in parts]
     chosen = min(steps)
     if len(set(steps)) > 1:

@@ -1,5 +1,5 @@
 """Whole-model state of a sharded module: gathering full parameters, loading them back into shards, the
-replicated buffers (BatchNorm running statistics) and small all-gathers of per-rank values.
+replicated buffers (BatchNorm running statistics) and the exact exchange of small per-rank values.
 
 Running-statistics policy: every rank updates its BatchNorm buffers from its own micro-batches while
 training. Before evaluation, a checkpoint or saving the model, :func:`sync_buffers` replaces each rank's
@@ -7,77 +7,65 @@ floating-point buffers with their mean over ranks (fp32 sum in rank order, divid
 every rank evaluates, checkpoints and saves the very same model. Integer buffers (``num_batches_tracked``)
 advance identically on every rank and are left alone.
 
-Small all-gathers and barriers travel on the control channels of ``worker.zero3.channels``, uncompressed
-whatever the job's codec: every rank receives every value bit for bit.
+Small per-rank values and barriers travel on the contract's exact exchange under the keys of
+``worker.zero3.channels``: int64 or float64, never compressed, every value bit for bit. fp32 values go as
+float64 and come back as fp32 (exact both ways), so every sum over them is the fp32 sum it always was.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future
 
 import torch
 
+from communication.backend import barrier as lane_barrier
 from worker.zero3 import channels
-from worker.zero3.channels import Channel, barrier_unit, channel_unit
+from worker.zero3.channels import Channel, control_key
 from worker.zero3.sharded import ShardedModule
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "Channel",
-    "allgather_values",
-    "allgather_values_async",
     "barrier",
+    "exchange_floats",
+    "exchange_values",
     "full_parameters",
     "full_state_dict",
     "load_full_parameters",
     "rank_order_sum",
-    "split_values",
     "sync_buffers",
 ]
 
 
-def allgather_values(
+def exchange_values(
     engine: ShardedModule, step: int, channel: Channel, values: torch.Tensor
 ) -> list[torch.Tensor]:
-    """Every rank's fp32 vector ``values`` (same length on every rank), in rank order, bit for bit (the
-    control channels travel uncompressed)."""
-    fut, out = allgather_values_async(engine, step, channel, values)
-    engine._wait(fut)
-    return split_values(engine, out)
+    """Every rank's vector ``values`` (int64 or float64, the same length on every rank), in rank order,
+    bit for bit."""
+    flat = values.detach().reshape(-1).to("cpu")
+    key = control_key(step, channel)
+    handle = engine.backend.exchange(flat, group=engine.group, key=key, timeout=engine.timeout)
+    engine._wait(handle)
+    return list(handle.result().unbind(0))
 
 
-def allgather_values_async(
+def exchange_floats(
     engine: ShardedModule, step: int, channel: Channel, values: torch.Tensor
-) -> tuple[Future[torch.Tensor], torch.Tensor]:
-    """Start ``allgather_values``; ``split_values`` of the returned tensor once the future is done."""
-    vec = values.detach().to("cpu", torch.float32, copy=True).reshape(-1)  # served until the commit
-    out = torch.empty(vec.numel() * engine.group.world_size, dtype=torch.float32)
-    unit = channel_unit(channel)
-    fut = engine.backend.all_gather(engine.group, step, unit, vec, out, engine.timeout, codec="none")
-    return fut, out
-
-
-def split_values(engine: ShardedModule, out: torch.Tensor) -> list[torch.Tensor]:
-    """The per-rank vectors of a completed ``allgather_values_async``, in rank order."""
-    return list(out.view(engine.group.world_size, -1).unbind(0))
+) -> list[torch.Tensor]:
+    """Every rank's fp32 vector ``values``, in rank order, bit for bit (sent as float64, which holds every
+    fp32 value exactly)."""
+    vec = values.detach().reshape(-1).to("cpu", torch.float32)
+    return [part.to(torch.float32) for part in exchange_values(engine, step, channel, vec.double())]
 
 
 def barrier(engine: ShardedModule, step: int, slot: int) -> None:
-    """Return once every rank has reached this point and received what this rank sends here.
-
-    A reduce-scatter of one value per rank: its future resolves only when this rank's contributions are
-    delivered and every peer's have arrived, so after it no peer still needs anything this rank served
-    before the barrier (used before a rank may close its backend). ``slot``: the barrier's index among
-    those of step key ``step`` (``0 .. channels.BARRIER_SLOTS - 1``).
-    """
-    world = engine.group.world_size
-    full = torch.zeros(world, dtype=torch.float32)
-    out = torch.zeros(1, dtype=torch.float32)
-    unit = barrier_unit(slot)
-    fut = engine.backend.reduce_scatter(engine.group, step, unit, full, out, engine.timeout, codec="none")
-    engine._wait(fut)
+    """Return once every rank has reached this point: every call a rank made before it has completed on
+    that rank, so afterwards no peer still needs anything this rank served before the barrier (used before
+    a rank may close its backend). ``slot``: the barrier's index among those of step key ``step``
+    (``0 .. channels.BARRIER_SLOTS - 1``)."""
+    key = control_key(step, Channel.BARRIER, slot)
+    engine._wait(lane_barrier(engine.backend, group=engine.group, key=key, timeout=engine.timeout))
 
 
 def rank_order_sum(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -97,7 +85,7 @@ def sync_buffers(engine: ShardedModule, step: int) -> None:
     if not buffers or engine.group.world_size == 1:
         return
     flat = torch.cat([b.detach().reshape(-1).to(torch.float32).cpu() for _, b in buffers])
-    mean = rank_order_sum(allgather_values(engine, step, Channel.BUFFERS, flat)).div_(engine.group.world_size)
+    mean = rank_order_sum(exchange_floats(engine, step, Channel.BUFFERS, flat)).div_(engine.group.world_size)
     offset = 0
     with torch.no_grad():
         for _, b in buffers:

@@ -17,7 +17,7 @@ from communication.wire_plan import WirePlan
 from protos import zerowire_pb2 as pb
 from tests.unit.communication.test_accumulator import header
 from tests.unit.zero3.fixtures import UNITS, TinyNet
-from worker.zero3.channels import BARRIER_SLOTS, Channel, barrier_unit, channel_unit
+from worker.zero3.channels import BARRIER_SLOTS, KEYS_PER_STEP, MAX_STEP_KEY, Channel, control_key
 from worker.zero3.plan import plan_model
 from worker.zero3.sharded import ShardedModule
 
@@ -156,7 +156,7 @@ def test_calls_off_the_plan_fail_on_the_fake_and_on_grpc() -> None:
         grpc_backend.close()
 
 
-def test_the_engine_declares_its_units_and_control_channels() -> None:
+def test_the_engine_declares_its_units_and_keeps_control_values_off_the_plan() -> None:
     hub = FakeHub(2)
     model = TinyNet()
     g = PeerGroup("job", 1, 0, ("a:1", "b:1"))
@@ -168,15 +168,24 @@ def test_the_engine_declares_its_units_and_control_channels() -> None:
         assert {u: plan[u] for u in range(n)} == {
             u.index: UnitSpec(u.plan.shard_numel, "int8") for u in engine.units
         }
-        # control channels: raw fp32 values under their own ids, apart from the units'
-        assert plan[channel_unit(Channel.VOTE)] == UnitSpec(3) and plan[
-            channel_unit(Channel.EVAL)
-        ] == UnitSpec(3)
-        assert all(plan[barrier_unit(k)] == UnitSpec(1) for k in range(BARRIER_SLOTS))
-        assert all(u >= CONTROL_BASE for u in plan if u >= n) and all(
-            s.codec == "none" for u, s in plan.items() if u >= n
-        )
-        with pytest.raises(ValueError):
-            barrier_unit(BARRIER_SLOTS)
+        # control values are off the plan: they travel on the exact exchange, each under its own key
+        assert set(plan) == set(range(n))
+        keys = {
+            control_key(s, c, k)
+            for s in (0, 1, MAX_STEP_KEY)
+            for c in Channel
+            if c < Channel.HANDOVER
+            for k in range(BARRIER_SLOTS if c == Channel.BARRIER else 1)
+        }
+        assert len(keys) == 3 * (len([c for c in Channel if c < Channel.HANDOVER]) - 1 + BARRIER_SLOTS)
+        assert control_key(1, Channel.VOTE) == KEYS_PER_STEP + Channel.VOTE
+        for bad in (
+            lambda: control_key(0, Channel.BARRIER, BARRIER_SLOTS),
+            lambda: control_key(0, Channel.VOTE, 1),
+            lambda: control_key(MAX_STEP_KEY + 1, Channel.VOTE),
+            lambda: control_key(0, Channel.HANDOVER),
+        ):
+            with pytest.raises(ValueError):
+                bad()
     finally:
         engine.close()
