@@ -38,18 +38,17 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future, InvalidStateError
+from collections.abc import Mapping
 from dataclasses import replace
 
 import torch
 
-from communication.backend import Codec, UnitSpec, WireStats, WorkerLane, check_exchange
-from communication.errors import Cancelled, CollectiveTimeout, CommError, EpochChanged
+from communication.backend import UnitSpec, WireStats, WorkerLane
+from communication.errors import EpochChanged
 from communication.group import PeerGroup
 from communication.grpc_backend import GrpcBackend
 from communication.handle import Handle
+from communication.hierarchical_calls import HierarchicalCalls
 from communication.host_layout import HostLayout, host_layout
 from communication.p2p import check_call
 from communication.rendezvous_store import RendezvousStore
@@ -58,7 +57,7 @@ from communication.torchdist import TorchDistBackend
 log = logging.getLogger(__name__)
 
 
-class HierarchicalBackend:
+class HierarchicalBackend(HierarchicalCalls):
     def __init__(self, remote: GrpcBackend, local: TorchDistBackend) -> None:
         """`remote` is started here by `start()`, or was started by the caller; both lanes (and the
         rendezvous store `start()` hosts) are closed by `close()`."""
@@ -164,174 +163,6 @@ class HierarchicalBackend:
             self.set_group(group)
         return self._layout
 
-    # -- collectives -----------------------------------------------------------------------------
-
-    def all_gather(
-        self,
-        group: PeerGroup,
-        step: int,
-        unit: int,
-        shard: torch.Tensor,
-        out: torch.Tensor,
-        timeout: float,
-        *,
-        codec: Codec = "none",
-    ) -> Handle:
-        try:
-            layout = self._installed(group)
-        except EpochChanged as exc:
-            return _failed(exc)
-        if layout is None:
-            return self.remote.all_gather(group, step, unit, shard, out, timeout, codec=codec)
-        n = shard.numel()
-        if shard.dtype != torch.float32 or out.dtype != torch.float32 or out.numel() != n * group.world_size:
-            raise ValueError(f"need a float32 shard and float32 out of {n * group.world_size} values")
-        if layout.remote_group is None:  # one host: local order is rank order
-            return self.local.all_gather(layout.local_group, step, unit, shard, out, timeout, codec=codec)
-        mid = torch.empty(layout.num_hosts * n)
-        across = self.remote.all_gather(layout.remote_group, step, unit, shard, mid, timeout, codec=codec)
-        gathered = torch.empty(group.world_size * n)
-        inside = self.local.all_gather(
-            layout.local_group, step, unit, mid, gathered, timeout, codec=codec, ready=across
-        )
-        result = Handle()
-        _fail_on_error(across, result)
-
-        def done(f: Future[torch.Tensor]) -> None:
-            if _fail_on_error(f, result):
-                layout.from_local_major(gathered, out, n)
-                _settle(result, value=out)
-
-        inside.add_done_callback(done)
-        result.bind(lambda: _withdraw([across, inside]))  # inside waits for across: either ends both
-        return result
-
-    def reduce_scatter(
-        self,
-        group: PeerGroup,
-        step: int,
-        unit: int,
-        full: torch.Tensor,
-        out: torch.Tensor,
-        timeout: float,
-        *,
-        codec: Codec = "none",
-    ) -> Handle:
-        try:
-            layout = self._installed(group)
-        except EpochChanged as exc:
-            return _failed(exc)
-        if layout is None:
-            return self.remote.reduce_scatter(group, step, unit, full, out, timeout, codec=codec)
-        n = out.numel()
-        if out.dtype != torch.float32 or full.numel() != n * group.world_size:
-            raise ValueError(f"full must have {n * group.world_size} values and out be float32")
-        if layout.remote_group is None:  # one host: local order is rank order
-            return self.local.reduce_scatter(layout.local_group, step, unit, full, out, timeout, codec=codec)
-        remote_group = layout.remote_group
-        deadline = time.monotonic() + timeout
-        mid = torch.empty(layout.num_hosts * n)
-        arranged = layout.to_local_major(full, n)
-        local_group = layout.local_group
-        inside = self.local.reduce_scatter(local_group, step, unit, arranged, mid, timeout, codec=codec)
-        result = Handle()
-        res = torch.empty(n)
-        stages: list[Future[torch.Tensor]] = [inside]
-        withdrawn = threading.Event()
-
-        def across() -> Future[torch.Tensor]:
-            if withdrawn.is_set():
-                raise Cancelled(f"{group.describe()}: reduce_scatter of unit {unit}: cancelled by the caller")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise CollectiveTimeout(f"{group.describe()}: no time left for the gRPC stage")
-            second = self.remote.reduce_scatter(remote_group, step, unit, mid, res, left, codec=codec)
-            stages.append(second)
-            return second
-
-        def withdraw() -> bool:
-            withdrawn.set()  # a stage not started yet never starts
-            pending = [stage for stage in stages if not stage.done()]
-            return _withdraw(pending) if pending else not result.done()
-
-        def finish(f: Future[torch.Tensor]) -> None:
-            if _fail_on_error(f, result):
-                out.view(-1).copy_(res)
-                _settle(result, value=out)
-
-        inside.add_done_callback(lambda f: self._then(f, result, across, finish))
-        result.bind(withdraw)
-        return result
-
-    def exchange(self, values: torch.Tensor, *, group: PeerGroup, key: int, timeout: float) -> Handle:
-        """See CollectiveBackend: inside the host first, then every host's block across hosts (between
-        matching local ranks), rows put back in rank order."""
-        flat = check_exchange(group, key, values)
-        try:
-            layout = self._installed(group)
-        except EpochChanged as exc:
-            return _failed(exc)
-        if layout is None:
-            return self.remote.exchange(flat, group=group, key=key, timeout=timeout)
-        if layout.remote_group is None:  # one host: local order is rank order
-            return self.local.exchange(flat, group=layout.local_group, key=key, timeout=timeout)
-        remote_group, n = layout.remote_group, flat.numel()
-        deadline = time.monotonic() + timeout
-        inside = self.local.exchange(flat, group=layout.local_group, key=key, timeout=timeout)
-        result = Handle()
-        stages: list[Future[torch.Tensor]] = [inside]
-        withdrawn = threading.Event()
-
-        def across() -> Future[torch.Tensor]:
-            if withdrawn.is_set():
-                raise Cancelled(f"{group.describe()}: exchange {key}: cancelled by the caller")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise CollectiveTimeout(f"{group.describe()}: no time left for the gRPC stage")
-            block = inside.result().reshape(-1)  # this host's rows, by local index
-            second = self.remote.exchange(block, group=remote_group, key=key, timeout=left)
-            stages.append(second)
-            return second
-
-        def finish(f: Future[torch.Tensor]) -> None:
-            if _fail_on_error(f, result):
-                blocks = f.result().view(layout.num_hosts, layout.per_host, n)
-                out = torch.empty((group.world_size, n), dtype=flat.dtype)
-                for h, ranks in enumerate(layout.hosts):
-                    for local, rank in enumerate(ranks):
-                        out[rank] = blocks[h, local]
-                _settle(result, value=out)
-
-        def withdraw() -> bool:
-            withdrawn.set()
-            pending = [stage for stage in stages if not stage.done()]
-            return _withdraw(pending) if pending else not result.done()
-
-        inside.add_done_callback(lambda f: self._then(f, result, across, finish))
-        result.bind(withdraw)
-        return result
-
-    def _then(
-        self,
-        first: Future[torch.Tensor],
-        result: Future[torch.Tensor],
-        start: Callable[[], Future[torch.Tensor]],
-        finish: Callable[[Future[torch.Tensor]], None],
-    ) -> None:
-        """Once `first` succeeded, start the second stage and finish `result` with it."""
-        if not _fail_on_error(first, result):
-            return
-        try:
-            if self._closed:
-                raise CommError("backend closing")
-            second = start()
-        except CommError as exc:
-            _settle(result, error=exc)
-        except Exception as exc:  # a lane refusing the call must not leave `result` pending
-            _settle(result, error=CommError(f"gRPC stage failed to start: {exc}"))
-        else:
-            second.add_done_callback(finish)
-
     def _route(
         self, group: PeerGroup, peer: int, key: int, tensor: torch.Tensor, role: str
     ) -> tuple[GrpcBackend | TorchDistBackend, PeerGroup, int] | Handle:
@@ -403,42 +234,6 @@ class HierarchicalBackend:
         self.local.close()
         if self.store is not None:
             self.store.close()
-
-
-def _failed(exc: BaseException) -> Handle:
-    failed = Handle()
-    failed.set_exception(exc)
-    return failed
-
-
-def _withdraw(stages: list[Future[torch.Tensor]]) -> bool:
-    """Cancel the stages of a composed call that are still pending; whether any was withdrawn (its
-    failure, Cancelled, then settles the composed handle)."""
-    return any([stage.cancel() for stage in stages if isinstance(stage, Handle) and not stage.done()])
-
-
-def _settle(
-    fut: Future[torch.Tensor], *, value: torch.Tensor | None = None, error: BaseException | None = None
-) -> None:
-    try:
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            assert value is not None
-            fut.set_result(value)
-    except InvalidStateError:
-        pass  # the other stage failed it first
-
-
-def _fail_on_error(stage: Future[torch.Tensor], result: Future[torch.Tensor]) -> bool:
-    """Chain a stage's failure into `result` as soon as it happens; True when the stage succeeded."""
-    if not stage.done():
-        stage.add_done_callback(lambda f: _fail_on_error(f, result))
-        return True
-    exc = stage.exception()
-    if exc is not None:
-        _settle(result, error=exc)
-    return exc is None
 
 
 # mypy checks this lane against the contract (communication/backend.py).

@@ -6,7 +6,8 @@ Messages are (de)serialized by communication.tensor_stream (see there why). Ever
 mapped to one gRPC status code; a rejected message changes nothing.
 
 Admission of a call, in order, before anything is allocated or waited on for it: the job and epoch it
-names are the installed ones (a fetch for a newer epoch waits for it, in a bounded pool), the sender is
+names are the installed ones (a fetch or a message for a newer epoch waits for it, in a bounded pool; a
+push follows a gather of its step, so it never comes first), the sender is
 another member, its MAC proves it is that member (communication.peer_auth, when the group has keys),
 it holds at most its share of concurrent streams (communication.peer_limits), and the unit, numel,
 codec, block and byte range match the declared partition plan (communication.wire_plan), or a message
@@ -281,9 +282,13 @@ class WireServicer:
             header, data = parse_chunk(first)
             if header is None:
                 raise InvalidMessage("the first message of a stream must carry a header")
-            group = self.accumulator.group
-            if group is None:
-                raise StaleMessage("no membership epoch installed yet")
+            if method == SEND_METHOD:  # a peer's first message of an epoch may beat this rank's install
+                group = await self._installed(header.epoch, deadline - asyncio.get_running_loop().time())
+            else:  # a push follows a gather of the same step, which waited for the install
+                installed = self.accumulator.group
+                if installed is None:
+                    raise StaleMessage("no membership epoch installed yet")
+                group = installed
             message = peer_auth.push_message(header)
             self._admit(group, header.job_id, header.epoch, header.sender, method, message, context)
             held.enter_context(self.limits.slot(name, header.sender, limit))

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from communication.backend import Codec, CollectiveBackend, UnitSpec, WireStats, check_exchange
+from communication.backend import Codec, CollectiveBackend, UnitSpec, WireStats
 from communication.compression import DEFAULT_INT8_BLOCK, codec_id_for
 from communication.errors import CollectiveTimeout, CommError, EpochChanged, InvalidMessage, PeerLost
 from communication.group import PeerGroup
@@ -228,29 +228,6 @@ class TorchDistBackend(TorchDistCalls):
 
         nbytes = 4 * n * (world - 1)
         return self._submit(group, unit, n, codec_id, "this rank's gradient", launch, timeout, nbytes)
-
-    def exchange(self, values: torch.Tensor, *, group: PeerGroup, key: int, timeout: float) -> Handle:
-        """See CollectiveBackend: one all-gather of the values in their own dtype, in call order (the key
-        is checked, and the order of calls names the exchange on this lane)."""
-        flat = check_exchange(group, key, values)
-        n, world = flat.numel(), group.world_size
-
-        def launch(eg: EpochGroup) -> tuple[Any, Callable[[], torch.Tensor]]:
-            lib = self._lib(eg)
-            src = flat.to(lib, copy=True)
-            dst = torch.empty(world * n, dtype=flat.dtype, device=lib)
-            if eg.backend_name == "nccl":
-                work = eg.pg._allgather_base(dst, src)
-            else:
-                work = gather_by_broadcasts(eg.pg, dst, src, group.rank, world)
-
-            def finish() -> torch.Tensor:
-                return dst.to("cpu").view(world, n)
-
-            return work, finish
-
-        nbytes = flat.element_size() * n * (world - 1)
-        return self._enqueue(group, launch, timeout, nbytes, nbytes)
 
     def _submit(
         self,

@@ -2,7 +2,8 @@
 call order for the backend's dispatcher, and its handle can withdraw it until the dispatcher starts it.
 
 Point-to-point `send` / `recv` (communication/p2p.py for the semantics) are the epoch's process group's
-own send / recv, with the key as the library's tag.
+own send / recv, with the key as the library's tag. The exact control `exchange` is one all-gather of
+the values in their own dtype (int64 or float64), in call order like everything else.
 
 Like the collectives, they run in call order on the backend's dispatcher, one at a time, so the two
 sides of a transfer must reach it at the same place of their call order: a rank's sends and receives
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from communication.backend import check_exchange
 from communication.errors import EpochChanged
 from communication.group import PeerGroup
 from communication.handle import Handle
@@ -208,6 +210,29 @@ class TorchDistCalls:
             self._pending.get(call.eg, set()).discard(call.future)
         call.future.fail_cancelled(call.eg.group.describe())
         return True
+
+    def exchange(self, values: torch.Tensor, *, group: PeerGroup, key: int, timeout: float) -> Handle:
+        """See CollectiveBackend: one all-gather of the values in their own dtype, in call order (the key
+        is checked, and the order of calls names the exchange on this lane)."""
+        flat = check_exchange(group, key, values)
+        n, world = flat.numel(), group.world_size
+
+        def launch(eg: EpochGroup) -> tuple[Any, Callable[[], torch.Tensor]]:
+            lib = self._lib(eg)
+            src = flat.to(lib, copy=True)
+            dst = torch.empty(world * n, dtype=flat.dtype, device=lib)
+            if eg.backend_name == "nccl":
+                work = eg.pg._allgather_base(dst, src)
+            else:
+                work = gather_by_broadcasts(eg.pg, dst, src, group.rank, world)
+
+            def finish() -> torch.Tensor:
+                return dst.to("cpu").view(world, n)
+
+            return work, finish
+
+        nbytes = flat.element_size() * n * (world - 1)
+        return self._enqueue(group, launch, timeout, nbytes, nbytes)
 
     def send(self, tensor: torch.Tensor, *, group: PeerGroup, dest: int, key: int, timeout: float) -> Handle:
         """See CollectiveBackend: resolves once the library delivered the tensor (copied at the call)."""

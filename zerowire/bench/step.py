@@ -15,11 +15,13 @@ The ``--steps`` measured steps are split over ``--rounds`` interleaved rounds; i
 runs alone in fresh processes (``--warmup`` unmeasured steps, then its share of the measured ones), the
 order rotating every round (see ``step_rounds``). Every process gets the same thread count and malloc
 settings (reported as ``process_env``). zerowire's jobs keep no buddy replica unless ``--replicas 1``: the
-other contenders cannot survive a lost worker and pay nothing for it. Reported: the median over all rounds
-of rank 0's measured step times of each contender, per-round medians, and ratios. ``--memory`` instead
-measures the peak tensor bytes per rank of zerowire (with and without a replica), DDP and FSDP2 at 2 and 4
-workers (see ``step_memory``). Only the standard library is imported at module level; this module is also
-the entry point of the benchmark's worker processes (``python -m zerowire.bench.step --worker ...``).
+other contenders cannot survive a lost worker and pay nothing for it; ``--replicas both`` runs
+``zerowire_replicated`` beside ``zerowire`` and reports ``zerowire_replicated/zerowire``. Reported: the
+median over all rounds of rank 0's measured step times of each contender, per-round medians, and ratios.
+``--memory`` instead measures the peak tensor bytes per rank of zerowire (with and without a replica),
+DDP and FSDP2 at 2 and 4 workers (see ``step_memory``). Only the standard library is imported at module
+level; this module is also the entry point of the benchmark's worker processes
+(``python -m zerowire.bench.step --worker ...``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from zerowire.bench.step_rounds import Run
 
 CONTENDERS = ("fsdp2", "ddp")
+REPLICATED = "zerowire_replicated"  # zerowire with a buddy replica (--replicas both)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -49,11 +52,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--compression", choices=("none", "int8"), default="none", help="zerowire wire codec")
     p.add_argument(
         "--replicas",
-        type=int,
-        choices=(0, 1),
-        default=0,
+        choices=("0", "1", "both"),
+        default="0",
         help="zerowire buddy replicas (default 0, as FSDP2 and DDP keep none; 1 adds the cost of losing a "
-        "worker without losing a step)",
+        "worker without losing a step; both: zerowire and zerowire_replicated side by side, with the ratio "
+        "zerowire_replicated/zerowire)",
     )
     p.add_argument("--steps", type=int, default=20, help="measured steps (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured first steps of every run (default 3)")
@@ -90,6 +93,8 @@ def _summary(kinds: list[str], runs: list[Run], args: argparse.Namespace) -> dic
     ours = [k for k in kinds if k.startswith("zerowire")]
     ratios = {f"{z}/{k}": medians[z] / medians[k] for z in ours for k in medians if k not in ours}
     ratios.update({f"{k}/floor": medians[k] / medians["floor"] for k in medians if k != "floor"})
+    if REPLICATED in medians:  # what surviving a lost worker costs, against the same run's zerowire
+        ratios[f"{REPLICATED}/zerowire"] = medians[REPLICATED] / medians["zerowire"]
     zw = [r for r in runs if r.contender == ours[0]]
     lanes = {
         z: {
@@ -104,7 +109,7 @@ def _summary(kinds: list[str], runs: list[Run], args: argparse.Namespace) -> dic
         "workers": args.workers,
         "batch_per_worker": args.batch,
         "compression": args.compression,
-        "replicas": args.replicas,
+        "replicas": "both" if REPLICATED in medians else args.replicas,
         "steps": args.steps,
         "median_step_s": medians,
         "ratios": ratios,
@@ -154,7 +159,13 @@ def handle(args: argparse.Namespace) -> int:
         raise CommandError(f"--rounds ({args.rounds}) must not exceed --steps ({args.steps})")
     from zerowire.bench.step_rounds import measure
 
+    both = args.replicas == "both"
+    if both and args.colocated:
+        raise CommandError("--replicas both measures the default zerowire contender; leave out --colocated")
+    args.replicas = 0 if both else int(args.replicas)
     ours = ["zerowire_local", "zerowire_grpc"] if args.colocated else ["zerowire"]
+    if both:
+        ours.append(REPLICATED)
     kinds = [*ours, *vs, "floor"]
     with tempfile.TemporaryDirectory(prefix="zerowire-bench-") as tmp:
         try:

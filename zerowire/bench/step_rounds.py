@@ -142,7 +142,11 @@ def run_contender(
 def measure(kinds: list[str], a: argparse.Namespace, root: Path) -> list[Run]:
     """Every contender once per round, ``a.rounds`` rounds, in the order the runs happened."""
     runs: list[Run] = []
+    replicated = argparse.Namespace(**{**vars(a), "replicas": 1})
     for rnd, steps in enumerate(split_steps(a.steps, a.rounds)):
         for kind in round_order(kinds, rnd):
-            runs.append(run_contender(kind, rnd, steps, root, a))
+            if kind == "zerowire_replicated":  # the zerowire workers, with a buddy replica
+                runs.append(run_contender("zerowire", rnd, steps, root, replicated, label=kind))
+            else:
+                runs.append(run_contender(kind, rnd, steps, root, a))
     return runs

@@ -5,6 +5,7 @@ tested by the conformance harness (tests/integration/wire_harness.py: run_contro
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -90,3 +91,25 @@ def test_a_fake_exchange_checks_its_peers_and_can_be_cancelled() -> None:
     assert not lonely.cancel()
     both = [barrier(lanes[r], group=groups[r], key=5, timeout=5.0) for r in range(2)]
     assert [h.wait(5).tolist() for h in both] == [[[0], [0]], [[0], [0]]]
+
+
+def test_a_grpc_exchange_waits_for_a_peer_that_installs_the_epoch_later() -> None:
+    # The first call of a formation is an exchange: a peer may get this rank's message before it has
+    # installed the epoch itself. The message waits for the install (bounded), it is not refused.
+    from communication.grpc_backend import GrpcBackend
+
+    lanes = [GrpcBackend("tok") for _ in range(2)]
+    try:
+        addresses = tuple(f"127.0.0.1:{lane.start()}" for lane in lanes)
+        groups = [PeerGroup("job", 3, r, addresses) for r in range(2)]
+        lanes[0].set_group(groups[0])
+        early = lanes[0].exchange(torch.tensor([7, 2**62]), group=groups[0], key=0, timeout=10.0)
+        time.sleep(0.3)  # rank 0's message reaches rank 1 before rank 1 knows epoch 3
+        assert not early.done()
+        lanes[1].set_group(groups[1])
+        late = lanes[1].exchange(torch.tensor([8, -1]), group=groups[1], key=0, timeout=10.0)
+        want = [[7, 2**62], [8, -1]]
+        assert early.wait(15).tolist() == want and late.wait(15).tolist() == want
+    finally:
+        for lane in lanes:
+            lane.close()
