@@ -66,9 +66,11 @@ class FakeHub:
     def _wait(self, group: PeerGroup, step: int, ready: object, deadline: float) -> None:
         """Wait (holding the condition) until ready() is true; fail fast on an epoch change or a dead peer."""
         assert callable(ready)
-        while not ready():
-            if self.epoch > group.epoch:
+        while True:
+            if self.epoch > group.epoch:  # a call of an older epoch fails, even if its peers made it too
                 raise EpochChanged(f"{group.describe()}: epoch moved to {self.epoch}")
+            if ready():
+                return
             for peer in group.peers():
                 if self.faults.is_dead(peer, step):
                     raise PeerLost(f"{group.describe()}: rank {peer} died at step {step}")

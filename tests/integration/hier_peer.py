@@ -33,7 +33,7 @@ from communication.grpc_backend import GrpcBackend
 from communication.hierarchical import HierarchicalBackend
 from communication.rendezvous_store import RendezvousStore
 from communication.torchdist import TorchDistBackend
-from tests.integration.wire_harness import rounding_units, run_cases, run_control_cases
+from tests.integration.wire_harness import rounding_units, run_cases, run_contract_cases, run_control_cases
 from tests.integration.wire_peer import TOKEN, _wait_for, _write, pair_keys
 
 KILL_TIMEOUT = 8.0
@@ -97,6 +97,9 @@ def _conformance(
     result["mixed"] = run_cases(backend, group, "mixed", 1024, 30)
     result["mixed_lanes"] = _delta(backend.bytes_by_lane(), before)
     result["control"] = run_control_cases(backend, group, 30)
+    newer = make(6)
+    backend.set_group(newer)
+    result["contract"] = run_contract_cases(backend, newer, group, 30)
     if plain is not None and plain_group is not None:
         plain.set_group(plain_group)
         result["plain"] = run_cases(plain, plain_group, "none", 1024, 30)

@@ -22,7 +22,14 @@ import pytest
 
 from tests.conftest import ProcessReaper
 from tests.integration.hier_peer import KILL_TIMEOUT, MEASURE_NUMEL
-from tests.integration.wire_harness import REPO, check_control, check_results, payload_bytes, rounding_bound
+from tests.integration.wire_harness import (
+    REPO,
+    check_contract,
+    check_control,
+    check_results,
+    payload_bytes,
+    rounding_bound,
+)
 
 pytestmark = [pytest.mark.slow]
 
@@ -73,6 +80,7 @@ def test_hierarchical_conformance(hosts: str, mode: str, reaper: ProcessReaper, 
         check_results([r["runs"][run] for r in results], "none", exact_reduce=exact)
     check_results([r["mixed"] for r in results], "mixed", exact_reduce=exact)
     check_control([r["control"] for r in results])
+    check_contract([r["contract"] for r in results])
     sizes = [c["numel"] for c in results[0]["runs"][0]["cases"]]
     mixed = [(c["numel"], c["codec"]) for c in results[0]["mixed"]["cases"]]
     for r in results:

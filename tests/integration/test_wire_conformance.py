@@ -3,8 +3,9 @@ processes on loopback: 2, 3 and 4 peers, uneven sizes, sizes at a 1 MiB chunk bo
 it, raw float32, int8 and both in one plan (each call naming its codec); and against the torch.distributed
 lane (gloo) at 2 and 3 peers, raw float32 (int8 calls served raw). The same point-to-point cases run on
 all three (on the torch.distributed lane only those posted in one call order), and the same exact
-control exchanges (int64 and float64, bit for bit, and a barrier); tests/integration/test_hierarchical.py
-runs the harness on the hierarchical lane."""
+control exchanges (int64 and float64, bit for bit, and a barrier) and the same failures (off-plan calls,
+calls of an older epoch, an exchange no peer joins); tests/integration/test_hierarchical.py runs the harness
+on the hierarchical lane."""
 
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from communication.testing import FakeHub
 from tests.conftest import ProcessReaper, free_port
 from tests.integration.wire_harness import (
     case_codecs,
+    check_contract,
     check_control,
     check_p2p,
     check_results,
     payload_bytes,
     run_cases,
+    run_contract_cases,
     run_control_cases,
     run_p2p_cases,
     spawn_peers,
@@ -57,12 +60,9 @@ def test_fake_backend_conformance(world: int) -> None:
             backend.set_group(second)
             mixed = run_cases(backend, second, "mixed", 1024, timeout=20)
             control = run_control_cases(backend, second, timeout=20)
-            return {
-                "none": raw,
-                "mixed": mixed,
-                "p2p": run_p2p_cases(backend, second, timeout=20),
-                "control": control,
-            }
+            p2p = run_p2p_cases(backend, second, timeout=20)
+            contract = run_contract_cases(backend, second, group, timeout=20)
+            return {"none": raw, "mixed": mixed, "p2p": p2p, "control": control, "contract": contract}
         finally:
             backend.close()
 
@@ -72,6 +72,7 @@ def test_fake_backend_conformance(world: int) -> None:
     check_results([r["mixed"] for r in results], "mixed", int8_exact=True)  # the fake serves int8 raw
     check_p2p([r["p2p"] for r in results])
     check_control([r["control"] for r in results])
+    check_contract([r["contract"] for r in results])
 
 
 @pytest.mark.slow
@@ -84,6 +85,7 @@ def test_grpc_backend_conformance(world: int, reaper: ProcessReaper, tmp_path: P
     check_results([r["mixed"] for r in results], "mixed")
     check_p2p([r["p2p"] for r in results])
     check_control([r["control"] for r in results])
+    check_contract([r["contract"] for r in results])
     # raw float32: every peer's shard and every slice for a peer crossed the wire exactly once
     sizes = [c["numel"] for c in results[0]["none"]["cases"]]
     expected = sum(4 * n * (world - 1) * 2 for n in sizes)
@@ -106,12 +108,14 @@ def test_grpc_backend_conformance(world: int, reaper: ProcessReaper, tmp_path: P
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("world", [2, 3])
 def test_torchdist_conformance(world: int, reaper: ProcessReaper, tmp_path: Path) -> None:
-    procs = spawn_torchdist(reaper, tmp_path, world, "conformance", f"127.0.0.1:{free_port()}")
+    rendezvous = (f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")  # epochs 1 and 2
+    procs = spawn_torchdist(reaper, tmp_path, world, "conformance", *rendezvous)
     results = torchdist_results(procs, tmp_path, range(world), 120)
     check_results(results, "none")
     check_results([r["mixed"] for r in results], "mixed", int8_exact=True)  # the local lane serves int8 raw
     check_p2p([r["p2p"] for r in results], in_call_order=True)
     check_control([r["control"] for r in results])
+    check_contract([r["contract"] for r in results])
     sizes = [c["numel"] for c in results[0]["cases"]]
     expected = sum(4 * n * (world - 1) * 2 for n in sizes)
     for r in results:

@@ -23,7 +23,7 @@ import torch
 from communication.errors import CommError
 from communication.group import PeerGroup
 from communication.torchdist import TorchDistBackend
-from tests.integration.wire_harness import run_cases, run_control_cases, run_p2p_cases
+from tests.integration.wire_harness import run_cases, run_contract_cases, run_control_cases, run_p2p_cases
 
 
 def _write(path: Path, data: Any) -> None:
@@ -110,6 +110,9 @@ def main(argv: list[str]) -> int:
             result["mixed"] = run_cases(backend, group, "mixed", 1024, 30)  # int8 calls served raw
             result["p2p"] = p2p
             result["control"] = run_control_cases(backend, group, 30)
+            newer = _group(2, rank, world)
+            backend.set_group(newer, argv[5])
+            result["contract"] = run_contract_cases(backend, newer, group, 30)
         else:
             backend.set_group(_group(1, rank, world), rdv)
             result = _fault(backend, directory, rank, world, argv[5])

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from communication.backend import CODECS, Codec, CollectiveBackend, UnitSpec, barrier
-from communication.errors import Cancelled, CommError
+from communication.errors import Cancelled, CollectiveTimeout, CommError
 from communication.group import PeerGroup
 from tests.conftest import ProcessReaper
 
@@ -246,6 +246,87 @@ def check_control(per_rank: list[dict[str, Any]]) -> None:
     for r in per_rank:
         assert r["exact"] == [True, True, True], r
         assert all(r["refused"]), r
+
+
+LONE_TIMEOUT = 1.0  # the timeout of the exchange no peer joins (run_contract_cases)
+
+
+def _outcome(call: Any, timeout: float) -> str:
+    """How a call ends: "ok", the name of its CommError, or "ValueError" if it is refused at the call."""
+    try:
+        call().wait(timeout)
+    except ValueError:
+        return "ValueError"
+    except CommError as exc:
+        return type(exc).__name__
+    return "ok"
+
+
+def run_contract_cases(
+    backend: CollectiveBackend, group: PeerGroup, older: PeerGroup, timeout: float = 30.0
+) -> dict[str, Any]:
+    """What every lane refuses or fails, the same way: calls off the declared plan (a unit it does not
+    have, another numel, another codec) fail with InvalidMessage; calls that name an older epoch's group
+    once `group` is installed fail with EpochChanged; and last, on rank 0 alone (it leaves a lane that
+    runs calls in call order with a failed group: call it at the end of a run), an exchange no peer joins
+    fails with CollectiveTimeout within its timeout. The members meet at a barrier of `group` first."""
+    world, rank = group.world_size, group.rank
+    n = 4
+    backend.set_plan(group, {0: UnitSpec(n)})
+    # every member meets in the epoch first (a lane that forms its group at the first call has formed it)
+    barrier(backend, group=group, key=903, timeout=timeout).wait(timeout + 5)
+    out = torch.empty(world * n)
+    off_plan = {
+        "unit": _outcome(lambda: backend.all_gather(group, 900, 5, torch.ones(n), out, timeout), 10),
+        "numel": _outcome(
+            lambda: backend.all_gather(
+                group, 900, 0, torch.ones(n - 1), torch.empty(world * (n - 1)), timeout
+            ),
+            10,
+        ),
+        "codec": _outcome(
+            lambda: backend.all_gather(group, 900, 0, torch.ones(n), out, timeout, codec="int8"), 10
+        ),
+    }
+    peer = (rank + 1) % world
+    stale = {
+        "all_gather": _outcome(lambda: backend.all_gather(older, 901, 0, torch.ones(n), out, timeout), 10),
+        "reduce_scatter": _outcome(
+            lambda: backend.reduce_scatter(older, 901, 0, torch.ones(world * n), torch.empty(n), timeout), 10
+        ),
+        "exchange": _outcome(
+            lambda: backend.exchange(torch.ones(1, dtype=torch.int64), group=older, key=901, timeout=timeout),
+            10,
+        ),
+        "send": _outcome(
+            lambda: backend.send(torch.ones(2), group=older, dest=peer, key=901, timeout=timeout), 10
+        ),
+    }
+    result: dict[str, Any] = {"rank": rank, "off_plan": off_plan, "stale": stale}
+    if rank != 0:  # alive, and in no call, while rank 0's exchange waits for it (a peer gone is PeerLost)
+        time.sleep(LONE_TIMEOUT + 2.0)
+    else:
+        began = time.monotonic()
+        lone = backend.exchange(torch.ones(1, dtype=torch.int64), group=group, key=902, timeout=LONE_TIMEOUT)
+        try:
+            lone.wait(30)
+            result["lone"] = "ok"
+        except CollectiveTimeout:
+            result["lone"] = "CollectiveTimeout"
+        except CommError as exc:
+            result["lone"] = type(exc).__name__
+        result["lone_s"] = time.monotonic() - began
+    return result
+
+
+def check_contract(per_rank: list[dict[str, Any]]) -> None:
+    for r in per_rank:
+        assert r["off_plan"] == dict.fromkeys(("unit", "numel", "codec"), "InvalidMessage"), r
+        assert r["stale"] == dict.fromkeys(
+            ("all_gather", "reduce_scatter", "exchange", "send"), "EpochChanged"
+        ), r
+        if r["rank"] == 0:
+            assert r["lone"] == "CollectiveTimeout" and LONE_TIMEOUT <= r["lone_s"] < LONE_TIMEOUT + 5.0, r
 
 
 def p2p_sizes(world: int) -> dict[tuple[int, int], int]:

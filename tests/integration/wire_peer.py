@@ -13,6 +13,7 @@ test kills it; if DIR/epoch appears they call set_epoch and time how fast the co
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import sys
@@ -26,7 +27,7 @@ import torch
 from communication.errors import CommError
 from communication.group import PeerGroup
 from communication.grpc_backend import GrpcBackend
-from tests.integration.wire_harness import run_cases, run_control_cases, run_p2p_cases
+from tests.integration.wire_harness import run_cases, run_contract_cases, run_control_cases, run_p2p_cases
 
 TOKEN = "test-token"
 
@@ -144,6 +145,9 @@ def main(argv: list[str]) -> int:
             p2p = run_p2p_cases(backends["none"], groups["none"], timeout)
             p2p["mailbox_bytes"] = backends["none"].call_soon(_mailbox_bytes(backends["none"])).result(5)
             result["p2p"] = p2p
+            newer = dataclasses.replace(groups["none"], epoch=2)
+            backends["none"].set_group(newer)
+            result["contract"] = run_contract_cases(backends["none"], newer, groups["none"], timeout)
         else:
             result = _hang(backends["none"], groups["none"], directory, scenario, timeout)
         _write(directory / f"result.{rank}.json", result)
