@@ -7,8 +7,10 @@ the current epoch only (memory; dropped when the epoch moves, empty after a rest
   progress timeout, or its start-up timeout before its first step of the epoch). A worker speaks only for
   itself, so this is taken as a death: the record is dead (its heartbeats answer 410) and the worker
   registers again once its training moves.
-- Straggler: a member whose committed step lags the epoch's maximum by `LAG_STEPS` or more for longer
-  than the progress timeout (a wedged process whose heartbeat thread still lives). Only steps committed
+- Straggler: a member whose committed step lags the epoch's maximum by `LAG_STEPS` or more, and does not
+  move, for longer than the progress timeout (a wedged process whose heartbeat thread still lives; a
+  member that keeps committing but whose reports trail the freshest by a heartbeat's worth of fast steps
+  is healthy). Only steps committed
   in this epoch make the maximum, and only members that reported a committed step in this epoch are
   judged, so stale values from before a re-form and workers that do not report steps count for nothing.
   Also a death.
@@ -53,7 +55,7 @@ class Evidence:
     def __init__(self) -> None:
         self.epoch = -1
         self.baseline: dict[str, int] = {}  # member -> committed step of its first heartbeat of the epoch
-        self.lag_since: dict[str, float] = {}  # member -> when its lag (monotonic) began
+        self.lag_since: dict[str, tuple[float, int]] = {}  # member -> when its lag began, at which step
         self.reports: dict[str, dict[str, Report]] = {}  # suspect -> reporter -> report
 
     def current(self, epoch: int) -> Evidence:
@@ -99,21 +101,28 @@ def stalled(state: ClusterState, worker_id: str, progress_timeout: float) -> Ver
 def stragglers(
     state: ClusterState,
     baseline: Mapping[str, int],
-    lag_since: Mapping[str, float],
+    lag_since: Mapping[str, tuple[float, int]],
     now: float,
     timeout: float,
-) -> tuple[dict[str, float], Verdict | None]:
-    """The members lagging now (each with the time its lag began) and the straggler to evict, if any: the
-    one lagging longest, once past `timeout`. Nobody is evicted during a restart or stall grace."""
+) -> tuple[dict[str, tuple[float, int]], Verdict | None]:
+    """The members lagging now (each with when its lag began and the committed step it has been stuck at
+    since) and the straggler to evict, if any: the one lagging longest, once past `timeout`. A member whose
+    committed step moves is not stuck: its lag starts again. Heartbeats sample each member at its own phase,
+    so with steps shorter than the heartbeat interval a healthy member's report trails the freshest one by
+    several steps, at every reaper tick; only a member that also stops committing is a straggler. Nobody is
+    evicted during a restart or stall grace."""
     judged = {wid: w for wid, w in members(state).items() if wid in baseline}
     moved = [w.committed_step for wid, w in judged.items() if w.committed_step != baseline[wid]]
     if not moved:
         return {}, None
     top = max(moved)
-    lagging = {
-        wid: lag_since.get(wid, now) for wid, w in judged.items() if top - w.committed_step >= LAG_STEPS
-    }
-    overdue = sorted((since, wid) for wid, since in lagging.items() if now - since > timeout)
+    lagging: dict[str, tuple[float, int]] = {}
+    for wid, w in judged.items():
+        if top - w.committed_step >= LAG_STEPS:
+            before = lag_since.get(wid)
+            stuck = before is not None and before[1] == w.committed_step
+            lagging[wid] = before if stuck and before is not None else (now, w.committed_step)
+    overdue = sorted((since, wid) for wid, (since, _) in lagging.items() if now - since > timeout)
     if not overdue or now < state.grace_until:
         return lagging, None
     since, wid = overdue[0]

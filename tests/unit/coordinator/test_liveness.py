@@ -122,6 +122,30 @@ async def test_a_straggler_is_evicted_after_the_progress_timeout(api: Api) -> No
     assert view["c"]["state"] == "dead" and (view["a"]["state"], view["b"]["state"]) == ("alive", "alive")
 
 
+async def test_a_member_whose_reports_trail_but_keep_moving_is_no_straggler(api: Api) -> None:
+    # Fast steps, heartbeats at their own phases: at every tick c's latest report is 3 steps older than the
+    # freshest, for longer than the progress timeout, but c commits every step. It is healthy.
+    for wid in ("a", "b", "c"):
+        await api.register(wid)
+    await beat_all(api, 3, {"a": 0, "b": 0, "c": 0})  # the epoch's baselines
+    for step in range(4, 60):
+        api.clock.advance(0.5)
+        await beat_all(api, 3, {"a": step, "b": step, "c": step - 3})
+        assert not await api.service.check_liveness()
+    assert await events(api) == []
+    # the same trail with c stuck: evicted once it has not moved for the progress timeout
+    for _ in range(21):
+        api.clock.advance(0.5)
+        step += 1
+        await beat_all(api, 3, {"a": step, "b": step, "c": 56})
+        evicted = await api.service.check_liveness()
+    assert evicted
+    (event,) = await events(api)
+    assert event["worker_id"] == "c" and event["reason"].startswith(
+        "straggler: worker c (rank 2) at committed step 56"
+    )
+
+
 async def test_a_lag_that_closes_in_time_and_stale_steps_evict_nobody(api: Api) -> None:
     for wid in ("a", "b", "c"):
         await api.register(wid)
