@@ -112,7 +112,7 @@ def main(argv: list[str]) -> int:
             result["control"] = run_control_cases(backend, group, 30)
             newer = _group(2, rank, world)
             backend.set_group(newer, argv[5])
-            result["contract"] = run_contract_cases(backend, newer, group, 30)
+            result["contract"] = run_contract_cases(backend, newer, group, 30, lone=world == 2)
         else:
             backend.set_group(_group(1, rank, world), rdv)
             result = _fault(backend, directory, rank, world, argv[5])
