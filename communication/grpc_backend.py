@@ -12,7 +12,8 @@ The codec is chosen per call (module doc of communication/backend.py); the int8 
 backend's (the job's). Error feedback applies to int8 reduce-scatters only. Calls return Handles:
 `cancel()` stops a call's streams (peers free what they reserved for them); what this rank published or
 contributed for the step stays until it is released or the epoch ends, as for a failed step.
-Point-to-point send / recv: communication/grpc_p2p.py.
+The collectives: communication/grpc_collectives.py; point-to-point send / recv and the exchange:
+communication/grpc_p2p.py.
 
 By default a payload travels over one stream per peer and is copied and checksummed on the loop
 thread: on a CPU-bound worker, parallel stripes and copy threads cost more CPU (extra connections,
@@ -33,21 +34,21 @@ import torch
 
 from communication import collectives
 from communication.accumulator import GradientAccumulator
-from communication.backend import Codec, UnitSpec, WireStats, WorkerLane
-from communication.compression import DEFAULT_INT8_BLOCK, MAX_INT8_BLOCK, ErrorFeedback, codec_id_for
+from communication.backend import UnitSpec, WireStats, WorkerLane
+from communication.compression import DEFAULT_INT8_BLOCK, MAX_INT8_BLOCK, ErrorFeedback
 from communication.epoch_tasks import EpochTasks
 from communication.errors import EpochChanged
 from communication.group import PeerGroup
 from communication.grpc_channels import ChannelCache
+from communication.grpc_collectives import GrpcCollectives
 from communication.grpc_p2p import GrpcPointToPoint
 from communication.handle import Handle
 from communication.mailbox import Mailbox
 from communication.peer_limits import STREAMS_PER_PEER
 from communication.server import create_server, token_metadata
 from communication.servicer import IDLE_TIMEOUT_S, STREAM_TIMEOUT_S, WireCounters, WireServicer
-from communication.shard_store import Published, ShardStore, encode_shard
+from communication.shard_store import ShardStore
 from communication.tls import TlsConfig
-from communication.wire_encode import flat_view, gradient_sends
 from communication.wire_plan import WirePlan
 from protos import zerowire_pb2 as pb
 
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class GrpcBackend(GrpcPointToPoint):
+class GrpcBackend(GrpcCollectives, GrpcPointToPoint):
     def __init__(
         self,
         token: str,
@@ -247,124 +248,6 @@ class GrpcBackend(GrpcPointToPoint):
         self._epoch = epoch
         self._feedback.reset()  # ranks and shards are re-partitioned in a new epoch
         self._on_loop(lambda: self._cancel_older(epoch))
-
-    def _encode_shard(
-        self, group: PeerGroup, step: int, unit: int, flat: torch.Tensor, codec: int
-    ) -> Published:
-        assert self._store is not None
-        pub = self._store.lookup((group.epoch, step, unit), flat, codec)
-        return pub if pub is not None else encode_shard(group, step, unit, flat, codec, self.block)
-
-    def all_gather(
-        self,
-        group: PeerGroup,
-        step: int,
-        unit: int,
-        shard: torch.Tensor,
-        out: torch.Tensor,
-        timeout: float,
-        *,
-        codec: Codec = "none",
-    ) -> Handle:
-        """See CollectiveBackend. `shard` is served from its own memory until released: keep it unchanged."""
-        codec_id = codec_id_for(codec)
-        if (stale := self._stale(group)) is not None:
-            return stale
-        assert self._store is not None and self._wire is not None
-        flat = flat_view(shard)
-        if (
-            out.numel() != flat.numel() * group.world_size
-            or out.dtype != flat.dtype
-            or not out.is_contiguous()
-        ):
-            raise ValueError(
-                f"out must be contiguous {flat.dtype} of {flat.numel() * group.world_size} values, "
-                f"got {out.dtype} of {out.numel()}"
-            )
-        pub = self._encode_shard(group, step, unit, flat, codec_id)
-        store, wire, block = self._store, self._wire, self.block
-
-        async def run() -> torch.Tensor:
-            store.publish(group, step, unit, flat, pub)
-            if group.world_size > 1:
-                wire.precompute_checksums(pub)
-            return await collectives.all_gather(
-                wire, group, step, unit, pub, flat, out, codec_id, block, timeout
-            )
-
-        return self._submit(group, run)
-
-    def publish(
-        self, group: PeerGroup, step: int, unit: int, shard: torch.Tensor, *, codec: Codec = "none"
-    ) -> None:
-        """Serve `shard` to peers for (step, unit) until released, without gathering (one-way transfers)."""
-        codec_id = codec_id_for(codec)
-        self._check_group(group)
-        assert self._store is not None
-        flat = flat_view(shard)
-        pub = self._encode_shard(group, step, unit, flat, codec_id)
-        store, wire = self._store, self._wire
-        assert wire is not None
-
-        def run() -> None:
-            store.publish(group, step, unit, flat, pub)
-            wire.precompute_checksums(pub)
-
-        self._on_loop(run)
-
-    def fetch(
-        self,
-        group: PeerGroup,
-        step: int,
-        unit: int,
-        peer: int,
-        out: torch.Tensor,
-        timeout: float,
-        *,
-        codec: Codec = "none",
-    ) -> Handle:
-        """Fetch one peer's published shard into `out` (flat, contiguous, the shard's dtype and numel)."""
-        codec_id = codec_id_for(codec)
-        if (stale := self._stale(group)) is not None:
-            return stale
-        wire, block = self._wire, self.block
-        assert wire is not None
-
-        async def run() -> torch.Tensor:
-            dest = out.view(-1)
-            await collectives.fetch_into(wire, group, peer, step, unit, dest, codec_id, block, timeout)
-            return out
-
-        return self._submit(group, run)
-
-    def reduce_scatter(
-        self,
-        group: PeerGroup,
-        step: int,
-        unit: int,
-        full: torch.Tensor,
-        out: torch.Tensor,
-        timeout: float,
-        *,
-        codec: Codec = "none",
-    ) -> Handle:
-        codec_id = codec_id_for(codec)
-        if (stale := self._stale(group)) is not None:
-            return stale
-        assert self._wire is not None
-        n = out.numel()
-        flat = full.detach().reshape(-1)
-        if flat.dtype != torch.float32 or not flat.is_contiguous():
-            flat = flat.to(torch.float32).contiguous()
-        if flat.numel() != n * group.world_size or out.dtype != torch.float32:
-            raise ValueError(f"full must have {n * group.world_size} values and out be float32")
-        sends = gradient_sends(group, step, unit, flat, codec_id, self.block, self._feedback)
-        own = flat[group.rank * n : (group.rank + 1) * n]
-        wire = self._wire
-        return self._submit(
-            group,
-            lambda: collectives.reduce_scatter(wire, group, step, unit, own, sends, out, codec_id, timeout),
-        )
 
     def release(self, group: PeerGroup, step: int) -> None:
         def run() -> None:

@@ -8,13 +8,14 @@ default process group: each epoch gets its own standalone group (`communication/
 created with the collective timeout, and every collective names it explicitly. NCCL when every member
 has CUDA, gloo otherwise (tensors are then staged through host memory).
 
-Calls return futures at once; one dispatcher thread per backend forms the epoch's group and runs the
-collectives in call order (every member calls them in the same order), so the compute thread can
-prefetch. The library uses a call's tensors in place where it can (contiguous float32 where it works:
-the GPU for NCCL, host memory for gloo), so the caller keeps what a call reads unchanged until the call
-settles, and after a failure `out` holds unspecified values (an abandoned group's library may still
-write it until its work ends). Other tensors go through staging buffers, reused across calls (up to
-`pool_bytes` kept idle): inputs copied when the call starts, results copied into `out` on success.
+Calls return futures at once; one dispatcher thread per backend (communication/torchdist_dispatch.py)
+forms the epoch's group and runs the collectives in call order (every member calls them in the same
+order), so the compute thread can prefetch. The library uses a call's tensors in place where it can
+(contiguous float32 where it works: the GPU for NCCL, host memory for gloo), so the caller keeps what a
+call reads unchanged until the call settles, and after a failure `out` holds unspecified values (an
+abandoned group's library may still write it until its work ends). Other tensors go through staging
+buffers, reused across calls (up to `pool_bytes` kept idle): inputs copied when the call starts, results
+copied into `out` on success.
 
 - all_gather: one all-gather of equal shards (NCCL's); on gloo, one broadcast from each rank straight into
   its slice of the result, which costs about half the time and CPU of gloo's all-gather (that one copies
@@ -52,11 +53,12 @@ import torch
 
 from communication.backend import Codec, CollectiveBackend, UnitSpec, WireStats
 from communication.compression import DEFAULT_INT8_BLOCK, codec_id_for
-from communication.errors import CollectiveTimeout, CommError, EpochChanged, InvalidMessage, PeerLost
+from communication.errors import EpochChanged, InvalidMessage
 from communication.group import PeerGroup
 from communication.handle import Handle
 from communication.lane_buffers import StagingBuffers
 from communication.torchdist_calls import Launch, QueuedCall, TorchDistCalls, gather_by_broadcasts
+from communication.torchdist_dispatch import TorchDistDispatcher
 from communication.torchdist_group import (
     POLL_S,
     EpochGroup,
@@ -70,11 +72,7 @@ CLOSE_WAIT_S = 2.0  # how long close() lets abandoned groups finish their work i
 log = logging.getLogger(__name__)
 
 
-def _spent(eg: EpochGroup) -> tuple[Any, Callable[[], torch.Tensor]]:
-    raise AssertionError("a call is launched once")
-
-
-class TorchDistBackend(TorchDistCalls):
+class TorchDistBackend(TorchDistCalls, TorchDistDispatcher):
     def __init__(
         self,
         *,
@@ -254,117 +252,6 @@ class TorchDistBackend(TorchDistCalls):
 
     def release(self, group: PeerGroup, step: int) -> None:
         """Nothing is kept per step on this lane (shards are not served after their collective)."""
-
-    # -- dispatcher --------------------------------------------------------------------------------
-
-    def _dispatch(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            if isinstance(job, EpochGroup):
-                self._form(job)
-            else:
-                self._run(job)
-            self._reap_aside()
-
-    def _form(self, eg: EpochGroup) -> None:
-        try:
-            eg.form(self.rendezvous_timeout, self.collective_timeout)
-        except CommError as exc:
-            self._fail_group(eg, exc)
-        except RuntimeError as exc:  # the library's own rendezvous errors
-            self._fail_group(eg, PeerLost(f"{eg.group.describe()}: group formation failed: {exc}"))
-
-    def _run(self, call: QueuedCall) -> None:
-        eg, fut = call.eg, call.future
-        if fut.done() or (call.ready is not None and not self._await_input(call)):
-            return
-        with self._lock:
-            if fut.done():  # withdrawn meanwhile
-                return
-            call.started = True
-        try:
-            eg.check_live()
-            work, finish = call.launch(eg)
-        except CommError as exc:
-            self._finish(eg, fut, error=exc)
-            return
-        except RuntimeError as exc:
-            self._fail_group(eg, PeerLost(f"{eg.group.describe()}: {exc}"))
-            return
-        done = threading.Event()
-        work.get_future().add_done_callback(lambda _: done.set())
-        while not done.wait(POLL_S):
-            if eg.abandoned.is_set():
-                self._set_aside(eg, work)
-                return
-            if time.monotonic() > call.deadline:
-                self._fail_group(eg, CollectiveTimeout(f"{eg.group.describe()}: collective timed out"), work)
-                return
-        try:
-            work.wait()
-            result = finish()
-        except RuntimeError as exc:  # a peer closed its connection or the library gave up
-            self._fail_group(eg, PeerLost(f"{eg.group.describe()}: {exc}"))
-            return
-        with self._lock:
-            self._sent += call.sent
-            self._received += call.received
-        # Let go of the call's tensors before the caller learns it is done, so that the caller's thread
-        # frees them (the tensors it passed in place are its own allocations).
-        del work, finish
-        call.launch = _spent
-        self._finish(eg, fut, result=result)
-
-    def _await_input(self, call: QueuedCall) -> bool:
-        """Wait for a deferred input like for a collective (epoch, deadline); False when it failed."""
-        eg, ready = call.eg, call.ready
-        assert ready is not None
-        done = threading.Event()
-        ready.add_done_callback(lambda _: done.set())
-        while not done.wait(POLL_S):
-            if eg.abandoned.is_set():
-                return False  # its calls already failed with EpochChanged
-            if time.monotonic() > call.deadline:
-                self._fail_group(eg, CollectiveTimeout(f"{eg.group.describe()}: input not ready in time"))
-                return False
-        exc = ready.exception()
-        if exc is not None:
-            error = exc if isinstance(exc, CommError) else CommError(f"{eg.group.describe()}: {exc}")
-            self._fail_group(eg, error)
-        return exc is None
-
-    def _finish(
-        self,
-        eg: EpochGroup,
-        fut: Future[torch.Tensor],
-        *,
-        result: torch.Tensor | None = None,
-        error: BaseException | None = None,
-    ) -> None:
-        with self._lock:
-            self._pending.get(eg, set()).discard(fut)
-        settle(fut, result=result, error=error)
-
-    def _fail_group(self, eg: EpochGroup, error: CommError, work: Any = None) -> None:
-        """The group cannot be used again: fail its calls, and those queued after them, with `error`."""
-        log.warning("%s", error)
-        with self._lock:
-            eg.failed = error
-            pending = self._pending.get(eg, set())
-            futures = list(pending)
-            pending.clear()
-        for fut in futures:
-            settle(fut, error=error)
-        self._set_aside(eg, work)
-
-    def _set_aside(self, eg: EpochGroup, work: Any) -> None:
-        eg.release()
-        self._aside.append((eg, [work] if work is not None else []))
-
-    def _reap_aside(self) -> None:
-        self._aside = [(eg, works) for eg, works in self._aside if not all(w.is_completed() for w in works)]
 
     # -- misc --------------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Drift check of the generated protobuf package: does protos/ still say what protos/*.proto say?
 
-    python scripts/proto_drift.py ROOT     (ROOT holds protos/; exit 1 on drift)
+    python scripts/proto_drift.py ROOT           (ROOT holds protos/; exit 1 on drift)
+    python scripts/proto_drift.py --write ROOT   (regenerate ROOT/protos/ in place)
 
 The files in protos/ are regenerated into a scratch folder with the installed grpcio-tools and compared with
 the committed ones, file by file:
@@ -230,6 +231,11 @@ def generate(root: Path, out: Path, python: str = sys.executable) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--write"]:  # regenerate protos/ in place (scripts/gen_protos.sh)
+        root = Path(argv[1] if len(argv) > 1 else ".").resolve()
+        generate(root, root)
+        print("generated: " + " ".join(sorted(p.name for p in (root / "protos").glob("*_pb2*.py*"))))
+        return 0
     root = Path(argv[0] if argv else ".").resolve()
     tools = importlib.metadata.version("grpcio-tools")
     with tempfile.TemporaryDirectory() as scratch:
