@@ -8,7 +8,8 @@ few ulps) every step. Training amplifies such differences (after 100 steps two c
 up to 20% in single BatchNorm statistics, as any two summation orders do), so parameters are compared
 after 5 steps, where they measured 3e-7 of the largest parameter's magnitude: the tolerance, 1e-5, is
 30x that, and a real fault (a lost or doubled shard, a wrong owner) moves parameters by the size of a
-learning-rate step, orders of magnitude more. Accuracy is checked on a separate 100-step run.
+learning-rate step, orders of magnitude more. (That the composed path learns follows from this equality: the
+flat gRPC path's learning is tested bit for bit against a plain loop in test_zero3_grpc.)
 
 Bytes: per unit of F bytes and one all-gather plus one reduce-scatter, a flat rank sends 2 * 3/4 F over
 gRPC; a hierarchical rank sends 2 * 1/4 F over gRPC and 2 * 1/2 F on the local lane. So the gRPC bytes
@@ -39,7 +40,7 @@ def _run(
     folder.mkdir()
     run, _url, log_path = start_run(
         reaper, folder, "--workers", "4", "--hosts", str(hosts), "--steps", str(steps), "--warmup-steps",
-        "0" if steps < 10 else "10", "--threads", "1", "--replicas", str(replicas),
+        "0", "--threads", "1", "--replicas", str(replicas),
     )  # fmt: skip
     assert run.wait(360) == 0, log_path.read_text()[-4000:]
     out = folder / "run"
@@ -53,12 +54,9 @@ def test_two_hosts_of_two_use_the_local_lane_and_match_the_flat_path(
     # design (a buddy sits on another host; test_failover covers them).
     hier, hier_params = _run(reaper, tmp_path / "hier", hosts=2, steps=5, replicas=0)
     flat, flat_params = _run(reaper, tmp_path / "flat", hosts=4, steps=5, replicas=0)
-    long, _ = _run(reaper, tmp_path / "long", hosts=2, steps=100, replicas=0)
-    for summary in (hier, flat, long):
+    for summary in (hier, flat):
         assert summary["completed"] and summary["failures"] == []
         assert summary["world_size_per_step"] == [[0, 4]]
-    # a smoke bar: correct runs measured 0.980-0.983 (7 of 359 test images wrong at worst; 0.95 allows 17)
-    assert long["test_accuracy"] >= 0.95, long
 
     lanes, flat_lanes = hier["bytes_by_lane"], flat["bytes_by_lane"]
     assert flat_lanes["local"] == 0 and flat_lanes["grpc"] > 0
