@@ -20,7 +20,6 @@ import httpx
 
 from communication.backend import WorkerLane
 from communication.errors import CommError, Unauthenticated
-from communication.group import PeerGroup
 from communication.tls import client_ssl_context, describe_tls
 from jobspec import JobSpec
 from worker.coordinator_client import CoordinatorClient, CoordinatorError, MustRegister
@@ -46,13 +45,7 @@ from worker.identity import (
     describe_device,
 )
 from worker.lanes import default_backend_factory
-from worker.manager import (
-    Manager,
-    TrainerFactory,
-    default_trainer_factory,
-    in_thread,
-    outcome_dict,
-)
+from worker.manager import Manager, TrainerFactory, in_thread, outcome_dict
 from worker.outage import CoordinatorLost
 from worker.rendezvous import Rendezvous
 
@@ -64,12 +57,12 @@ class WorkerDaemon:
         self,
         cfg: WorkerConfig,
         *,
-        trainer_factory: TrainerFactory = default_trainer_factory,
+        trainers: TrainerFactory | None = None,
         backend_factory: Callable[[JobSpec, str], WorkerLane] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.cfg = cfg
-        self.trainer_factory = trainer_factory
+        self.trainers = trainers
         self.backend_factory = backend_factory or (  # built with the coordinator's timeouts
             lambda job, token: default_backend_factory(job, token, cfg=self.cfg)
         )
@@ -79,7 +72,6 @@ class WorkerDaemon:
         self.worker_id = cfg.worker_id or ""
         self.t = Telemetry(worker_id=self.worker_id)
         self.backend: WorkerLane | None = None
-        self.group: PeerGroup | None = None
         self.heartbeat: HeartbeatLoop | None = None
         self.rendezvous: Rendezvous | None = None  # once registered
         self.register_body: dict[str, Any] = {}
@@ -131,7 +123,7 @@ class WorkerDaemon:
             self.register_body["store_port"] = self.backend.store_port
         if self.worker_id:
             self.register_body["worker_id"] = self.worker_id
-        self.session = Manager(self.cfg, self.t, self.backend, self.trainer_factory)
+        self.session = Manager(self.cfg, self.t, self.backend, self.trainers)
         try:  # before registering: a join stalls nobody, and a worker that cannot train never joins
             await asyncio.to_thread(self.session.prepare, job)
         except (OSError, ValueError) as exc:
@@ -139,7 +131,8 @@ class WorkerDaemon:
         answer = await self.client.register(self.register_body)
         self.worker_id = str(answer["worker_id"])
         self.register_body["worker_id"] = self.worker_id
-        self.t.update(worker_id=self.worker_id, known_epoch=int(answer.get("epoch", 0)))
+        self.t.update(worker_id=self.worker_id)
+        self.session.state.announce(int(answer.get("epoch", 0)))
         self.interval_s = float(answer.get("heartbeat_interval_s", self.interval_s))
         self.timeout_s = float(answer.get("heartbeat_timeout_s", self.timeout_s))
         self.t.liveness_from(answer, self.cfg.startup_timeout_s)
@@ -150,13 +143,21 @@ class WorkerDaemon:
         except ValueError as exc:
             await self.client.leave(self.worker_id)
             raise ConfigError(str(exc)) from None
+        state = self.session.state
         self.rendezvous = Rendezvous(
-            self.client, self.t, self.cfg, self.worker_id, self.register_body, self.interval_s, self.timeout_s
+            self.client,
+            self.t,
+            self.cfg,
+            self.worker_id,
+            self.register_body,
+            self.interval_s,
+            self.timeout_s,
+            state,
         )
         self.heartbeat = HeartbeatLoop(
             self.client,
             self.t,
-            self.backend,
+            state,
             interval_s=self.interval_s,
             timeout_s=self.timeout_s,
             grace_s=self.cfg.coordinator_grace_s,
@@ -198,10 +199,8 @@ class WorkerDaemon:
     def _abort(self) -> None:
         """Fail every in-flight collective at once (the step is dropped, never half applied)."""
         self.t.stop_requested.set()
-        if self.backend is not None:
-            with self.t.lock:
-                epoch = max(self.t.known_epoch, self.group.epoch if self.group else 0) + 1
-            self.backend.set_epoch(epoch)
+        if self.session is not None:
+            self.session.state.retire()
 
     async def _lifecycle(self, job: JobSpec) -> int:
         assert self.rendezvous is not None
@@ -217,16 +216,11 @@ class WorkerDaemon:
             except Stopped:
                 return EXIT_OK
             group, self.members = group_from_ready(ready, job, self.worker_id)
-            self.group = group
             assert self.session is not None and self.backend is not None
             session = self.session
-            step_before = session.progress_step
+            step_before = session.state.committed_step
             try:
-                # Fails with EpochChanged if a newer epoch was announced meanwhile: re-form again.
-                self.backend.set_group(group)
-                with self.t.lock:
-                    self.t.known_epoch = max(self.t.known_epoch, group.epoch)
-                self.t.update(state="training", epoch=group.epoch)
+                self.t.update(state="training")
                 self.formations += 1
                 log.info("worker %s: training in %s", self.worker_id, group.describe())
                 committed = int(ready.get("committed_step", -1))  # the job's progress, as known
@@ -238,7 +232,7 @@ class WorkerDaemon:
                 if self.t.stop_requested.is_set():
                     return EXIT_OK
                 reforms_without_progress = (
-                    0 if session.progress_step > step_before else reforms_without_progress + 1
+                    0 if session.state.committed_step > step_before else reforms_without_progress + 1
                 )
                 if reforms_without_progress > self.cfg.max_reforms:
                     raise TooManyReforms(

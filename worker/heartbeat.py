@@ -24,10 +24,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from worker.coordinator_client import CoordinatorClient, CoordinatorUnreachable, MustRegister, RetryPolicy
 from worker.outage import CoordinatorLost, backoff_s
+from worker.state import WorkerState
 from worker.telemetry import LeaseLost, Telemetry
 
 __all__ = ["CoordinatorLost", "HeartbeatLoop", "LeaseLost", "Telemetry", "run_tied"]
@@ -37,16 +38,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class EpochSink(Protocol):
-    def set_epoch(self, epoch: int) -> None: ...
-
-
 class HeartbeatLoop:
     def __init__(
         self,
         client: CoordinatorClient,
         telemetry: Telemetry,
-        backend: EpochSink,
+        state: WorkerState,
         *,
         interval_s: float,
         timeout_s: float,
@@ -62,7 +59,7 @@ class HeartbeatLoop:
             raise ValueError(f"heartbeat interval {interval_s}s must be below its timeout {timeout_s}s")
         self.client = client
         self.t = telemetry
-        self.backend = backend
+        self.state = state
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.grace_s = grace_s
@@ -79,13 +76,8 @@ class HeartbeatLoop:
         self._closing = asyncio.Event()
 
     def _note_epoch(self, epoch: int) -> None:
-        with self.t.lock:
-            newer = epoch > self.t.known_epoch
-            if newer:
-                self.t.known_epoch = epoch
-        if newer:
+        if self.state.announce(epoch):
             log.info("worker %s: epoch %d announced; cancelling older collectives", self.t.worker_id, epoch)
-            self.backend.set_epoch(epoch)
 
     async def beat_once(self) -> dict[str, Any] | None:
         """One heartbeat; acts on the answer. Returns it, or None if the coordinator was unreachable."""
@@ -95,7 +87,7 @@ class HeartbeatLoop:
         try:
             answer = await self.client.heartbeat(
                 self.t.worker_id,
-                self.t.body(),
+                self.t.body(self.state.view()),
                 timeout_s=max(0.2, self.timeout_s / 2),
                 retry=RetryPolicy(attempts=1),
             )
@@ -117,7 +109,7 @@ class HeartbeatLoop:
         self.t.renew_lease(self._last_ok + self.timeout_s)
         epoch = int(answer.get("epoch", 0))
         action = answer.get("action", "continue")
-        if action == "reform" or epoch > self.t.known_epoch:
+        if action == "reform" or epoch > self.state.announced_epoch:
             self._note_epoch(epoch)
         elif action == "stop" and not self.t.stop_requested.is_set():
             log.info("worker %s: coordinator says stop", self.t.worker_id)
@@ -155,7 +147,7 @@ class HeartbeatLoop:
 
     async def _register_again(self, exc: Exception) -> None:
         """404/410: the coordinator no longer counts this worker. Register again, unless the training is
-        stalled (it was evicted for that): then only fence (a newer epoch than the one it trains in)."""
+        stalled (it was evicted for that): then only fence (retire the epoch it trains in)."""
         if self.t.reported_state() == "stalled":
             if not self._kept_out:
                 log.warning(
@@ -165,7 +157,7 @@ class HeartbeatLoop:
                     exc,
                 )
             self._kept_out = True
-            self._note_epoch(self.t.epoch + 1)
+            self.state.retire()
             return
         self._kept_out = False
         log.warning("worker %s: %s; registering again", self.t.worker_id, exc)
@@ -198,7 +190,10 @@ class HeartbeatLoop:
             self.t.update(state=final_state)
             try:
                 await self.client.heartbeat(
-                    self.t.worker_id, self.t.body(), timeout_s=self.timeout_s, retry=RetryPolicy(attempts=2)
+                    self.t.worker_id,
+                    self.t.body(self.state.view()),
+                    timeout_s=self.timeout_s,
+                    retry=RetryPolicy(attempts=2),
                 )
             except Exception as exc:  # the coordinator may be gone: the last beat is best effort
                 log.warning(

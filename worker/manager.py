@@ -1,14 +1,13 @@
 """The worker's training manager, between the daemon (process, coordinator, barrier) and the Trainer (the
-step loop): it owns the training state across membership epochs.
+step loop). It owns the worker's state (``worker.state.WorkerState``: the announced and installed epochs,
+the group, the layout, the committed and staged steps) across membership epochs.
 
-For every epoch the daemon forms, on the compute thread: build a Trainer for the new group, agree with the
-other members on the state to continue from (``worker.recovery``: apply a staged step that some rank
-already committed, pick the newest confirmed layout), hand the shards over to the new partition with the
-buddies' replicas standing in for dead ranks (``worker.handover``), or fall back to the newest complete
-checkpoint only when a shard and its replica are both gone; mirror every shard to its buddy; then train
-to the end, reporting every committed step and evaluation (telemetry for the heartbeat, JSON lines for
-`zerowire run`), checking the fence between steps, and save the model at the end. No rank ever rolls back
-when a worker dies, leaves or joins while a replica of each shard survives.
+For every epoch the daemon forms, on the compute thread: install the epoch, build a trainer for the new
+group, let it form the epoch (``worker.forming``: the members agree on the state to continue from, hand it
+over, mirror it), adopt what it holds, then train to the end, reporting every committed step and evaluation
+(telemetry for the heartbeat, JSON lines for `zerowire run`), checking the fence at every step (the trainer
+asks through a ``StepGate``), and save the model at the end. No rank ever rolls back when a worker dies,
+leaves or joins while a replica of each shard survives.
 """
 
 from __future__ import annotations
@@ -20,25 +19,23 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from communication.backend import CollectiveBackend
-from communication.errors import EpochChanged
 from communication.group import PeerGroup
 from jobspec import JobSpec
-from worker import handover, recovery
-from worker.commit import settled
 from worker.heartbeat import Telemetry
 from worker.identity import WorkerConfig, describe_device
 from worker.liveness import WatchedCalls
-from worker.recovery import Holding, RecoveryError
-from worker.zero3.channels import Channel
+from worker.state import WorkerState
+
+if TYPE_CHECKING:
+    from worker.forming import Formed
+    from worker.recovery import Holding
+    from worker.trainer import StepGate
 
 log = logging.getLogger(__name__)
 
-# A formation's first collective runs under step key 0, the others under the step it resumes at (a push
-# is accepted at most one step ahead of what the receiver published); their channels are their own.
-REPORT_KEY = 0
 WARM_WORLD = 64  # the warm-up build materializes one 64th of the model
 
 
@@ -69,52 +66,93 @@ async def in_thread(fn: Callable[[], Any], name: str) -> Any:
     return await future
 
 
-TrainerFactory = Callable[..., Any]
+class EpochTrainer(Protocol):
+    """What the manager drives for one epoch: ``worker.trainer.Trainer``, or a stand-in with its methods."""
 
+    def form(self, state: WorkerState, ids: tuple[str, ...], job_committed: int) -> Formed: ...
 
-def default_trainer_factory(*args: Any, **kwargs: Any) -> Any:
-    from worker.trainer import Trainer
-
-    return Trainer(*args, **kwargs)
-
-
-class Manager:
-    """Shared by the formations of one worker process: the training state and step count survive them."""
-
-    def __init__(
+    def run(
         self,
-        cfg: WorkerConfig,
-        telemetry: Telemetry,
-        backend: CollectiveBackend,
-        trainer_factory: TrainerFactory,
-    ) -> None:
-        self.cfg = cfg
-        self.t = telemetry
-        self.backend = backend
-        self.trainer_factory = trainer_factory
-        self.progress_step = -1
-        self.current: Holding | None = None  # the state being trained
-        self.previous: Holding | None = None  # the last confirmed state, until `current` is confirmed
-        self.data: Any = None  # the dataset, once prepared
-        self._log_lock = threading.Lock()
+        *,
+        on_step: Callable[[Any], None] | None = None,
+        on_eval: Callable[[Any], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Any: ...
 
-    def prepare(self, job: JobSpec) -> None:
-        """What a formation needs that does not depend on the epoch: the dataset, and a first model build
-        (its initialisation kernels warm). Done before the worker registers, so that a worker joining a
-        running job does not keep the others waiting while it loads."""
-        if self.trainer_factory is not default_trainer_factory:
-            return
+    def save_model(self, path: Path) -> None: ...
+
+
+class TrainerFactory(Protocol):
+    """Builds each epoch's trainer; ``prepare`` loads what no epoch changes (the dataset) first."""
+
+    def prepare(self, job: JobSpec, cfg: WorkerConfig) -> Any: ...
+
+    def __call__(
+        self, job: JobSpec, group: PeerGroup, backend: CollectiveBackend, **kwargs: Any
+    ) -> EpochTrainer: ...
+
+
+class Trainers:
+    """The factory of ``worker.trainer.Trainer``."""
+
+    def prepare(self, job: JobSpec, cfg: WorkerConfig) -> Any:
+        """The dataset, and a first model build (its initialisation kernels warm): done before the worker
+        registers, so that a worker joining a running job does not keep the others waiting while it loads."""
         import torch
 
         from worker.data import load_dataset
         from worker.models import build_model
         from worker.zero3.materialize import materialize
 
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
-        data = load_dataset(job.dataset, self.cfg.data_dir, job.seed)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        data = load_dataset(job.dataset, cfg.data_dir, job.seed)
         materialize(lambda: build_model(job.model, data.num_classes, data.in_channels), WARM_WORLD, 0)
-        self.data = data
+        return data
+
+    def __call__(
+        self, job: JobSpec, group: PeerGroup, backend: CollectiveBackend, **kwargs: Any
+    ) -> EpochTrainer:
+        from worker.trainer import Trainer
+
+        return Trainer(job, group, backend, **kwargs)
+
+
+class _Gate:
+    """The manager's answer to the trainer at every step of ``group``: the state records what is staged;
+    the fence decides whether the rank may commit."""
+
+    def __init__(self, manager: Manager, group: PeerGroup) -> None:
+        self.manager, self.group = manager, group
+
+    def staged(self, step: int) -> None:
+        self.manager.state.stage(step)
+
+    def may_commit(self) -> None:
+        self.manager.check_fence(self.group)
+
+
+class Manager:
+    """Shared by the formations of one worker process: it owns the worker's state across them."""
+
+    def __init__(
+        self,
+        cfg: WorkerConfig,
+        telemetry: Telemetry,
+        backend: CollectiveBackend,
+        trainers: TrainerFactory | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.t = telemetry
+        self.backend = backend
+        self.trainers: TrainerFactory = trainers if trainers is not None else Trainers()
+        self.state = WorkerState(backend)
+        self.data: Any = None  # the dataset, once prepared
+        self._log_lock = threading.Lock()
+
+    def prepare(self, job: JobSpec) -> None:
+        """What a formation needs that does not depend on the epoch (see ``TrainerFactory.prepare``)."""
+        self.data = self.trainers.prepare(job, self.cfg)
 
     def run(self, job: JobSpec, group: PeerGroup, ids: tuple[str, ...], job_committed: int = -1) -> Any:
         """Form the epoch (``ids``: its members' worker ids by rank; ``job_committed``: the highest step the
@@ -122,14 +160,14 @@ class Manager:
         first; raises CommError / LeaseLost on a break, RecoveryError when the job cannot continue."""
         import torch
 
-        from worker.trainer import Trainer
-
+        self.state.install(group, ids)  # EpochChanged if a newer epoch was announced meanwhile
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         device = torch.device(
             describe_device(self.cfg.device)[0] if self.cfg.device == "auto" else self.cfg.device
         )
-        trainer = self.trainer_factory(
+        gate: StepGate = _Gate(self, group)
+        trainer = self.trainers(
             job,
             group,
             WatchedCalls(self.backend, self.t.clock),  # time waiting on peers is no stall
@@ -139,11 +177,10 @@ class Manager:
             collective_timeout=self.cfg.collective_timeout_s,
             startup_timeout=self.cfg.startup_timeout_s,
             restore=False,
+            gate=gate,
             **({} if self.data is None else {"data": self.data}),
         )
-        if isinstance(trainer, Trainer):  # a scripted stand-in (tests) carries no state to hand over
-            self.form(trainer, job, group, ids, job_committed)
-            trainer.may_commit = lambda: self.check_fence(group)
+        self.adopt(group, trainer.form(self.state, ids, job_committed))
         outcome = trainer.run(
             on_step=lambda report: self.on_step(group, report),
             on_eval=lambda report: self.on_eval(group, report),
@@ -157,110 +194,54 @@ class Manager:
             log.info("worker %s: model saved to %s", self.t.worker_id, self.cfg.save_model)
         return outcome
 
-    # -- formation -------------------------------------------------------------------------------------
-    def form(
-        self, trainer: Any, job: JobSpec, group: PeerGroup, ids: tuple[str, ...], job_committed: int = -1
-    ) -> None:
-        """Collective over the new epoch: agree on the state, hand it over (or restore), mirror it."""
-        t0 = time.monotonic()
-        engine = trainer.engine
-        from worker.zero3 import state as zstate
-
-        handover.declare(engine, job)
-        mine = recovery.report(self.current, self.previous)
-        parts = zstate.exchange_values(engine, REPORT_KEY, Channel.REPORT, mine.values())
-        choice = recovery.choose([recovery.StateReport.parse(p) for p in parts])
-        key = choice.step  # every later collective of the formation: under the step it resumes at
-        which = choice.which[group.rank]
-        held = self.current if which in ("cur", "catchup") else self.previous if which == "prev" else None
-        if which == "catchup" and held is not None and choice.settle is not None:
-            step, skip, total_sq = choice.settle
-            held.trainer.apply(settled(step, skip, total_sq))
-            log.info("%s: applied step %d, which another rank had committed", group.describe(), step)
-        lost = recovery.lost_ranks(held, choice, ids) if held is not None else []
-        flags = zstate.exchange_values(
-            engine, key, Channel.SETTLE, recovery.settle_values(bool(lost), held is not None)
-        )
-        any_lost = any(int(f[1]) == 1 for f in flags)
-        known = max(self.progress_step + 1, choice.step)
-        if choice.layout >= 0 and not any_lost:
-            assert held is not None or not choice.which[group.rank]
-            sources = recovery.sources(held, choice, ids) if held is not None else {}
-            old_world = len(held.ids) if held is not None else 1  # a joiner supplies nothing
-            handover.repartition(engine, trainer.optimizer, job, sources, old_world, choice.opt_steps, key)
-            trainer.steps_done = choice.step
-            handover.adopt_buffers(engine, key, held is not None)
-            mode, resumed = ("join" if held is None else "handover"), choice.step
-        else:
-            resumed_from = trainer.restore_checkpoint()
-            if choice.layout >= 0 and resumed_from is None:
-                raise RecoveryError(
-                    f"{group.describe()}: the shards of old ranks {lost or '(of another member)'} are lost "
-                    "with their replicas and there is no complete checkpoint; the job stops"
-                )
-            if choice.layout < 0 and job_committed >= 0 and resumed_from is None:
-                raise RecoveryError(
-                    f"{group.describe()}: the job committed step {job_committed}, no member holds its state "
-                    "and there is no complete checkpoint; the job stops rather than start again from step 0"
-                )
-            known = max(known, job_committed + 1)
-            mode = "fresh" if choice.layout < 0 else "checkpoint"
-            resumed = resumed_from or 0
-        if job.replicas:
-            trainer.replica = handover.replicate(engine, trainer.optimizer, job, trainer.optimizer.steps_done)
-        keep = held if mode == "handover" else None  # confirmed: kept until a step commits in the new layout
-        for h in (self.current, self.previous):
-            if h is not None and h is not keep:
-                h.trainer.engine.close()
-        self.previous = keep
-        self.current = Holding(group.epoch, ids, tuple(group.host_ids), group.rank, trainer)
-        lost_steps = max(0, known - resumed) if mode == "checkpoint" else 0
-        report = {"epoch": group.epoch, "mode": mode, "resumed_at": resumed, "steps_lost": lost_steps}
+    def adopt(self, group: PeerGroup, formed: Formed) -> None:
+        """Take the formation's holding into the state (closing the engines let go) and report it."""
+        if formed.holding is not None:
+            _close(self.state.adopt(formed.holding, formed.keep))
+        report = {
+            "epoch": group.epoch,
+            "mode": formed.mode,
+            "resumed_at": formed.resumed_at,
+            "steps_lost": formed.steps_lost,
+        }
         self.t.update(recovery=report)  # the heartbeat tells the coordinator (/events)
         self.record(
             {
                 "kind": "recovery",
-                "mode": mode,
-                "epoch": group.epoch,
+                **report,
                 "rank": group.rank,
                 "world_size": group.world_size,
-                "resumed_at": resumed,
-                "steps_lost": lost_steps,
-                "seconds": time.monotonic() - t0,
+                "seconds": formed.seconds,
             }
         )
         log.info(
             "%s: formed (%s) at step %d, %d steps lost, in %.2fs",
             group.describe(),
-            mode,
-            resumed,
-            lost_steps,
-            time.monotonic() - t0,
+            formed.mode,
+            formed.resumed_at,
+            formed.steps_lost,
+            formed.seconds,
         )
 
     def check_fence(self, group: PeerGroup) -> None:
-        """Between steps: never start a step in a stale epoch or without a lease (self-fencing)."""
+        """Never vote, commit or start a step in a stale epoch or without a lease (self-fencing)."""
         self.t.wait_lease(self.cfg.coordinator_grace_s)  # blocks while fenced
-        if self.t.known_epoch > group.epoch:
-            raise EpochChanged(f"{group.describe()}: epoch {self.t.known_epoch} was announced")
+        self.state.check_current(group)
 
-    def confirm(self) -> None:
-        """A step committed in the current layout: every member adopted it, the previous one can go."""
-        current = self.current
-        if current is not None and not current.confirmed:
-            current.confirmed = True
-            if self.previous is not None:
-                self.previous.trainer.engine.close()
-            self.previous = None
+    def committed(self, step: int) -> None:
+        """Step ``step`` committed in the current layout: every member adopted the layout, so the previous
+        one goes."""
+        self.state.commit(step)
+        dropped = self.state.confirm()
+        _close([] if dropped is None else [dropped])
 
     def on_step(self, group: PeerGroup, report: Any) -> None:
         """Step ``report.step`` committed (applied or skipped on every rank)."""
-        self.confirm()
+        self.committed(int(report.step))
         step_time = float(report.step_time_s) or 1e-9
-        self.progress_step = max(self.progress_step, int(report.step))
         skipped = bool(getattr(report, "skipped", False))
         loss = None if skipped else float(report.loss)
-        self.t.progress(int(report.step))  # a step committed
+        self.t.progress()  # a step committed
         self.t.update(
             **({} if loss is None else {"loss": loss}),
             samples_per_s=self._local_samples(job_batch=int(report.samples), group=group) / step_time,
@@ -319,6 +300,11 @@ class Manager:
         path = Path(self.cfg.telemetry_dir) / f"{self.t.worker_id}.jsonl"
         with self._log_lock, open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
+
+
+def _close(holdings: list[Holding]) -> None:
+    for h in holdings:
+        h.trainer.engine.close()
 
 
 def outcome_dict(outcome: Any) -> dict[str, Any]:

@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from worker.buddy import buddy_ranks
 from worker.handover import own_state
+
+if TYPE_CHECKING:
+    from worker.trainer import Trainer
 
 NONE = -1
 
@@ -44,7 +47,7 @@ class Holding:
     ids: tuple[str, ...]  # those members' worker ids, by rank
     host_ids: tuple[str, ...]
     rank: int  # this rank in that layout
-    trainer: Any  # worker.trainer.Trainer: engine, optimizer, replica, staged update, steps done
+    trainer: Trainer  # engine, optimizer, replica, staged update, steps done
     confirmed: bool = False
 
     def holds(self) -> list[int]:

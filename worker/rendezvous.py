@@ -19,6 +19,7 @@ from worker.coordinator_client import CoordinatorClient, CoordinatorError
 from worker.formation import BarrierTimeout, JobMismatch, Stopped, suspect_of
 from worker.identity import WorkerConfig
 from worker.outage import through_outage
+from worker.state import WorkerState
 from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class Rendezvous:
     register_body: dict[str, Any]  # what registering again sends
     interval_s: float  # the coordinator's heartbeat interval and timeout, from the registration answer
     timeout_s: float
+    state: WorkerState  # told of the epochs that registering again announces
 
     async def reregister(self) -> int:
         """Register again (same id and secret); the coordinator's epoch."""
@@ -78,7 +80,7 @@ class Rendezvous:
                     "does not include me" if not mine else "did not move",
                 )
                 joined = await through_outage(self.reregister, deadline=deadline, what="registration")
-                self.t.update(known_epoch=max(self.t.known_epoch, joined))
+                self.state.announce(joined)
                 stale_since = time.monotonic()
             await asyncio.sleep(self.interval_s)
 

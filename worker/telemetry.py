@@ -1,7 +1,7 @@
-"""What a worker reports in its heartbeats, and its fence: written by the training thread, read by the
-heartbeat (under a lock).
+"""What a worker reports in its heartbeats besides its state (``worker.state``: epoch and steps), and its
+fence: written by the training thread, read by the heartbeat (under a lock).
 
-The training side calls `progress(step)` for every committed step and `update(state=...)` as its
+The training side calls `progress()` for every committed step and `update(state=...)` as its
 lifecycle moves; the heartbeat reports worker_state "stalled" in place of "training" when the training
 makes no progress in time (worker/liveness.py). `wait_lease` is the fence between steps: it blocks the
 step loop while the lease is not held. The lease is a deadline, one heartbeat timeout after the last beat
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.liveness import ProgressClock
+from worker.state import StateView
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,6 @@ class Telemetry:
 
     worker_id: str
     state: str = "starting"
-    epoch: int = 0
-    step: int = 0
-    committed_step: int = -1  # the last step this worker committed (-1: none yet)
     recovery: dict[str, Any] | None = None  # how the current epoch was formed (worker.manager)
     last_progress: float | None = None  # monotonic time of the last committed step
     loss: float | None = None
@@ -51,7 +49,6 @@ class Telemetry:
     bytes_sent: int = 0
     bytes_received: int = 0
     bytes_by_lane: dict[str, int] | None = None  # bytes sent, by data-plane lane ("grpc", "local")
-    known_epoch: int = 0  # newest epoch the coordinator told us about
     # Liveness: None (a coordinator that sets no progress timeout) never reports "stalled". The start-up
     # timeout applies before the epoch's first committed step.
     progress_timeout_s: float | None = None
@@ -63,21 +60,20 @@ class Telemetry:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def update(self, **values: Any) -> None:
-        """Set fields. A change of state or epoch restarts the progress clock: a new epoch's training
-        starts under the start-up timeout."""
+        """Set fields. A change of state restarts the progress clock: every epoch's training starts (from
+        "waiting") under the start-up timeout."""
         with self.lock:
-            before = (self.state, self.epoch)
+            before = self.state
             for key, value in values.items():
                 if not hasattr(self, key):
                     raise AttributeError(f"unknown telemetry field {key}")
                 setattr(self, key, value)
-            if (self.state, self.epoch) != before:
+            if self.state != before:
                 self.clock.restart()
 
-    def progress(self, committed_step: int) -> None:
-        """A step was committed: the one call of the training side for it."""
+    def progress(self) -> None:
+        """A step was committed (the worker's state has its number): the progress clock moves."""
         with self.lock:
-            self.committed_step = self.step = int(committed_step)
             self.last_progress = self.clock.committed()
 
     def liveness_from(self, answer: Mapping[str, Any], startup_default_s: float) -> None:
@@ -98,14 +94,15 @@ class Telemetry:
             return state
         return "stalled" if self.clock.overdue(timeout, startup) is not None else state
 
-    def body(self) -> dict[str, Any]:
-        """The heartbeat request body (fields left out while unknown)."""
+    def body(self, view: StateView) -> dict[str, Any]:
+        """The heartbeat request body: the worker's state as ``view`` reads it, and what this object holds
+        (fields left out while unknown)."""
         state = self.reported_state()
         with self.lock:
             body: dict[str, Any] = {
-                "epoch": self.epoch,
-                "step": self.step,
-                "committed_step": self.committed_step,
+                "epoch": view.epoch,
+                "step": max(view.committed_step, 0),
+                "committed_step": view.committed_step,
                 "state": state,
                 "bytes_sent": self.bytes_sent,
                 "bytes_received": self.bytes_received,

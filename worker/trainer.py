@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,10 @@ from worker.zero3.durable import write_atomic
 from worker.zero3.materialize import build_sharded
 from worker.zero3.optim import ShardedOptimizer, local_sq_norm
 from worker.zero3.schedule import lr_at
+
+if TYPE_CHECKING:
+    from worker.forming import Formed
+    from worker.state import WorkerState
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +91,26 @@ class TrainOutcome:
     step_times_s: list[float] = field(default_factory=list)
 
 
+class StepGate(Protocol):
+    """What the trainer asks of whoever drives it at every step (the manager: its fence and its state)."""
+
+    def staged(self, step: int) -> None:
+        """This rank staged the update of ``step``."""
+
+    def may_commit(self) -> None:
+        """Raises when this rank must not vote or apply (a stale epoch, a lost lease)."""
+
+
+class OpenGate:
+    """The gate of a trainer driven alone (tests, benchmarks, replay): every step may commit."""
+
+    def staged(self, step: int) -> None:
+        pass
+
+    def may_commit(self) -> None:
+        pass
+
+
 class Trainer:
     """Trains ``job`` as rank ``group.rank`` of ``group`` over ``backend`` (every rank runs one)."""
 
@@ -103,9 +127,11 @@ class Trainer:
         startup_timeout: float | None = None,  # until the first step is committed (default: collective)
         restore: bool = True,
         data: Any = None,
+        gate: StepGate | None = None,
     ) -> None:
         """``restore``: resume from the newest complete checkpoint now (else see ``restore_checkpoint``);
-        ``data``: the loaded dataset, when the caller has it already."""
+        ``data``: the loaded dataset, when the caller has it already; ``gate``: asked at every step whether
+        this rank may commit (default: always)."""
         if job.global_batch < group.world_size:
             raise ValueError(
                 f"global_batch {job.global_batch} is smaller than the world size {group.world_size}"
@@ -143,7 +169,7 @@ class Trainer:
         self.staged: commit.Staged | None = None
         self.last_decision: commit.CommitDecision | None = None
         self.skipped = 0
-        self.may_commit: Callable[[], None] = lambda: None  # raises when this rank must not commit
+        self.gate: StepGate = gate if gate is not None else OpenGate()
         if checkpoint_dir is not None and restore:
             self._resume(checkpoint_dir)
 
@@ -217,9 +243,11 @@ class Trainer:
         self.exchange.timeout = engine.timeout  # the start-up timeout until the first step is done
         ward_grads = self.exchange.exchange(grads, step) if self.replica is not None else None
         self.staged = commit.Staged(step, grads, ward_grads)
+        self.gate.staged(step)
         vote = commit.vote_values(loss, local_sq_norm(grads), not engine.nonfinite)
-        self.may_commit()
+        self.gate.may_commit()  # a fenced rank does not vote
         votes = zstate.exchange_floats(engine, step, Channel.VOTE, vote)
+        self.gate.may_commit()  # nor applies a step whose votes reached it after its lease ran out
         decision = commit.decide(step, votes, job.global_batch)
         lr = self.apply(decision)
         engine.timeout = self.collective_timeout  # past start-up: the steady-state timeout
@@ -267,6 +295,21 @@ class Trainer:
         self.last_decision = decision
         self.steps_done = decision.step + 1
         return lr
+
+    def form(self, state: WorkerState, ids: tuple[str, ...], job_committed: int) -> Formed:
+        """Collective: form this trainer's epoch from what the worker holds (``worker.forming``)."""
+        from worker.forming import form
+
+        return form(self, state, ids, job_committed)
+
+    def resume_at(self, step: int) -> None:
+        """The formation handed over the state of ``step`` committed steps: train from there."""
+        self.steps_done = step
+
+    def mirror(self, replica: Replica | None) -> None:
+        """The formation mirrored the ward's shard here (None: no ward): apply every committed update to it
+        too."""
+        self.replica = replica
 
     def restore_checkpoint(self) -> int | None:
         """Collective: resume from the newest complete checkpoint every rank sees; its step, or None."""

@@ -21,15 +21,19 @@ from typing import Any
 
 from worker.daemon import WorkerDaemon
 from worker.identity import WorkerConfig, default_host_id
-from worker.manager import TrainerFactory, default_trainer_factory
+from worker.manager import Trainers
 
 
-def stalling(at_step: int, marker: Path) -> TrainerFactory:
-    """The default trainer, whose step callback blocks the training thread after step `at_step`."""
+class Stalling(Trainers):
+    """The default trainers, whose step callback blocks the training thread after step `at_step`."""
 
-    def factory(*args: Any, **kwargs: Any) -> Any:
-        trainer = default_trainer_factory(*args, **kwargs)
+    def __init__(self, at_step: int, marker: Path) -> None:
+        self.at_step, self.marker = at_step, marker
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        trainer = super().__call__(*args, **kwargs)
         run = trainer.run
+        at_step, marker = self.at_step, self.marker
 
         def run_stalling(*, on_step: Callable[[Any], None], **rest: Any) -> Any:
             def step(report: Any) -> None:
@@ -41,10 +45,8 @@ def stalling(at_step: int, marker: Path) -> TrainerFactory:
 
             return run(on_step=step, **rest)
 
-        trainer.run = run_stalling
+        trainer.run = run_stalling  # type: ignore[method-assign]
         return trainer
-
-    return factory
 
 
 def main(argv: list[str]) -> int:
@@ -65,7 +67,7 @@ def main(argv: list[str]) -> int:
     for path in (cfg.checkpoint_dir, cfg.telemetry_dir):
         assert path is not None
         path.mkdir(parents=True, exist_ok=True)
-    daemon = WorkerDaemon(cfg, trainer_factory=stalling(at_step, folder / f"{worker_id}.blocked"))
+    daemon = WorkerDaemon(cfg, trainers=Stalling(at_step, folder / f"{worker_id}.blocked"))
     return asyncio.run(daemon.run())
 
 

@@ -18,6 +18,7 @@ from communication.grpc_backend import GrpcBackend
 from tests.conftest import ProcessReaper, free_port
 from tests.integration.cluster_support import READ_TOKEN, TOKEN, get, start_coordinator, start_worker
 from worker.daemon import WorkerDaemon
+from worker.forming import Formed
 from worker.identity import WorkerConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
@@ -68,6 +69,13 @@ class RaisingTrainer:
     def __init__(self, job: Any, group: PeerGroup, backend: Any, **kwargs: Any) -> None:
         self.group = group
 
+    @staticmethod
+    def prepare(job: Any, cfg: Any) -> None:
+        return None
+
+    def form(self, state: Any, ids: tuple[str, ...], job_committed: int) -> Formed:
+        return Formed("fresh", 0, 0, 0.0, holding=None, keep=None)
+
     def run(self, *, on_step: Any, on_eval: Any, should_stop: Any) -> Any:
         time.sleep(1.5)  # a few heartbeats while "training"
         RaisingTrainer.raised_at = time.monotonic()
@@ -90,7 +98,7 @@ async def test_a_trainer_that_raises_leaves_within_one_heartbeat_timeout(
         device="cpu",
         save_model=tmp_path / "m.safetensors",
     )
-    daemon = WorkerDaemon(cfg, trainer_factory=RaisingTrainer)
+    daemon = WorkerDaemon(cfg, trainers=RaisingTrainer)
     seen: list[tuple[float, str, str]] = []
 
     async def watch() -> None:

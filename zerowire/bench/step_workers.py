@@ -99,9 +99,7 @@ def _ready_barrier(directory: Path, rank: int, world: int, timeout: float = 120.
 
 def _zerowire(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
     from jobspec import JobSpec
-    from worker.identity import WorkerConfig
-    from worker.manager import Manager, default_trainer_factory
-    from worker.telemetry import Telemetry
+    from worker.state import WorkerState
     from worker.trainer import StepReport, Trainer
 
     ports = [int(p) for p in a.ports.split(",")]
@@ -121,9 +119,7 @@ def _zerowire(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
             meter.start()  # the trainer builds the model
         trainer = Trainer(job, group, backend, device=device_of(a), collective_timeout=600.0)
         # formed as a worker's epoch is: agree on the (fresh) state, mirror every shard on its buddy
-        cfg = WorkerConfig(coordinator="http://unused")
-        manager = Manager(cfg, Telemetry(worker_id=f"bench-{a.rank}"), backend, default_trainer_factory)
-        manager.form(trainer, job, group, tuple(f"bench-{r}" for r in range(a.world)))
+        trainer.form(WorkerState(backend), tuple(f"bench-{r}" for r in range(a.world)), -1)
         reports: list[StepReport] = []
 
         def on_step(report: StepReport) -> None:

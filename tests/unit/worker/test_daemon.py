@@ -18,8 +18,10 @@ from communication.group import PeerGroup
 from jobspec import JobSpec
 from tests.unit.worker.fake_coordinator import FakeCoordinator, eventually
 from worker.daemon import EXIT_OK, EXIT_TRAINING_FAILED, ConfigError, JobMismatch, WorkerDaemon, run_worker
+from worker.forming import Formed
 from worker.identity import WorkerConfig
 from worker.outage import CoordinatorLost
+from worker.state import WorkerState
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -32,7 +34,7 @@ class FakeBackend:
     def __init__(self) -> None:
         self.groups: list[PeerGroup] = []
         self.epochs: list[int] = []
-        self.epoch_moved = threading.Event()
+        self.epoch_moved = threading.Condition()
         self.closed = False
 
     def start(self, bind: str) -> int:
@@ -45,8 +47,9 @@ class FakeBackend:
         self.groups.append(group)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epochs.append(epoch)
-        self.epoch_moved.set()
+        with self.epoch_moved:
+            self.epochs.append(epoch)
+            self.epoch_moved.notify_all()
 
     def stats(self) -> WireStats:
         return WireStats(10, 20)
@@ -82,9 +85,17 @@ class ScriptedTrainer:
 
     def __init__(self, job: JobSpec, group: PeerGroup, backend: FakeBackend, **kwargs: Any) -> None:
         self.job, self.group, self.backend, self.kwargs = job, group, backend, kwargs
+        backend.set_group(group)  # as the real trainer does
         self.built_at = time.monotonic()
         self.saved: Path | None = None
         ScriptedTrainer.built.append(self)
+
+    @staticmethod
+    def prepare(job: JobSpec, cfg: WorkerConfig) -> None:
+        return None  # no dataset
+
+    def form(self, state: WorkerState, ids: tuple[str, ...], job_committed: int) -> Formed:
+        return Formed("fresh", 0, 0, 0.0, holding=None, keep=None)  # it holds no state
 
     def run(self, *, on_step: Any, on_eval: Any, should_stop: Any) -> Outcome:
         for step in range(self.job.steps):
@@ -123,7 +134,7 @@ def make_daemon(fake: FakeCoordinator, tmp_path: Path, **cfg: Any) -> tuple[Work
     )
     daemon = WorkerDaemon(
         config,
-        trainer_factory=ScriptedTrainer,
+        trainers=ScriptedTrainer,
         backend_factory=lambda job, token: backend,
         transport=fake.transport(),
     )
@@ -141,8 +152,8 @@ async def test_a_clean_run_registers_trains_saves_reports_and_leaves(tmp_path: P
     assert fake.calls("DELETE", "/workers/w0")
     assert fake.calls("POST", "/heartbeat")[-1][3]["state"] == "finished"
     records = [json.loads(line) for line in (tmp_path / "w0.jsonl").read_text().splitlines()]
-    assert [r["kind"] for r in records] == ["step"] * 5 + ["eval", "result"]
-    assert records[-1]["test_accuracy"] == 0.97 and records[0]["bytes_sent"] == 10
+    assert [r["kind"] for r in records] == ["recovery"] + ["step"] * 5 + ["eval", "result"]
+    assert records[-1]["test_accuracy"] == 0.97 and records[1]["bytes_sent"] == 10
     # the cluster token admits the worker; everything after registration speaks with its own secret
     used = {(method, path, bearer) for method, path, bearer in fake.credentials}
     assert {(m, p) for m, p, b in used if b == fake.token} == {("GET", "/job"), ("POST", "/workers/register")}
@@ -200,7 +211,8 @@ async def test_an_epoch_change_reforms_with_a_new_trainer(tmp_path: Path) -> Non
     def script(trainer: ScriptedTrainer, step: int) -> None:
         if len(ScriptedTrainer.built) == 1 and step == 2:
             fake.add_worker("w1", port=7)  # a join: the heartbeat announces the new epoch
-            assert backend.epoch_moved.wait(5)
+            with backend.epoch_moved:
+                assert backend.epoch_moved.wait_for(lambda: 2 in backend.epochs, 5)
             raise EpochChanged("cancelled in flight")
 
     ScriptedTrainer.script = script
@@ -208,7 +220,7 @@ async def test_an_epoch_change_reforms_with_a_new_trainer(tmp_path: Path) -> Non
     first, second = ScriptedTrainer.built
     assert (first.group.epoch, first.group.world_size) == (1, 1)
     assert (second.group.epoch, second.group.world_size) == (2, 2)
-    assert backend.epochs[0] == 2 and [g.epoch for g in backend.groups] == [1, 2]
+    assert backend.epochs == [1, 2] and [g.epoch for g in backend.groups] == [1, 2]  # registered; joined
 
 
 async def test_a_stop_request_drops_training_leaves_and_exits_zero(tmp_path: Path) -> None:

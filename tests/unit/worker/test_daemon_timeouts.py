@@ -49,7 +49,7 @@ async def test_the_coordinators_timeouts_win_and_reach_lanes_and_trainer(
         startup_timeout_s=4.0,
         barrier_timeout_s=50.0,
     )
-    daemon = WorkerDaemon(own, trainer_factory=ScriptedTrainer, transport=fake.transport())
+    daemon = WorkerDaemon(own, trainers=ScriptedTrainer, transport=fake.transport())
     with caplog.at_level(logging.INFO, logger="worker.identity"):
         assert await daemon.run() == EXIT_OK
     adopted = (daemon.cfg.collective_timeout_s, daemon.cfg.startup_timeout_s, daemon.cfg.barrier_timeout_s)

@@ -22,7 +22,7 @@ from tests.unit.zero3.fixtures import assert_bit_identical
 from tests.unit.zero3.reference import plain_reference
 from worker.heartbeat import Telemetry
 from worker.identity import WorkerConfig
-from worker.manager import Manager, default_trainer_factory
+from worker.manager import Manager
 from worker.models import build_model
 from worker.recovery import RecoveryError
 from worker.trainer import Trainer
@@ -41,7 +41,7 @@ class Worker:
         cfg = WorkerConfig(coordinator="http://unused", worker_id=wid, checkpoint_dir=checkpoint_dir)
         self.wid = wid
         self.checkpoint_dir = checkpoint_dir
-        self.manager = Manager(cfg, Telemetry(worker_id=wid), None, default_trainer_factory)
+        self.manager = Manager(cfg, Telemetry(worker_id=wid), FakeHub(1).backend(0))
         self.trainer: Trainer | None = None
 
 
@@ -73,12 +73,13 @@ def epoch(
             restore=False,
         )
         w.trainer = trainer
-        w.manager.form(trainer, job, group, ids, job_committed)
+        w.manager.state.install(group, ids)
+        w.manager.adopt(group, trainer.form(w.manager.state, ids, job_committed))
         while trainer.steps_done < min(until, job.steps):
             if before_apply is not None:
                 before_apply(w, trainer)
             report = trainer.train_step(trainer.steps_done)
-            w.manager.confirm()
+            w.manager.committed(report.step)
             if job.checkpoint_every and trainer.steps_done % job.checkpoint_every == 0:
                 trainer.checkpoint()
             results[rank] = report

@@ -9,10 +9,12 @@ import time
 
 import pytest
 
+from communication.group import PeerGroup
 from tests.unit.worker.fake_coordinator import FakeCoordinator, eventually
 from worker.coordinator_client import CoordinatorClient, RetryPolicy
 from worker.daemon import in_thread
 from worker.heartbeat import CoordinatorLost, HeartbeatLoop, LeaseLost, Telemetry, run_tied
+from worker.state import WorkerState
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -36,8 +38,10 @@ def setup(
         transport=fake.transport(),
         retry=RetryPolicy(attempts=1),
     )
-    tel = Telemetry(worker_id="w0", epoch=fake.epoch, known_epoch=fake.epoch)
+    tel = Telemetry(worker_id="w0")
     backend = RecordingBackend()
+    state = WorkerState(backend)
+    state.install(PeerGroup("job", fake.epoch, 0, ("127.0.0.1:1",)), ("w0",))  # training in the current epoch
 
     async def reregister() -> int:
         fake.add_worker("w0")
@@ -46,7 +50,7 @@ def setup(
     hb = HeartbeatLoop(
         client,
         tel,
-        backend,
+        state,
         interval_s=0.05,
         timeout_s=0.3,
         grace_s=grace_s,
@@ -84,7 +88,7 @@ async def test_a_trainer_that_raises_reports_failed_and_the_heartbeat_stops() ->
 
 async def test_reform_sets_the_backend_epoch_at_once_while_training_continues() -> None:
     fake = FakeCoordinator()
-    hb, tel, backend = setup(fake)
+    hb, _, backend = setup(fake)
     old = fake.epoch
 
     async def main() -> str:
@@ -97,7 +101,7 @@ async def test_reform_sets_the_backend_epoch_at_once_while_training_continues() 
 
     assert await run_tied(main(), hb, abort=lambda: None, final_state=lambda exc: None) == "ok"
     assert backend.epochs[0][1] == old + 1
-    assert tel.known_epoch == old + 1
+    assert hb.state.announced_epoch == old + 1
 
 
 async def test_stop_action_sets_the_stop_flag() -> None:
@@ -171,7 +175,8 @@ async def test_a_coordinator_back_after_the_grace_restores_the_lease_and_the_ste
 
     async def main() -> float:
         await asyncio.sleep(0.2)
-        tel.progress(0)  # a step committed: the progress timeout applies from here
+        hb.state.commit(0)
+        tel.progress()  # a step committed: the progress timeout applies from here
         fake.heartbeat_status = 503
         loop = asyncio.get_running_loop()
         loop.call_later(1.2, setattr, fake, "heartbeat_status", 200)  # away six graces
@@ -199,7 +204,7 @@ def test_heartbeat_rejects_an_interval_not_below_its_timeout() -> None:
         HeartbeatLoop(
             client,
             Telemetry("w"),
-            RecordingBackend(),
+            WorkerState(RecordingBackend()),
             interval_s=2,
             timeout_s=2,
             grace_s=5,

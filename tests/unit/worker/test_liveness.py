@@ -17,6 +17,7 @@ from tests.unit.worker.fake_coordinator import FakeCoordinator, eventually
 from tests.unit.worker.test_heartbeat import setup
 from worker.heartbeat import run_tied
 from worker.liveness import ProgressClock, WatchedCalls
+from worker.state import WorkerState
 from worker.telemetry import Telemetry
 
 pytestmark = pytest.mark.timeout(20)
@@ -40,19 +41,23 @@ def training(now: Now, progress_s: float | None = 10.0, startup_s: float = 120.0
 def test_the_start_up_timeout_holds_until_the_first_committed_step_then_the_progress_timeout() -> None:
     now = Now()
     tel = training(now)
+    state = WorkerState(FakeHub(1).backend(0))
     now.t += 119.0
     assert tel.reported_state() == "training"  # building the model, loading data: within start-up
     now.t += 2.0
-    assert tel.reported_state() == "stalled" and tel.body()["state"] == "stalled"
-    tel.progress(0)
-    assert (tel.body()["committed_step"], tel.body()["step"], tel.reported_state()) == (0, 0, "training")
+    assert tel.reported_state() == "stalled" and tel.body(state.view())["state"] == "stalled"
+    state.commit(0)
+    tel.progress()
+    body = tel.body(state.view())
+    assert (body["committed_step"], body["step"], tel.reported_state()) == (0, 0, "training")
     now.t += 10.0
     assert tel.reported_state() == "training"
     now.t += 0.5
     assert tel.reported_state() == "stalled"
-    tel.progress(1)
+    tel.progress()
     assert tel.last_progress == now.t and tel.reported_state() == "training"
-    tel.update(epoch=5)  # a new epoch: start-up again
+    tel.update(state="waiting")  # at the barrier, then a new epoch: start-up again
+    tel.update(state="training")
     now.t += 60.0
     assert tel.reported_state() == "training"
 
@@ -128,7 +133,7 @@ async def test_evicted_while_stalled_the_worker_fences_and_registers_again_only_
     fake = FakeCoordinator()
     hb, tel, backend = setup(fake)  # `setup`'s registration adds w0 to the fake again: a new epoch
     epoch = fake.epoch
-    tel.update(state="training", epoch=epoch, progress_timeout_s=0.2, startup_timeout_s=0.2)
+    tel.update(state="training", progress_timeout_s=0.2, startup_timeout_s=0.2)
 
     async def main() -> None:
         await eventually(lambda: any(b["state"] == "stalled" for b in beats(fake)))
@@ -136,13 +141,13 @@ async def test_evicted_while_stalled_the_worker_fences_and_registers_again_only_
         await eventually(lambda: backend.epochs)
         await asyncio.sleep(0.3)  # six intervals of 410 answers
         assert fake.epoch == epoch, "no registration while the training is stalled"
-        tel.progress(3)  # the training moves again
+        tel.progress()  # the training moves again
         await eventually(lambda: fake.epoch > epoch)
         fake.heartbeat_status = 200
 
     await asyncio.wait_for(run_tied(main(), hb, abort=lambda: None, final_state=lambda exc: None), 10)
-    assert backend.epochs[0][1] == epoch + 1, "fenced: a newer epoch cancels its collectives at once"
-    assert tel.known_epoch == fake.epoch
+    assert backend.epochs[0][1] == epoch + 1, "fenced: its epoch is retired, its collectives fail at once"
+    assert hb.state.announced_epoch == fake.epoch
 
 
 def beats(fake: FakeCoordinator) -> list[dict[str, Any]]:
