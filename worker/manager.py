@@ -32,7 +32,7 @@ from worker.state import WorkerState
 if TYPE_CHECKING:
     from worker.forming import Formed
     from worker.recovery import Holding
-    from worker.trainer import StepGate
+    from worker.trainer_api import StepGate
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +40,7 @@ from worker import commit
 from worker.buddy import GradExchange, Replica
 from worker.data import GlobalBatchSampler, load_dataset, rank_slice
 from worker.models import build_model
+from worker.trainer_api import EvalReport, OpenGate, StepGate, StepReport, TrainOutcome
 from worker.zero3 import precision, snapshot
 from worker.zero3 import state as zstate
 from worker.zero3.channels import Channel
@@ -57,58 +57,6 @@ logger = logging.getLogger(__name__)
 
 EVAL_BATCH = 512
 _INIT_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class StepReport:
-    step: int
-    loss: float
-    samples: int  # global batch size
-    world_size: int
-    step_time_s: float
-    compute_s: float  # step time not spent blocked on the network
-    comm_s: float  # summed in-flight time of the step's collectives (overlaps compute)
-    wait_s: float  # compute thread blocked on collectives
-    lr: float = 0.0
-    skipped: bool = False  # a non-finite loss or gradient somewhere: nothing was applied
-
-
-@dataclass(frozen=True)
-class EvalReport:
-    step: int
-    test_loss: float
-    test_accuracy: float
-
-
-@dataclass(frozen=True)
-class TrainOutcome:
-    steps_done: int
-    final_loss: float | None
-    test_accuracy: float | None
-    test_loss: float | None = None
-    resumed_from: int | None = None
-    stopped_early: bool = False
-    step_times_s: list[float] = field(default_factory=list)
-
-
-class StepGate(Protocol):
-    """What the trainer asks of whoever drives it at every step (the manager: its fence and its state)."""
-
-    def staged(self, step: int) -> None:
-        """This rank staged the update of ``step``."""
-
-    def may_commit(self) -> None:
-        """Raises when this rank must not vote or apply (a stale epoch, a lost lease)."""
-
-
-class OpenGate:
-    """The gate of a trainer driven alone (tests, benchmarks, replay): every step may commit."""
-
-    def staged(self, step: int) -> None:
-        pass
-
-    def may_commit(self) -> None:
-        pass
 
 
 class Trainer:
