@@ -10,11 +10,11 @@ import hashlib
 import itertools
 import json
 import tomllib
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["constant", "cosine", "step"]
@@ -39,7 +39,9 @@ class JobSpec(BaseModel):
     weight_decay: float = Field(default=5e-4, ge=0.0, le=1.0)
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: Schedule = "cosine"
-    warmup_steps: int = Field(default=10, ge=0)
+    warmup_steps: int = Field(
+        default=10, ge=0, description="linear warm-up; when not given, min(10, steps // 10)"
+    )
     step_size: int = Field(default=100, ge=1, description="for schedule=step: decay every N steps")
     gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="for schedule=step: decay factor")
     grad_clip: float = Field(default=0.0, ge=0.0, description="clip by global norm; 0 disables")
@@ -60,10 +62,20 @@ class JobSpec(BaseModel):
     )
     min_workers: int = Field(default=1, ge=1, le=4096)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _adapt_defaults(cls, data: Any) -> Any:
+        """Defaults that depend on other fields: a warm-up not given is at most a tenth of the steps."""
+        if isinstance(data, Mapping) and data.get("warmup_steps") is None:
+            steps = data.get("steps", 300)
+            if isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1:
+                return {**data, "warmup_steps": min(10, steps // 10)}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> JobSpec:
         if self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds steps ({self.steps})")
+            raise ValueError(f"--warmup-steps ({self.warmup_steps}) exceeds --steps ({self.steps})")
         return self
 
     def canonical_json(self) -> str:
@@ -73,6 +85,74 @@ class JobSpec(BaseModel):
     def hash(self) -> str:
         """sha256 of the canonical JSON: workers refuse to train a job whose hash differs."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+class InvalidJob(ValueError):
+    """A job refused, in one line that names each flag at fault and what it allows."""
+
+
+def flag(field: str) -> str:
+    """The command-line flag of a JobSpec field (``warmup_steps`` -> ``--warmup-steps``)."""
+    return "--" + field.replace("_", "-")
+
+
+def make_job(values: Mapping[str, Any]) -> JobSpec:
+    """The JobSpec of ``values`` (fields by name); InvalidJob, one line, otherwise. The CLI and the Python
+    API both build jobs here."""
+    try:
+        return JobSpec.model_validate(dict(values))
+    except ValidationError as exc:
+        raise InvalidJob(describe_errors(exc)) from None
+
+
+def allowed(field: str) -> str:
+    """What ``field`` allows, from its declared bounds (``an integer in 1..10000000``)."""
+    info = JobSpec.model_fields[field]
+    lo = hi = None
+    for m in info.metadata:  # annotated_types' Ge, Gt, Le, Lt
+        for attr, op in (("ge", ">="), ("gt", ">")):
+            if getattr(m, attr, None) is not None:
+                lo = f"{op} {getattr(m, attr)}"
+        for attr, op in (("le", "<="), ("lt", "<")):
+            if getattr(m, attr, None) is not None:
+                hi = f"{op} {getattr(m, attr)}"
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        info.annotation if isinstance(info.annotation, type) else object, "a value"
+    )
+    bounds = " and ".join(b for b in (lo, hi) if b)
+    return f"{kind} {bounds}".strip()
+
+
+def _one(err: Mapping[str, Any]) -> str:
+    loc = err.get("loc") or ()
+    field = str(loc[0]) if loc else ""
+    got = err.get("input")
+    ctx = err.get("ctx") or {}
+    kind = err["type"]
+    if not field:  # a rule over several fields (its message names their flags)
+        return str(ctx.get("error", err.get("msg", "invalid job")))
+    name = flag(field)
+    if kind == "extra_forbidden":
+        return f"{name}: no such job option"
+    if field not in JobSpec.model_fields:
+        return f"{name}: {err.get('msg')}"
+    if kind == "literal_error":
+        return f"{name} must be {ctx.get('expected')} (got {got!r})"
+    if kind == "string_pattern_mismatch":
+        return f"{name} may hold only letters, digits, '.', '_' and '-' (got {got!r})"
+    if kind in ("string_too_short", "string_too_long"):
+        meta = JobSpec.model_fields[field].metadata
+        lo = next((m.min_length for m in meta if getattr(m, "min_length", None) is not None), 0)
+        hi = next((m.max_length for m in meta if getattr(m, "max_length", None) is not None), None)
+        return f"{name} must be {lo} to {hi} characters long (got {len(str(got))})"
+    if kind in ("too_long", "too_short", "tuple_type"):
+        return f"{name} must be two numbers B1,B2 (got {got!r})"
+    return f"{name} must be {allowed(field)} (got {got!r})"
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """A job's validation errors in one line: each names its flag and what the flag allows."""
+    return "invalid job: " + "; ".join(_one(err) for err in exc.errors())
 
 
 def load_job_file(path: str | Path) -> dict[str, object]:

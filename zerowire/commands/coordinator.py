@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
     from communication.tls import TlsConfig, is_loopback, plaintext_banner
     from coordinator.settings import CoordinatorSettings
-    from jobspec import JobSpec
+    from jobspec import InvalidJob, JobSpec, make_job
 
     log = logging.getLogger("zerowire.coordinator")
     given = {
@@ -144,8 +144,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = CoordinatorSettings(**given)
         values = job_values(args)
-        job = JobSpec.model_validate(values) if values is not None else None
+        job = make_job(values) if values is not None else None
         tls = TlsConfig.from_options(args.tls_cert, args.tls_key, args.tls_ca)
+    except InvalidJob as exc:
+        raise CommandError(str(exc)) from None
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

@@ -49,9 +49,7 @@ def schedule(summary: dict[str, Any], path: Path) -> tuple[list[int], list[int]]
 
 
 def _job(summary: dict[str, Any], path: Path, args: argparse.Namespace, job_flags: Any) -> Any:
-    from pydantic import ValidationError
-
-    from jobspec import JobSpec
+    from jobspec import InvalidJob, make_job
 
     given = [f"--{flag}" for flag, _, _ in job_flags if getattr(args, flag.replace("-", "_")) is not None]
     given += ["--job"] if args.job else []
@@ -59,14 +57,16 @@ def _job(summary: dict[str, Any], path: Path, args: argparse.Namespace, job_flag
         if "job" in summary:
             if given:
                 raise CommandError(f"--replay takes the job from {path}; drop {', '.join(given)}")
-            job = JobSpec.model_validate(summary["job"])
+            job = make_job(summary["job"])
         else:
             if not given:
                 raise CommandError(f"{path} records no job: pass it with --job or the job flags")
             from zerowire.commands.run import _job_values
 
-            job = JobSpec(**_job_values(args))
-    except (ValidationError, ValueError, OSError) as exc:
+            job = make_job(_job_values(args))
+    except InvalidJob as exc:
+        raise CommandError(f"{exc} ({path})") from None
+    except (ValueError, OSError) as exc:
         raise CommandError(f"invalid job: {exc}") from None
     recorded = summary.get("job_hash")
     if recorded is not None and recorded != job.hash:

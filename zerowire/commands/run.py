@@ -205,9 +205,7 @@ def _clean(output: Path) -> None:
 def handle(args: argparse.Namespace) -> int:
     import logging
 
-    from pydantic import ValidationError
-
-    from jobspec import JobSpec
+    from jobspec import InvalidJob, make_job
     from worker.coordinator_client import CoordinatorError
     from zerowire.localcluster import LocalCluster, write_job_toml
 
@@ -222,8 +220,10 @@ def handle(args: argparse.Namespace) -> int:
     if not 1 <= args.hosts <= args.workers:
         raise CommandError(f"--hosts must be between 1 and --workers ({args.workers})")
     try:
-        job = JobSpec(**_job_values(args))
-    except (ValidationError, ValueError, OSError) as exc:
+        job = make_job(_job_values(args))
+    except InvalidJob as exc:
+        raise CommandError(str(exc)) from None
+    except (ValueError, OSError) as exc:
         raise CommandError(f"invalid job: {exc}") from None
     if job.min_workers > args.workers:
         raise CommandError(f"min_workers {job.min_workers} > --workers {args.workers}")
