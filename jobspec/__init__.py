@@ -28,7 +28,12 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     job_id: str = Field(default="zerowire-job", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
-    model: str = Field(default="resnet8", min_length=1, max_length=64)
+    model: str = Field(
+        default="resnet8",
+        min_length=1,
+        max_length=512,
+        description="a built-in ResNet, or module:function, path/to/file.py:function, torchvision:NAME",
+    )
     dataset: str = Field(default="digits", min_length=1, max_length=512)
     steps: int = Field(default=300, ge=1, le=10_000_000)
     global_batch: int = Field(default=64, ge=1, le=1_000_000)

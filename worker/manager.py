@@ -101,13 +101,15 @@ class Trainers:
         import torch
 
         from worker.data import load_dataset
-        from worker.models import build_model
+        from worker.models import build_model, units
         from worker.zero3.materialize import materialize
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         data = load_dataset(job.dataset, cfg.data_dir, job.seed)
-        materialize(lambda: build_model(job.model, data.num_classes, data.in_channels), WARM_WORLD, 0)
+        materialize(
+            lambda: build_model(job.model, data.num_classes, data.in_channels), WARM_WORLD, 0, units=units
+        )
         return data
 
     def __call__(

@@ -39,7 +39,7 @@ from jobspec import JobSpec
 from worker import commit
 from worker.buddy import GradExchange, Replica
 from worker.data import GlobalBatchSampler, load_dataset, rank_slice
-from worker.models import build_model
+from worker.models import build_model, units
 from worker.trainer_api import EvalReport, OpenGate, StepGate, StepReport, TrainOutcome
 from worker.zero3 import precision, snapshot
 from worker.zero3 import state as zstate
@@ -99,6 +99,7 @@ class Trainer:
                 lambda: build_model(job.model, self.data.num_classes, self.data.in_channels),
                 group,
                 backend,
+                units=units,
                 device=device,
                 timeout=collective_timeout if startup_timeout is None else startup_timeout,
                 codec=job.compression,

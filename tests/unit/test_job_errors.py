@@ -29,7 +29,9 @@ pytestmark = pytest.mark.timeout(60)
         ({"steps": 4, "warmup_steps": 10}, "--warmup-steps (10) exceeds --steps (4)"),
     ],
 )
-def test_each_invalid_job_names_its_flag_and_range_in_one_line(values: dict[str, object], message: str) -> None:
+def test_each_invalid_job_names_its_flag_and_range_in_one_line(
+    values: dict[str, object], message: str
+) -> None:
     with pytest.raises(InvalidJob) as refused:
         make_job(values)
     text = str(refused.value)

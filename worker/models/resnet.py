@@ -49,12 +49,12 @@ class ResNet(nn.Module):
         self.head = head
         _init_weights(self)
 
-    def zero3_units(self) -> list[nn.Module]:
+    def zerowire_units(self) -> list[nn.Module]:
         """[stem, *blocks, head] in forward order: the ZeRO-3 units (the engine's ``DeclaresUnits`` hook)."""
         return [self.stem, *self.blocks, self.head]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for unit in self.zero3_units():
+        for unit in self.zerowire_units():
             x = unit(x)
         return x
 

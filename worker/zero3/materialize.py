@@ -24,7 +24,7 @@ from torch import nn
 from communication.backend import CollectiveBackend
 from communication.group import PeerGroup
 from worker.zero3.meta_init import replay, storage_key, trace_build
-from worker.zero3.plan import PartitionPlan, plan_model
+from worker.zero3.plan import PartitionPlan, UnitsOf, plan_model, unit_names
 from worker.zero3.sharded import ShardedModule
 
 _Copy = Callable[[torch.Tensor], None]
@@ -56,10 +56,16 @@ def _buffer_copy(module: nn.Module, name: str, b: torch.Tensor) -> _Copy:
 
 
 def materialize(
-    build: Callable[[], nn.Module], world_size: int, rank: int, *, plan: PartitionPlan | None = None
+    build: Callable[[], nn.Module],
+    world_size: int,
+    rank: int,
+    *,
+    plan: PartitionPlan | None = None,
+    units: UnitsOf | None = None,
 ) -> Materialized:
     """Build with ``build()`` on the meta device and materialize rank ``rank``'s shards of ``plan`` (default
-    :func:`plan_model` of the model for ``world_size`` ranks) and every buffer.
+    :func:`plan_model` of the model for ``world_size`` ranks, with the unit modules ``units(model)`` names
+    when given) and every buffer.
 
     Raises ``ValueError`` when the plan does not fit the model, ``RuntimeError`` when the construction cannot
     be replayed (it drew from the CPU generator outside meta tensors, or left a parameter or buffer without a
@@ -67,7 +73,7 @@ def materialize(
     """
     trace = trace_build(build)
     model = trace.model
-    plan = plan or plan_model(model, world_size)
+    plan = plan or plan_model(model, world_size, None if units is None else unit_names(model, units))
     if plan.world_size != world_size:
         raise ValueError(f"plan is for {plan.world_size} ranks, not {world_size}")
     params = dict(model.named_parameters())
@@ -135,10 +141,11 @@ def build_sharded(
     backend: CollectiveBackend,
     *,
     plan: PartitionPlan | None = None,
+    units: UnitsOf | None = None,
     **engine_options: Any,
 ) -> ShardedModule:
     """A :class:`ShardedModule` (``engine_options`` are its keyword options) over the model ``build()``
     makes, never holding it whole (seed first, as for an eager build: the shards are those an eager build
-    would give)."""
-    made = materialize(build, group.world_size, group.rank, plan=plan)
+    would give); ``units`` as for :func:`materialize`."""
+    made = materialize(build, group.world_size, group.rank, plan=plan, units=units)
     return ShardedModule(made.model, group, backend, plan=made.plan, shards=made.shards, **engine_options)

@@ -6,17 +6,19 @@ to ``padded_numel`` (the next multiple of the world size), and rank ``r`` owns e
 to offsets with no torch state, and :func:`plan_model` only reads a module's structure.
 
 Unit selection (:func:`select_units`): a model that declares its units (the :class:`DeclaresUnits` hook,
-``zero3_units()``: the models of ``worker.models`` return ``[stem, *blocks, head]``) gets those; for any other
-module, children holding at least ``min_unit_numel`` parameters become units,
+``zerowire_units()``: the models of ``worker.models`` return ``[stem, *blocks, head]``) gets those; for any
+other module, children holding at least ``min_unit_numel`` parameters become units,
 containers (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``) above the threshold are recursed into,
 and every parameter left outside a unit goes to a final *root* unit (module name ``""``), which stays gathered
-from the start of the forward pass to the end of the backward pass.
+from the start of the forward pass to the end of the backward pass. A caller may instead hand the engine a
+function that names a model's units (:data:`UnitsOf`, see :func:`unit_names`): the workers hand it
+``worker.models.units``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -149,7 +151,20 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 class DeclaresUnits(Protocol):
     """The hook by which a model names its own ZeRO-3 units: submodules, in forward order."""
 
-    def zero3_units(self) -> Sequence[nn.Module]: ...
+    def zerowire_units(self) -> Sequence[nn.Module]: ...
+
+
+UnitsOf = Callable[[nn.Module], Sequence[nn.Module]]  # a model's unit modules, in forward order
+
+
+def unit_names(model: nn.Module, units: UnitsOf) -> list[str]:
+    """Qualified names of the modules ``units(model)`` returns (ValueError for one outside the model)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    chosen = list(units(model))
+    unknown = [type(m).__name__ for m in chosen if id(m) not in names]
+    if unknown:
+        raise ValueError(f"the units of {type(model).__name__} name modules outside it: {unknown}")
+    return [names[id(m)] for m in chosen]
 
 
 def _count(module: nn.Module) -> int:
@@ -160,10 +175,12 @@ def select_units(model: nn.Module, min_unit_numel: int = DEFAULT_MIN_UNIT_NUMEL)
     """Qualified names of the unit modules of ``model``, in registration order (see module docstring)."""
     names = {id(m): n for n, m in model.named_modules()}
     if isinstance(model, DeclaresUnits):
-        declared = list(model.zero3_units())
+        declared = list(model.zerowire_units())
         unknown = [type(m).__name__ for m in declared if id(m) not in names]
         if unknown:
-            raise ValueError(f"zero3_units() of {type(model).__name__} names modules outside it: {unknown}")
+            raise ValueError(
+                f"zerowire_units() of {type(model).__name__} names modules outside it: {unknown}"
+            )
         return [names[id(m)] for m in declared]
     chosen: list[str] = []
 

@@ -178,6 +178,7 @@ def test_unknown_model_and_bad_arguments() -> None:
 
 def test_units_of_other_modules() -> None:
     seq = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    assert units(seq) == list(seq)
-    with pytest.raises(ValueError, match="no child modules"):
-        units(nn.Linear(2, 2))
+    assert units(seq) == [seq[0], seq[2]]  # the children that hold parameters
+    assert units(nn.Linear(2, 2)) == []  # its own parameters: the engine's root unit
+    with pytest.raises(ValueError, match="no parameters"):
+        units(nn.Sequential(nn.ReLU()))

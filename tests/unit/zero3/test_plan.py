@@ -103,7 +103,7 @@ class _Declared(nn.Module):
         self.c = nn.Linear(4, 2)
         self._outside = [outside] if outside is not None else []
 
-    def zero3_units(self) -> list[nn.Module]:
+    def zerowire_units(self) -> list[nn.Module]:
         return [self.c, self.a, *self._outside]
 
 
