@@ -93,6 +93,7 @@ class HeartbeatRequest(BaseModel):
     compute_s: NonNegative | None = Field(None, description="last step: seconds computing")
     comm_s: NonNegative | None = Field(None, description="last step: seconds with collectives in flight")
     wait_s: NonNegative | None = Field(None, description="last step: seconds blocked on the network")
+    data_wait_s: NonNegative | None = Field(None, description="last step: seconds waiting for its data")
     test_loss: NonNegative | None = Field(None, description="latest evaluation loss")
     test_accuracy: Fraction | None = Field(None, description="latest evaluation accuracy")
     bytes_by_lane: dict[Literal["grpc", "local"], Count] | None = Field(
@@ -102,7 +103,15 @@ class HeartbeatRequest(BaseModel):
     recovery: RecoveryReport | None = Field(None, description="how this worker's epoch was formed")
 
 
-TELEMETRY_FIELDS = ("compute_s", "comm_s", "wait_s", "test_loss", "test_accuracy", "bytes_by_lane")
+TELEMETRY_FIELDS = (
+    "compute_s",
+    "comm_s",
+    "wait_s",
+    "data_wait_s",
+    "test_loss",
+    "test_accuracy",
+    "bytes_by_lane",
+)
 
 
 class HeartbeatResponse(BaseModel):
@@ -129,6 +138,7 @@ class WorkerView(BaseModel):
     compute_s: float | None = None
     comm_s: float | None = None
     wait_s: float | None = None
+    data_wait_s: float | None = None
     test_loss: float | None = None
     test_accuracy: float | None = None
     bytes_by_lane: dict[str, int] | None = None

@@ -20,6 +20,8 @@ Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["constant", "cosine", "step"]
 Compression = Literal["none", "int8"]
 ParamDtype = Literal["float32", "bfloat16", "float16"]
+ImageAugment = Literal["none", "flip", "crop-flip", "rrc-flip"]
+BadImages = Literal["fail", "skip"]
 
 
 class JobSpec(BaseModel):
@@ -66,6 +68,16 @@ class JobSpec(BaseModel):
         description="buddy replicas per shard; 0: a lost worker costs a checkpoint",
     )
     min_workers: int = Field(default=1, ge=1, le=4096)
+    # imagefolder datasets (worker.data.imagefolder); the other datasets ignore these
+    image_size: int = Field(default=224, ge=8, le=4096, description="imagefolder: images are S x S")
+    channels: int = Field(default=0, ge=0, le=3, description="imagefolder: 1 or 3; 0: from the first image")
+    augment: ImageAugment = Field(default="rrc-flip", description="imagefolder: training augmentation")
+    val_fraction: float = Field(
+        default=0.1, gt=0.0, lt=1.0, description="imagefolder without val/: the held-out share of train/"
+    )
+    bad_images: BadImages = Field(
+        default="fail", description="imagefolder: a file that cannot be decoded stops the job, or is skipped"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -81,6 +93,8 @@ class JobSpec(BaseModel):
     def _check(self) -> JobSpec:
         if self.warmup_steps > self.steps:
             raise ValueError(f"--warmup-steps ({self.warmup_steps}) exceeds --steps ({self.steps})")
+        if self.channels == 2:
+            raise ValueError("--channels must be 1 or 3 (or 0: from the first image), got 2")
         return self
 
     def canonical_json(self) -> str:

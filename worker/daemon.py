@@ -93,6 +93,8 @@ class WorkerDaemon:
         try:
             return await self._run()
         finally:
+            if self.session is not None and self.session.data is not None:
+                self.session.data.close()  # a streamed dataset's loader processes
             if self.backend is not None:
                 await asyncio.to_thread(self.backend.close)
             await self.client.close()
@@ -259,6 +261,7 @@ class WorkerDaemon:
                     "rank": group.rank,
                     "world_size": group.world_size,
                     "formations": self.formations,
+                    "data": None if session.data is None else session.data.describe(),
                 }
             )
             log.info(

@@ -36,6 +36,7 @@ class WorkerConfig:
     telemetry_dir: Path | None = None
     min_workers: int | None = None
     threads: int | None = None
+    data_workers: int | None = None  # loader processes of a streamed dataset (None: default_data_workers())
     expect_job_hash: str | None = None
     # The coordinator's values (GET /job) replace these three; see adopt_timeouts.
     collective_timeout_s: float = 30.0  # a collective once the epoch has committed a step
@@ -48,6 +49,11 @@ class WorkerConfig:
     stop_grace_s: float = 1.0
     max_reforms: int = 20
     tls: TlsConfig | None = None  # TLS for gRPC (mutual with a CA) and the CA that verifies the coordinator
+
+
+def default_data_workers() -> int:
+    """Loader processes when not set: half the CPUs, at least 1 and at most 8."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def default_host_id() -> str:

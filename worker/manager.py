@@ -30,6 +30,7 @@ from worker.liveness import WatchedCalls
 from worker.state import WorkerState
 
 if TYPE_CHECKING:
+    from worker.data import TrainData
     from worker.forming import Formed
     from worker.recovery import Holding
     from worker.trainer_api import StepGate
@@ -85,7 +86,7 @@ class EpochTrainer(Protocol):
 class TrainerFactory(Protocol):
     """Builds each epoch's trainer; ``prepare`` loads what no epoch changes (the dataset) first."""
 
-    def prepare(self, job: JobSpec, cfg: WorkerConfig) -> Any: ...
+    def prepare(self, job: JobSpec, cfg: WorkerConfig) -> TrainData | None: ...
 
     def __call__(
         self, job: JobSpec, group: PeerGroup, backend: CollectiveBackend, **kwargs: Any
@@ -95,18 +96,20 @@ class TrainerFactory(Protocol):
 class Trainers:
     """The factory of ``worker.trainer.Trainer``."""
 
-    def prepare(self, job: JobSpec, cfg: WorkerConfig) -> Any:
+    def prepare(self, job: JobSpec, cfg: WorkerConfig) -> TrainData:
         """The dataset, and a first model build (its initialisation kernels warm): done before the worker
         registers, so that a worker joining a running job does not keep the others waiting while it loads."""
         import torch
 
-        from worker.data import load_dataset
+        from worker.data import job_dataset
+        from worker.identity import default_data_workers
         from worker.models import build_model, units
         from worker.zero3.materialize import materialize
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        data = load_dataset(job.dataset, cfg.data_dir, job.seed)
+        loaders = default_data_workers() if cfg.data_workers is None else cfg.data_workers
+        data = job_dataset(job, cfg.data_dir, loaders)
         materialize(
             lambda: build_model(job.model, data.num_classes, data.in_channels), WARM_WORLD, 0, units=units
         )
@@ -149,7 +152,7 @@ class Manager:
         self.backend = backend
         self.trainers: TrainerFactory = trainers if trainers is not None else Trainers()
         self.state = WorkerState(backend)
-        self.data: Any = None  # the dataset, once prepared
+        self.data: TrainData | None = None  # the dataset, once prepared
         self._log_lock = threading.Lock()
 
     def prepare(self, job: JobSpec) -> None:
@@ -250,6 +253,7 @@ class Manager:
             compute_s=float(report.compute_s),
             comm_s=float(report.comm_s),
             wait_s=float(report.wait_s),
+            data_wait_s=float(getattr(report, "data_wait_s", 0.0)),
         )
         stats = self.backend.stats()
         self.record(
@@ -266,6 +270,7 @@ class Manager:
                 "compute_s": float(report.compute_s),
                 "comm_s": float(report.comm_s),
                 "wait_s": float(report.wait_s),
+                "data_wait_s": float(getattr(report, "data_wait_s", 0.0)),
                 "bytes_sent": int(stats.bytes_sent),
                 "bytes_received": int(stats.bytes_received),
                 "bytes_by_lane": self.backend.bytes_by_lane(),

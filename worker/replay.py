@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from jobspec import JobSpec
-from worker.data import GlobalBatchSampler, load_dataset, rank_slice
+from worker.data import GlobalBatchSampler, job_dataset, rank_slice
 from worker.models import build_model
 from worker.zero3 import precision
 from worker.zero3.durable import write_atomic
@@ -100,7 +100,7 @@ class Replay:
     ) -> None:
         self.job = job
         self.device = device or torch.device("cpu")
-        self.data = load_dataset(job.dataset, data_dir, job.seed)
+        self.data = job_dataset(job, data_dir)
         self.param_dtype = precision.param_dtype(job.param_dtype)
         torch.manual_seed(job.seed)  # the workers' initialisation: the same seeded construction
         self.model = build_model(job.model, self.data.num_classes, self.data.in_channels).to(self.device)
@@ -127,7 +127,7 @@ class Replay:
                 self.masters.append(flat)
         self._point_params(units, self.masters)
         self.optimizer = ShardedOptimizer(self.masters, job)
-        self.sampler = GlobalBatchSampler(int(self.data.train_x.shape[0]), job.global_batch, job.seed)
+        self.sampler = GlobalBatchSampler(self.data.train_size, job.global_batch, job.seed)
         self.steps_done = 0
 
     # -- public --------------------------------------------------------------------------------------------
@@ -218,11 +218,9 @@ class Replay:
         engine hands it to the reduce-scatter) and its summed loss (fp32, one value)."""
         job, data = self.job, self.data
         idx = self.sampler.local_indices(step, plan.world_size, rank)
-        x = data.train_x[idx]
-        if data.augment is not None:
-            x = data.augment(x, step, rank_slice(job.global_batch, plan.world_size, rank)[0])
+        x, y = data.train_batch(idx, step, rank_slice(job.global_batch, plan.world_size, rank)[0])
         x = self._to_device(x)
-        y = data.train_y[idx].to(self.device)
+        y = y.to(self.device)
         grad_flats = [self._gather(k, u) for k, u in enumerate(plan.units)]
         out = self.model(x)
         loss = F.cross_entropy(out.float(), y, reduction="sum")

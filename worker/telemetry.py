@@ -24,7 +24,16 @@ from worker.state import StateView
 
 log = logging.getLogger(__name__)
 
-OPTIONAL_FIELDS = ("loss", "samples_per_s", "compute_s", "comm_s", "wait_s", "test_loss", "test_accuracy")
+OPTIONAL_FIELDS = (
+    "loss",
+    "samples_per_s",
+    "compute_s",
+    "comm_s",
+    "wait_s",
+    "data_wait_s",
+    "test_loss",
+    "test_accuracy",
+)
 
 
 class LeaseLost(Exception):
@@ -44,6 +53,7 @@ class Telemetry:
     compute_s: float | None = None
     comm_s: float | None = None
     wait_s: float | None = None
+    data_wait_s: float | None = None
     test_loss: float | None = None
     test_accuracy: float | None = None
     bytes_sent: int = 0

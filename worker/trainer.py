@@ -23,12 +23,13 @@ Evaluation, checkpoints and the saved model first average the BatchNorm running 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ from communication.group import PeerGroup
 from jobspec import JobSpec
 from worker import commit
 from worker.buddy import GradExchange, Replica
-from worker.data import GlobalBatchSampler, load_dataset, rank_slice
+from worker.data import GlobalBatchSampler, TrainData, job_dataset, rank_slice
 from worker.models import build_model, units
 from worker.trainer_api import EvalReport, OpenGate, StepGate, StepReport, TrainOutcome
 from worker.zero3 import precision, snapshot
@@ -74,7 +75,7 @@ class Trainer:
         collective_timeout: float = 30.0,
         startup_timeout: float | None = None,  # until the first step is committed (default: collective)
         restore: bool = True,
-        data: Any = None,
+        data: TrainData | None = None,
         gate: StepGate | None = None,
     ) -> None:
         """``restore``: resume from the newest complete checkpoint now (else see ``restore_checkpoint``);
@@ -89,7 +90,7 @@ class Trainer:
         self.backend = backend
         self.device = device
         self.checkpoint_dir = checkpoint_dir
-        self.data = data if data is not None else load_dataset(job.dataset, data_dir, job.seed)
+        self.data: TrainData = data if data is not None else job_dataset(job, data_dir)
         backend.set_group(group)
         self.param_dtype = precision.param_dtype(job.param_dtype)
         with _INIT_LOCK:  # the initialisation draws from torch's global RNG; ranks may be threads of a test
@@ -107,7 +108,8 @@ class Trainer:
             )
         self.optimizer = ShardedOptimizer(self.engine.shards, job)
         self.collective_timeout = collective_timeout
-        self.sampler = GlobalBatchSampler(int(self.data.train_x.shape[0]), job.global_batch, job.seed)
+        self.sampler = GlobalBatchSampler(self.data.train_size, job.global_batch, job.seed)
+        self.data.follow(self._slice_of, pin_memory=device.type == "cuda")  # a streamed dataset reads ahead
         self.steps_done = 0
         self.resumed_from: int | None = None
         self._buffers_synced_at: int | None = None
@@ -178,6 +180,7 @@ class Trainer:
         job, group, engine = self.job, self.group, self.engine
         t0 = time.perf_counter()
         x, y = self._micro_batch(step)
+        data_wait = self.data.take_wait()
         engine.begin(step)
         self._buffers_synced_at = None
         out = engine(x)
@@ -208,9 +211,10 @@ class Trainer:
             samples=job.global_batch,
             world_size=group.world_size,
             step_time_s=elapsed,
-            compute_s=max(0.0, elapsed - stats.wait_s),
+            compute_s=max(0.0, elapsed - stats.wait_s - data_wait),
             comm_s=stats.comm_s,
             wait_s=stats.wait_s,
+            data_wait_s=data_wait,
             lr=lr,
             skipped=decision.skip,
         )
@@ -273,9 +277,8 @@ class Trainer:
             return self._evaluated[key]
         engine, group = self.engine, self.group
         self._sync_buffers(key)
-        test_x, test_y = self.data.test_x, self.data.test_y
-        start, stop = rank_slice(int(test_x.shape[0]), group.world_size, group.rank)
-        longest = rank_slice(int(test_x.shape[0]), group.world_size, 0)
+        start, stop = rank_slice(self.data.test_size, group.world_size, group.rank)
+        longest = rank_slice(self.data.test_size, group.world_size, 0)
         chunks = max(1, -(-(longest[1] - longest[0]) // EVAL_BATCH))  # same count on every rank
         sums = torch.zeros(3, dtype=torch.float64)
         engine.model.eval()
@@ -283,8 +286,9 @@ class Trainer:
             engine.begin(key)
             with torch.no_grad():
                 for idx in torch.arange(start, stop).tensor_split(chunks):
-                    x = self._to_device(test_x[idx])
-                    y = test_y[idx].to(self.device)
+                    batch_x, batch_y = self.data.test_batch(idx)
+                    x = self._to_device(batch_x)
+                    y = batch_y.to(self.device)
                     logits = engine(x).float()
                     sums[0] += float(F.cross_entropy(logits, y, reduction="sum"))
                     sums[1] += float((logits.argmax(dim=1) == y).sum())
@@ -319,7 +323,11 @@ class Trainer:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in state.items()}
-        write_atomic(path, save(tensors, metadata={"model": self.job.model}))
+        metadata = {"model": self.job.model}
+        classes = self.data.describe().get("classes")
+        if classes:  # a dataset whose classes have names (imagefolder): the model's outputs, in order
+            metadata["classes"] = json.dumps(classes)
+        write_atomic(path, save(tensors, metadata=metadata))
         logger.info("%s: saved model after %d steps to %s", self.group.describe(), key, path)
 
     def checkpoint(self) -> None:
@@ -350,14 +358,16 @@ class Trainer:
             zstate.sync_buffers(self.engine, key)
             self._buffers_synced_at = key
 
-    def _micro_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _slice_of(self, step: int) -> tuple[torch.Tensor, int]:
+        """This rank's sample indices of the global batch of ``step``, and the position of the first."""
         group = self.group
         idx = self.sampler.local_indices(step, group.world_size, group.rank)
-        x = self.data.train_x[idx]
-        if self.data.augment is not None:
-            offset = rank_slice(self.job.global_batch, group.world_size, group.rank)[0]
-            x = self.data.augment(x, step, offset)
-        return self._to_device(x), self.data.train_y[idx].to(self.device)
+        return idx, rank_slice(self.job.global_batch, group.world_size, group.rank)[0]
+
+    def _micro_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, offset = self._slice_of(step)
+        x, y = self.data.train_batch(idx, step, offset)
+        return self._to_device(x), y.to(self.device)
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         """A batch of inputs on the device in the compute dtype. channels_last only for reduced precision

@@ -16,6 +16,7 @@ class StepReport:
     compute_s: float  # step time not spent blocked on the network
     comm_s: float  # summed in-flight time of the step's collectives (overlaps compute)
     wait_s: float  # compute thread blocked on collectives
+    data_wait_s: float = 0.0  # compute thread waiting for its micro-batch (a streamed dataset)
     lr: float = 0.0
     skipped: bool = False  # a non-finite loss or gradient somewhere: nothing was applied
 

@@ -72,6 +72,7 @@ class LocalCluster:
     threads: int = 1
     devices: list[str] = field(default_factory=lambda: ["cpu"])
     data_dir: Path | None = None
+    data_workers: int | None = None  # loader processes per worker of a streamed dataset (None: its default)
     python: str = sys.executable
     host: str = "127.0.0.1"
     token: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # the cluster token
@@ -199,6 +200,8 @@ class LocalCluster:
         ]
         if self.data_dir is not None:
             args += ["--data-dir", str(self.data_dir)]
+        if self.data_workers is not None:
+            args += ["--data-workers", str(self.data_workers)]
         return args + self.tls_args() + self.extra_worker_args
 
     def start_coordinator(self, timeout_s: float = 60.0) -> None:

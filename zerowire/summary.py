@@ -186,6 +186,8 @@ def build_summary(
         "epochs_trained": epochs,
         "final_loss": result.get("final_loss") if result else (last_step or {}).get("loss"),
         "test_accuracy": result.get("test_accuracy") if result else None,
+        # what the workers' dataset says of itself (an imagefolder's classes, normalisation, files skipped)
+        "data": _data(tel.results),
         "evals": [
             {"step": s, **{k: tel.evals[s][k] for k in ("test_loss", "test_accuracy")}}
             for s in sorted(tel.evals)
@@ -212,6 +214,18 @@ def build_summary(
     }
 
 
+def _data(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Rank 0's description of the dataset, with the files every worker skipped added up."""
+    described = [r["data"] for r in results if r.get("data")]
+    if not described:
+        return None
+    first = next((r["data"] for r in results if r.get("rank") == 0 and r.get("data")), described[0])
+    out = dict(first)
+    if any("bad_images_skipped" in d for d in described):
+        out["bad_images_skipped"] = sum(int(d.get("bad_images_skipped", 0)) for d in described)
+    return out
+
+
 def recovery_after(tel: RunTelemetry, when: float) -> float | None:
     """Seconds from `when` (a failure) to the first step the re-formed cluster completed after it."""
     before = [r["epoch"] for r in tel.steps.values() if r["time"] <= when]
@@ -227,7 +241,7 @@ def _split(tel: RunTelemetry) -> dict[str, float] | None:
     n = len(tel.steps)
     return {
         key: round(sum(float(r.get(f"{key}_s", 0.0)) for r in tel.steps.values()) / n, 4)
-        for key in ("compute", "comm", "wait")
+        for key in ("compute", "comm", "wait", "data_wait")
     }
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
+
+Plan = Callable[[int], tuple[torch.Tensor, int]]  # step -> (this rank's sample indices, their offset)
 
 
 class Augment(Protocol):
@@ -18,6 +21,46 @@ class Augment(Protocol):
     """
 
     def __call__(self, x: torch.Tensor, step_seed: int, offset: int = 0) -> torch.Tensor: ...
+
+
+class TrainData(Protocol):
+    """What the trainer reads of a dataset: in memory (:class:`Dataset`) or streamed from files
+    (``worker.data.stream.StreamingImages``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def in_channels(self) -> int: ...
+
+    @property
+    def train_size(self) -> int: ...
+
+    @property
+    def test_size(self) -> int: ...
+
+    def train_batch(
+        self, indices: torch.Tensor, step: int, offset: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs (float32, normalised, augmented) and labels of the training samples ``indices``, which sit
+        at positions ``offset, offset + 1, ...`` of the global batch of ``step``."""
+
+    def test_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def follow(self, plan: Plan | None, pin_memory: bool = False) -> None:
+        """How to find this rank's micro-batch of every later step (a streamed dataset reads ahead)."""
+
+    def take_wait(self) -> float:
+        """Seconds the step loop spent waiting for data since the last call."""
+
+    def describe(self) -> dict[str, Any]:
+        """What a run's summary records of the dataset (classes, normalisation, files skipped)."""
+
+    def close(self) -> None:
+        """Let go of what reads the dataset (a streamed dataset's loader processes)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +106,29 @@ class Dataset:
         if self.augment is not None:
             x = self.augment(x, step, offset)
         return x, y
+
+    @property
+    def train_size(self) -> int:
+        return int(self.train_x.shape[0])
+
+    @property
+    def test_size(self) -> int:
+        return int(self.test_x.shape[0])
+
+    def test_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.test_x[indices], self.test_y[indices]
+
+    def follow(self, plan: Plan | None, pin_memory: bool = False) -> None:
+        pass  # in memory: nothing to read ahead
+
+    def take_wait(self) -> float:
+        return 0.0
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

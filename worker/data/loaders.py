@@ -9,6 +9,8 @@ Specs:
 - ``mnist:DIR``: the standard IDX files (``train-images-idx3-ubyte`` etc., gzipped or not).
 - ``cifar10:DIR``: the standard binary version (``data_batch_1..5.bin``, ``test_batch.bin``), in DIR or in
   ``DIR/cifar-10-batches-bin``; training inputs get seeded crop + flip augmentation.
+- ``imagefolder:DIR``: a tree of image files (``DIR/train/<class>/*``, optionally ``DIR/val/<class>/*``),
+  indexed and streamed from disk (``worker.data.imagefolder``, ``worker.data.stream``), never held whole.
 
 A relative DIR resolves against ``data_dir`` when given; ``mnist`` / ``cifar10`` without a DIR use
 ``data_dir``.
@@ -24,14 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jobspec import JobSpec
 from worker.data.augment import CropFlip
-from worker.data.dataset import Dataset, normalise_
+from worker.data.dataset import Dataset, TrainData, normalise_
 from worker.data.formats import read_cifar10, read_mnist_split
+from worker.data.imagefolder import ImageOptions
 from worker.data.sampler import mix_seed
 
 log = logging.getLogger(__name__)
 
-DATASET_NAMES = ("digits", "synthetic", "mnist", "cifar10")
+DATASET_NAMES = ("digits", "synthetic", "mnist", "cifar10", "imagefolder")
 DIGITS_SPLIT_SEED = 20_160_101  # constant: the digits split is the same for every job
 DIGITS_TEST_FRACTION = 0.2
 SYNTHETIC_DEFAULT = "3x32x32:1024"
@@ -39,12 +43,35 @@ SYNTHETIC_MAX_ELEMENTS = 1 << 30
 _SYNTHETIC_RE = re.compile(r"^(\d+)x(\d+)x(\d+)(?::(\d+))?$")
 
 
-def load_dataset(spec: str, data_dir: Path | None = None, seed: int = 0) -> Dataset:
-    """Load the dataset named by ``spec`` (see the module docstring).
+def job_dataset(job: JobSpec, data_dir: Path | None = None, loaders: int = 0) -> TrainData:
+    """The dataset of ``job`` (``loaders``: decoding processes of a streamed dataset; 0: none)."""
+    images = ImageOptions(
+        size=job.image_size,
+        channels=job.channels,
+        augment=job.augment,
+        val_fraction=job.val_fraction,
+        bad_images=job.bad_images,
+        loaders=loaders,
+    )
+    return load_dataset(job.dataset, data_dir, job.seed, images)
+
+
+def load_dataset(
+    spec: str, data_dir: Path | None = None, seed: int = 0, images: ImageOptions | None = None
+) -> TrainData:
+    """Load the dataset named by ``spec`` (see the module docstring); ``images``: the options of an
+    ``imagefolder`` dataset (the job's, and the worker's loader processes).
 
     Raises ``ValueError`` for a bad spec or a malformed file, ``FileNotFoundError`` for a missing one.
     """
     name, _, arg = spec.strip().partition(":")
+    if name == "imagefolder":
+        from worker.data.imagefolder import check_options, index
+        from worker.data.stream import StreamingImages
+
+        options = images or ImageOptions()
+        check_options(options)
+        return StreamingImages(index(_resolve_dir(name, arg, data_dir), options, seed), options, seed)
     if name == "digits":
         if arg:
             raise ValueError(f"dataset 'digits' takes no argument, got {spec!r}")

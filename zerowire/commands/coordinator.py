@@ -66,6 +66,11 @@ JOB_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--checkpoint-every", "checkpoint_every", "checkpoint every N steps (0: never)"),
     ("--replicas", "replicas", "buddy replicas of every shard: 1 (default) or 0"),
     ("--min-workers", "min_workers", "workers needed before training starts"),
+    ("--image-size", "image_size", "imagefolder: images are S x S (default 224)"),
+    ("--channels", "channels", "imagefolder: 1 | 3 (default: from the first image)"),
+    ("--augment", "augment", "imagefolder: none | flip | crop-flip | rrc-flip (default)"),
+    ("--val-fraction", "val_fraction", "imagefolder without val/: the held-out share of train/"),
+    ("--bad-images", "bad_images", "imagefolder: fail (default) | skip a file that cannot be decoded"),
 )
 
 INSECURE_BANNER = """

@@ -50,6 +50,11 @@ JOB_FLAGS: tuple[tuple[str, type, str], ...] = (
         "buddy replicas of every shard: 1 (default) or 0 (a death costs a checkpoint)",
     ),
     ("min-workers", int, "workers the first formation waits for (default: --workers)"),
+    ("image-size", int, "imagefolder: images are S x S (default 224)"),
+    ("channels", int, "imagefolder: 1 | 3 (default: from the first image)"),
+    ("augment", str, "imagefolder: none | flip | crop-flip | rrc-flip (default)"),
+    ("val-fraction", float, "imagefolder without val/: the held-out share of train/ (default 0.1)"),
+    ("bad-images", str, "imagefolder: fail (default) | skip a file that cannot be decoded"),
 )
 
 MANAGED = (
@@ -101,6 +106,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)"
     )
     p.add_argument("--data-dir", default=os.environ.get("ZEROWIRE_DATA_DIR"), help="dataset cache folder")
+    p.add_argument(
+        "--data-workers",
+        type=int,
+        default=None,
+        help="loader processes per worker decoding a streamed dataset (default: cores / workers / 2, 1 to 8)",
+    )
     p.add_argument(
         "--timeout", type=float, default=3600.0, help="give up after this many seconds (default 3600)"
     )
@@ -217,6 +228,8 @@ def handle(args: argparse.Namespace) -> int:
     args.workers = 2 if args.workers is None else args.workers
     if not 1 <= args.workers <= 64:
         raise CommandError("--workers must be between 1 and 64")
+    if args.data_workers is not None and not 0 <= args.data_workers <= 64:
+        raise CommandError("--data-workers must be between 0 and 64 (0: decode on the training thread)")
     if not 1 <= args.hosts <= args.workers:
         raise CommandError(f"--hosts must be between 1 and --workers ({args.workers})")
     try:
@@ -262,6 +275,9 @@ def handle(args: argparse.Namespace) -> int:
         threads=threads,
         devices=devices,
         data_dir=Path(args.data_dir).resolve() if args.data_dir else None,
+        data_workers=args.data_workers
+        if args.data_workers is not None
+        else max(1, min(8, (os.cpu_count() or 2) // (2 * args.workers))),
         tls_dir=tls_dir,
         hosts=args.hosts,
     )

@@ -55,6 +55,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument("--threads", type=int, default=_env("THREADS"), help="torch CPU threads")
     p.add_argument(
+        "--data-workers",
+        type=int,
+        default=_env("DATA_WORKERS"),
+        help="loader processes decoding a streamed dataset (default: half the CPUs, 1 to 8)",
+    )
+    p.add_argument(
         "--expect-job-hash", default=_env("EXPECT_JOB_HASH"), help="refuse any other job (hash prefix)"
     )
     p.add_argument(
@@ -86,6 +92,8 @@ def handle(args: argparse.Namespace) -> int:
         raise CommandError("no cluster token: pass --token or set ZEROWIRE_TOKEN")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         raise CommandError(f"--device must be auto, cpu, cuda or cuda:i, not {args.device!r}")
+    if args.data_workers is not None and not 0 <= int(args.data_workers) <= 64:
+        raise CommandError("--data-workers must be between 0 and 64 (0: decode on the training thread)")
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     if args.save_model:
         save_model = Path(args.save_model)
@@ -111,6 +119,7 @@ def handle(args: argparse.Namespace) -> int:
         telemetry_dir=Path(args.telemetry_dir) if args.telemetry_dir else None,
         min_workers=int(args.min_workers) if args.min_workers else None,
         threads=int(args.threads) if args.threads else None,
+        data_workers=None if args.data_workers is None else int(args.data_workers),
         expect_job_hash=args.expect_job_hash,
         coordinator_grace_s=args.coordinator_grace,
         tls=tls,

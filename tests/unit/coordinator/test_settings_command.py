@@ -124,9 +124,9 @@ def test_bad_options_exit_2_with_a_message(capsys: pytest.CaptureFixture[str], t
     assert main(["coordinator", "--db", db]) == 2
     assert "token is required" in capsys.readouterr().err
     assert main(["coordinator", "--db", db, "--token", "t", "--steps", "abc"]) == 2
-    assert "invalid steps" in capsys.readouterr().err
+    assert "invalid job: --steps must be an integer >= 1" in capsys.readouterr().err
     assert main(["coordinator", "--db", db, "--token", "t", "--optimizer", "lion"]) == 2
-    assert "invalid optimizer" in capsys.readouterr().err
+    assert "invalid job: --optimizer must be 'sgd' or 'adamw'" in capsys.readouterr().err
     assert main(["coordinator", "--db", db, "--token", "t", "--port", "70000"]) == 2
     assert "invalid port" in capsys.readouterr().err
     assert main(["coordinator", "--db", db, "--token", "t", "--progress-timeout", "1.5"]) == 2

@@ -171,7 +171,7 @@ def test_summary_merges_workers_and_keeps_the_latest_record_of_a_redone_step(tmp
     assert [f["kind"] for f in summary["failures"]] == ["died"]
     assert summary["training_time_s"] == 17.0  # first step record at 10, last at 27
     assert summary["step_samples_per_s"] == 32.0  # 16 samples per 0.5 s step
-    assert summary["step_time_split_s"] == {"compute": 0.3, "comm": 0.2, "wait": 0.1}
+    assert summary["step_time_split_s"] == {"compute": 0.3, "comm": 0.2, "wait": 0.1, "data_wait": 0.0}
     assert summary["evals"] == [{"step": 8, "test_loss": 0.2, "test_accuracy": 0.96}]
     # c was killed at t=15.5 (after its step 5); the re-formed epoch 3 stepped first at t=24 (step 4 again)
     assert recovery_after(tel, 15.5) == 8.5

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from jobspec import JobSpec
-from worker.data import GlobalBatchSampler, load_dataset, rank_slice
+from worker.data import GlobalBatchSampler, job_dataset, rank_slice
 from worker.models import build_model
 from worker.zero3.schedule import lr_at
 
@@ -29,7 +29,7 @@ def plain_reference(
     """Final parameters (on the CPU) after ``job.steps`` steps; ``world_at(step)`` micro-batches in step
     ``step``; computed on ``device``."""
     assert job.grad_clip == 0, "the reference does not clip"
-    data = load_dataset(job.dataset, data_dir, job.seed)
+    data = job_dataset(job, data_dir)
     torch.manual_seed(job.seed)
     model = build_model(job.model, data.num_classes, data.in_channels).to(device)
     opt: torch.optim.Optimizer
@@ -43,18 +43,15 @@ def plain_reference(
             model.parameters(), lr=job.lr, betas=job.betas, eps=1e-8, weight_decay=job.weight_decay,
             amsgrad=False, foreach=False,
         )  # fmt: skip
-    sampler = GlobalBatchSampler(int(data.train_x.shape[0]), job.global_batch, job.seed)
+    sampler = GlobalBatchSampler(data.train_size, job.global_batch, job.seed)
     for step in range(job.steps):
         indices = sampler.indices(step)
         world = world_at(step)
         opt.zero_grad(set_to_none=True)
         for rank in range(world):
             start, stop = rank_slice(job.global_batch, world, rank)
-            ids = indices[start:stop]
-            x = data.train_x[ids]
-            if data.augment is not None:
-                x = data.augment(x, step, start)
-            y = data.train_y[ids].to(device)
+            x, y = data.train_batch(indices[start:stop], step, start)
+            y = y.to(device)
             F.cross_entropy(model(x.to(device)), y, reduction="sum").backward()
         for p in model.parameters():
             assert p.grad is not None
