@@ -74,8 +74,10 @@ class StreamingImages:
         self.test_size = len(idx.test)
         self.transform = Transform(options.size, idx.channels, options.augment, seed)
         self.mean, self.std = normalisation(idx, self.transform, seed)
-        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self._std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+        # x / 255 standardised is x * scale - shift, in two passes over the batch
+        std = torch.tensor(self.std, dtype=torch.float64)
+        self._scale = (1.0 / (255.0 * std)).float().view(1, -1, 1, 1)
+        self._shift = (torch.tensor(self.mean, dtype=torch.float64) / std).float().view(1, -1, 1, 1)
         self._labels_train = torch.tensor([label for _, label in idx.train], dtype=torch.int64)
         self._labels_test = torch.tensor([label for _, label in idx.test], dtype=torch.int64)
         self._pool: Executor | None = None
@@ -185,8 +187,10 @@ class StreamingImages:
                 raise BadImage(bad[0] + " (--bad-images skip leaves such files out)")
             self.skipped += len(bad)
             log.warning("%s: skipped %d file(s) that cannot be decoded: %s", self.name, len(bad), bad[0])
-        raw = torch.from_numpy(np.concatenate(arrays) if arrays else np.zeros((0,), np.uint8))
-        x = raw[keep].float().div_(255.0).sub_(self._mean).div_(self._std)
+        raw = torch.from_numpy(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
+        if bad:
+            raw = raw[keep]
+        x = raw.to(torch.float32).mul_(self._scale).sub_(self._shift)
         return (x.pin_memory() if self.pin_memory else x), keep
 
     def _drop(self, which: Callable[[tuple[int, int]], bool]) -> None:
