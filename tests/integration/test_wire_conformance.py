@@ -77,7 +77,7 @@ def test_fake_backend_conformance(world: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(100)
-@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("world", [2, 3])  # even and uneven shards (the fake lane runs 4 too)
 def test_grpc_backend_conformance(world: int, reaper: ProcessReaper, tmp_path: Path) -> None:
     results = run_peers(reaper, tmp_path, world, "conformance")
     check_results([r["none"] for r in results], "none")

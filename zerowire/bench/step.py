@@ -61,7 +61,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--steps", type=int, default=20, help="measured steps (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured first steps of every run (default 3)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds, steps split among them")
-    p.add_argument("--workers", type=int, default=2, help="processes per contender (default 2)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes per contender (default 2; with --memory: 2 and 4, or only this many)",
+    )
     p.add_argument("--batch", type=int, default=16, help="samples per worker (default 16)")
     p.add_argument("--model", default="resnet18", help="model name (default resnet18)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per run of a contender")
@@ -128,6 +133,8 @@ def _summary(kinds: list[str], runs: list[Run], args: argparse.Namespace) -> dic
 
 
 def handle(args: argparse.Namespace) -> int:
+    worlds = None if args.workers is None else (args.workers,)  # --memory: the world sizes measured
+    args.workers = 2 if args.workers is None else args.workers
     if args.device == "cuda":
         import torch
 
@@ -138,8 +145,9 @@ def handle(args: argparse.Namespace) -> int:
     if args.memory:
         from zerowire.bench.step_memory import measured_memory, print_memory
 
-        if args.batch < 1:
+        if args.batch < 1 or args.workers < 1:
             raise CommandError("bad counts")
+        args.memory_worlds = worlds
         with tempfile.TemporaryDirectory(prefix="zerowire-bench-") as tmp:
             try:
                 table = measured_memory(args, Path(tmp))

@@ -2,11 +2,11 @@
 
 Measured (``peak_bytes_per_rank``): every contender (zerowire over gRPC, DDP and FSDP2 over gloo) runs alone
 in fresh processes through the same harness as the timings (``step_rounds``), ``MEMORY_WARMUP`` warm-up
-step(s) then ``MEMORY_STEPS`` measured ones, at 2 and 4 workers; each rank reports the peak tensor bytes of
-its measured steps (``step_peak``); the figure of a contender is the largest over its ranks. zerowire runs
-twice: ``zerowire`` without a replica, as FSDP2 and DDP keep none, and ``zerowire_replicated`` with its
-default job's buddy replica (the ward's parameter and momentum shards: the price of losing a worker without
-losing a step); ``--replicas`` does not apply here.
+step(s) then ``MEMORY_STEPS`` measured ones, at 2 and 4 workers (or the ``--workers`` given); each rank
+reports the peak tensor bytes of its measured steps (``step_peak``); the figure of a contender is the
+largest over its ranks. zerowire runs twice: ``zerowire`` without a replica, as FSDP2 and DDP keep none, and
+``zerowire_replicated`` with its default job's buddy replica (the ward's parameter and momentum shards: the
+price of losing a worker without losing a step); ``--replicas`` does not apply here.
 
 From the plan (``plan``): per-worker persistent bytes of ZeRO-3 vs DDP from the partition plan, and the peak
 of full parameters the engine held at once in one training step (ranks as threads over the in-process
@@ -85,12 +85,14 @@ MEMORY_STEPS = 2
 
 
 def measured_memory(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    """Peak tensor bytes per rank of every contender at every world size, ratios, and the plan figures."""
+    """Peak tensor bytes per rank of every contender at every world size (``MEMORY_WORLDS``, or only
+    ``args.memory_worlds`` when given), ratios, and the plan figures."""
     from zerowire.bench.step_rounds import process_env, run_contender
 
+    worlds = tuple(getattr(args, "memory_worlds", None) or MEMORY_WORLDS)
     peaks: dict[str, dict[str, int]] = {}
     by_rank: dict[str, dict[str, list[int]]] = {}
-    for world in MEMORY_WORLDS:
+    for world in worlds:
         a = argparse.Namespace(**{**vars(args), "workers": world, "warmup": MEMORY_WARMUP, "memory": True})
         sub = root / str(world)
         sub.mkdir()
@@ -125,7 +127,7 @@ def measured_memory(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "ratios": ratios,
         "peak_bytes_by_rank": by_rank,
         "process_env": process_env(),
-        "plan": memory_table(args.model, MEMORY_WORLDS),
+        "plan": memory_table(args.model, worlds),
     }
 
 
