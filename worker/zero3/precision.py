@@ -6,10 +6,12 @@
 - Gradients: a unit's gradient is computed in ``param_dtype``, accumulated into one flat buffer of that
   dtype, converted to fp32 as a whole and reduce-scattered in fp32 (rank order, as always).
 - Normalization layers (BatchNorm, GroupNorm, LayerNorm) keep fp32 parameters while the rest of their unit
-  is cast: their kernels take ``param_dtype`` input, compute the batch statistics in fp32 and return
-  ``param_dtype``, and BatchNorm's running statistics stay fp32 buffers. Statistics of a batch in bf16
-  would lose most of their digits, and running statistics updated in bf16 stall (an update of 0.1 x a
-  small difference rounds away).
+  is cast. BatchNorm's kernels take ``param_dtype`` input with fp32 parameters, compute the batch statistics
+  in fp32 and return ``param_dtype``, and its running statistics stay fp32 buffers. GroupNorm and LayerNorm
+  compute in fp32 (``FP32_COMPUTE``): their input is cast up and their output back to ``param_dtype``, as
+  autocast runs them, since their CUDA kernels refuse a reduced input with fp32 parameters. Statistics of
+  a batch in bf16 would lose most of their digits, and running statistics updated in bf16 stall (an update
+  of 0.1 x a small difference rounds away).
 - The loss is computed in fp32 (the trainer casts the logits).
 - ``float16`` has no loss scaling: gradients below its range flush to zero. ``bfloat16`` is the
   reduced precision to prefer.
@@ -20,6 +22,7 @@ With ``param_dtype`` float32 nothing is cast and the engine is exactly the fp32 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,6 +39,8 @@ PARAM_DTYPES: dict[str, torch.dtype] = {
 
 # Modules whose parameters stay fp32 under a reduced param_dtype.
 FP32_MODULES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+# ... and those of them that also compute in fp32 (input cast up, output cast back).
+FP32_COMPUTE: tuple[type[nn.Module], ...] = (nn.GroupNorm, nn.LayerNorm)
 
 
 def param_dtype(name: str) -> torch.dtype:
@@ -65,7 +70,21 @@ def configure_units(model: nn.Module, units: Sequence[FlatUnit], dtype: torch.dt
     for unit in units:
         keep = (i for i, s in enumerate(unit.plan.params) if keeps_fp32(model, s.name))
         unit.set_param_dtype(dtype, frozenset(keep))
+    if dtype != torch.float32:
+        for module in model.modules():
+            if isinstance(module, FP32_COMPUTE) and not getattr(module, "_zerowire_fp32", False):
+                module.register_forward_pre_hook(_inputs_to_fp32)
+                module.register_forward_hook(partial(_output_to, dtype))
+                module._zerowire_fp32 = True  # type: ignore[assignment]
     return dtype
+
+
+def _inputs_to_fp32(module: nn.Module, args: tuple[object, ...]) -> tuple[object, ...]:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def _output_to(dtype: torch.dtype, module: nn.Module, args: tuple[object, ...], out: object) -> object:
+    return out.to(dtype) if isinstance(out, torch.Tensor) and out.is_floating_point() else out
 
 
 def cast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -156,3 +156,48 @@ def test_engine_rejects_bad_dtype_and_unit_changes_only_when_free() -> None:
     assert all(p.dtype == torch.float32 for p in unit.params)
     engine.close()
     backend.close()
+
+
+class NormNet(torch.nn.Module):
+    """GroupNorm and LayerNorm, no BatchNorm and no residual block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.GroupNorm(2, 8))
+        self.flat = torch.nn.Flatten()
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(8 * 8 * 8, 16), torch.nn.LayerNorm(16), torch.nn.ReLU()
+        )
+        self.head = torch.nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mlp(self.flat(self.conv(x))))
+
+
+def test_group_and_layer_norm_compute_in_fp32_with_their_own_parameters() -> None:
+    """Under bf16 every parameterised layer gets an input of its parameters' dtype (bf16 for convolutions
+    and linears; fp32 for GroupNorm and LayerNorm, whose output goes back to bf16): the mix CUDA's norm
+    kernels refuse never happens, whatever the device. A step trains and stays finite."""
+    seen: dict[str, tuple[torch.dtype, torch.dtype, torch.dtype]] = {}
+
+    def probe(rank: int, engine: ShardedModule) -> None:
+        for name, module in engine.model.named_modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and name:
+
+                def record(
+                    m: torch.nn.Module, args: tuple[torch.Tensor], out: torch.Tensor, n: str = name
+                ) -> None:
+                    seen[n] = (args[0].dtype, m.weight.dtype, out.dtype)
+
+                module.register_forward_hook(record)
+
+    job = _job(steps=2)
+    got = sharded_run(
+        NormNet, job, 1, make_data(), units=["conv", "mlp", "head"], probe=probe, param_dtype=torch.bfloat16
+    )
+    assert all(torch.isfinite(t).all() for t in got[0].values())
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert seen["conv.0"] == (bf16, bf16, bf16) and seen["mlp.0"] == (bf16, bf16, bf16)
+    assert seen["head"] == (bf16, bf16, bf16)
+    assert seen["conv.1"] == (fp32, fp32, bf16) and seen["mlp.1"] == (fp32, fp32, bf16)
