@@ -171,6 +171,8 @@ class Manager:
         device = torch.device(
             describe_device(self.cfg.device)[0] if self.cfg.device == "auto" else self.cfg.device
         )
+        if device.type == "cuda":  # the current device is per thread: this formation's training thread
+            torch.cuda.set_device(device)
         gate: StepGate = _Gate(self, group)
         trainer = self.trainers(
             job,

@@ -147,7 +147,7 @@ class FlatUnit:
                 kept[i] = part.to(self.device, copy=True, non_blocking=nonblocking)
         fence = None
         if nonblocking:  # the staging buffer is lent again only once the copies out of it are done
-            fence = cuda_fence()
+            fence = cuda_fence(self.device)
         self._release_staging(fence)
         self.full = full
         self._kept = kept

@@ -42,7 +42,7 @@ class HostStaging:
     and the fence left behind by an asynchronous copy into one of them (None: the copy was synchronous)."""
 
     pool: StagingPool
-    fence: Callable[[], Fence | None]
+    fence: Callable[[torch.device], Fence | None]  # of a copy from a tensor on that device
 
     @classmethod
     def for_units(cls, units: list[FlatUnit], device: torch.device) -> HostStaging | None:
@@ -157,7 +157,7 @@ class Reductions:
             return flat.to("cpu"), None
         buf = self.staging.pool.acquire(flat.numel())
         buf.copy_(flat, non_blocking=buf.is_pinned() and flat.device.type == "cuda")
-        return buf, self.staging.fence()  # a synchronous copy's fence has passed already
+        return buf, self.staging.fence(flat.device)  # a synchronous copy's fence has passed already
 
     def _release(self, r: _Reduction, *, reusable: bool) -> None:
         """Drop the reduction's gradient; a pooled buffer goes back (once, with its copy's fence)."""

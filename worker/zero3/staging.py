@@ -38,10 +38,12 @@ class Fence(Protocol):
     def synchronize(self) -> None: ...
 
 
-def cuda_fence() -> Fence:
-    """An event recorded on the current CUDA stream: passed once the work enqueued before it is done."""
+def cuda_fence(device: torch.device) -> Fence:
+    """An event recorded on ``device``'s current stream, where a copy to or from a tensor on ``device`` was
+    enqueued (not the current device's: a unit on cuda:1 fenced on cuda:0 would pass at once): passed once
+    the work enqueued before it is done."""
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(device))
     return event
 
 

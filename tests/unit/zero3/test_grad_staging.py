@@ -47,7 +47,8 @@ def test_staged_gradients_give_the_same_bits_and_return_every_buffer() -> None:
     def staging() -> HostStaging:
         pool = StagingPool(64 * 64, GRAD_STAGING_BUFFERS, pin=False)
 
-        def fence() -> Fence:
+        def fence(device: torch.device) -> Fence:
+            assert device == torch.device("cpu")  # the gradient's own device
             f = _LateFence(0.003)
             with lock:
                 fences.append(f)
@@ -127,9 +128,8 @@ def _hierarchical_run(staged: bool) -> list[dict[str, torch.Tensor]]:
                 torch.manual_seed(job.seed)
                 model = TinyNet()
             plan = plan_model(model, len(ids), UNITS)
-            staging = (
-                HostStaging(StagingPool(64 * 64, 2, pin=False), lambda: _LateFence(0.002)) if staged else None
-            )
+            pool = StagingPool(64 * 64, 2, pin=False)
+            staging = HostStaging(pool, lambda device: _LateFence(0.002)) if staged else None
             engine = ShardedModule(model, group, backend, plan=plan, timeout=20.0, host_staging=staging)
             opt = ShardedOptimizer(engine.shards, job)
             for step in range(job.steps):

@@ -10,7 +10,7 @@ from jobspec import JobSpec
 from tests.unit.zero3.fixtures import UNITS, TinyNet, make_data, sharded_run
 from worker.zero3.flat_unit import FlatUnit, UnitState
 from worker.zero3.sharded import STAGING_BUFFERS, ShardedModule
-from worker.zero3.staging import StagingPool
+from worker.zero3.staging import StagingPool, cuda_fence
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -125,3 +125,22 @@ def test_outstanding_gathers_fit_the_pool() -> None:
     finally:
         ShardedModule._issue = original  # type: ignore[method-assign]
     assert len(peaks) > 20 and 1 <= max(peaks) <= STAGING_BUFFERS - 1, max(peaks)
+
+
+def test_a_fence_is_recorded_on_the_stream_of_the_tensors_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy to a unit on cuda:1 is enqueued on cuda:1's current stream: its fence must be recorded there,
+    not on the current device's stream (cuda:0 by default), or it passes before the copy is done."""
+    calls: list[object] = []
+
+    class Event:
+        def record(self, stream: object = None) -> None:
+            calls.append(("record", stream))
+
+    def current_stream(device: object = None) -> str:
+        calls.append(("stream of", device))
+        return f"stream of {device}"
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    cuda_fence(torch.device("cuda", 1))
+    assert calls == [("stream of", torch.device("cuda", 1)), ("record", "stream of cuda:1")]
