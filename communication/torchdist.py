@@ -122,7 +122,7 @@ class TorchDistBackend(TorchDistCalls, TorchDistDispatcher):
                 raise EpochChanged(f"cannot install {group.describe()}: epoch {self._epoch} is known")
             self._abandon_older(group.epoch)
             self._epoch = group.epoch
-            eg = EpochGroup(group, rendezvous, device_has_cuda(self.device), host_store)
+            eg = EpochGroup(group, rendezvous, self._cuda, host_store)
             self._current = eg
             self._pending[eg] = set()
         self._jobs.put(eg)

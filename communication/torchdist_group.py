@@ -48,7 +48,7 @@ class EpochGroup:
 
     group: PeerGroup
     rendezvous: str
-    use_cuda: bool
+    cuda: torch.device | None  # this member's GPU (None: it computes on the host)
     host_store: bool = True  # rank 0 hosts the store; False: everyone joins an already-hosted one
     pg: Any = None
     backend_name: str = ""
@@ -73,14 +73,16 @@ class EpochGroup:
         deadline = time.monotonic() + timeout
         store = self._connect(host, port, deadline)
         prefix = dist.PrefixStore(f"zerowire/{group.job_id}/{group.epoch}", store)
-        prefix.set(f"member/{group.rank}", "cuda" if self.use_cuda else "cpu")
+        prefix.set(f"member/{group.rank}", "cpu" if self.cuda is None else f"cuda:{self.cuda.index or 0}")
         keys = [f"member/{r}" for r in group.peers()]
         while not prefix.check(keys):
             self._wait_slice(deadline, "members to join the rendezvous")
         # the members are all here: the group's own exchange may now take what is left of the deadline
         store.set_timeout(datetime.timedelta(seconds=max(deadline - time.monotonic(), CONNECT_SLICE_S)))
-        kinds = {prefix.get(k).decode() for k in keys}
-        nccl = kinds == {"cuda"} and dist.is_nccl_available()
+        backend, why = choose_backend([prefix.get(k).decode() for k in keys], dist.is_nccl_available())
+        if why:
+            log.warning("%s: %s", group.describe(), why)
+        nccl = backend == "nccl"
         span = datetime.timedelta(seconds=collective_timeout)
         pg_store = dist.PrefixStore("pg", prefix)
         if nccl:
@@ -130,6 +132,25 @@ class EpochGroup:
             except RuntimeError as exc:  # pragma: no cover - depends on the backend's state
                 log.debug("%s: abort: %s", self.group.describe(), exc)
         self.store = None
+
+
+def choose_backend(members: list[str], nccl_available: bool) -> tuple[str, str]:
+    """The process group's backend from what each co-located member computes on ("cpu" or "cuda:<index>",
+    by rank): NCCL when every member has a GPU of its own, gloo otherwise (CUDA tensors then travel through
+    host memory); and why not NCCL when every member has a GPU (empty when there is nothing to say)."""
+    if not members or any(not m.startswith("cuda") for m in members):
+        return "gloo", ""
+    if not nccl_available:
+        return "gloo", "every member has a GPU but this torch has no NCCL: gloo, through host memory"
+    shared = sorted({m for m in members if members.count(m) > 1})
+    if shared:
+        ranks = {m: [r for r, x in enumerate(members) if x == m] for m in shared}
+        return "gloo", (
+            "NCCL needs a GPU per rank, and ranks share "
+            + ", ".join(f"{m} (ranks {', '.join(map(str, rs))})" for m, rs in ranks.items())
+            + ": gloo, through host memory (give each worker its own GPU: --device cuda:<i>)"
+        )
+    return "nccl", ""
 
 
 def device_has_cuda(device: torch.device) -> bool:
