@@ -10,6 +10,7 @@ Manager (worker/manager.py) forms it: the members continue from the state they h
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from worker.identity import (
     advertised_address,
     check_worker_timeouts,
     describe_device,
+    place_device,
 )
 from worker.lanes import default_backend_factory
 from worker.manager import Manager, TrainerFactory, in_thread, outcome_dict
@@ -106,6 +108,10 @@ class WorkerDaemon:
             self.cfg = adopt_timeouts(self.cfg, answer)  # the coordinator's timeouts win
         except ValueError as exc:
             raise JobMismatch(f"cannot read the coordinator's timeouts (another version?): {exc}") from exc
+        try:  # cuda: this worker's own GPU (its index among the workers of its host)
+            self.cfg = dataclasses.replace(self.cfg, device=place_device(self.cfg.device))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         self.backend = self.backend_factory(job, self.cfg.token or "")
         port = await asyncio.to_thread(self.backend.start, self.cfg.bind)
         host, adv_port = advertised_address(self.cfg, port)

@@ -115,6 +115,48 @@ def advertised_address(cfg: WorkerConfig, bound_port: int) -> tuple[str, int]:
     return bind_host, bound_port
 
 
+LOCAL_INDEX_VARIABLES = ("ZEROWIRE_LOCAL_INDEX", "LOCAL_RANK", "SLURM_LOCALID")
+_claimed: list[Any] = []  # the lock file of the GPU this process claimed, open for its life
+
+
+def place_device(device: str, gpus: int | None = None, lock_dir: Path | None = None) -> str:
+    """The device a worker trains on. ``cuda`` (and ``auto`` where CUDA is available) means
+    ``cuda:<local index>``: the worker's index among the workers of its host, modulo the visible GPUs,
+    taken from ``ZEROWIRE_LOCAL_INDEX``, ``LOCAL_RANK`` or ``SLURM_LOCALID`` when set (launchers set them),
+    and otherwise claimed: the lowest GPU whose lock file (in ``lock_dir``, default the temporary folder)
+    no other live worker holds. A worker that finds every GPU claimed shares the first, with a warning.
+    ``cpu`` and ``cuda:<i>`` stay as they are."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cuda":
+        return device
+    count = torch.cuda.device_count() if gpus is None else gpus
+    if count < 1:
+        raise ValueError("--device cuda: no CUDA device is visible")
+    for name in LOCAL_INDEX_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return f"cuda:{int(value) % count}"
+    import fcntl
+    import tempfile
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all").replace(",", "-")[:64]
+    folder = lock_dir or Path(tempfile.gettempdir())
+    for index in range(count):
+        f = open(folder / f"zerowire-{os.getuid()}-gpus-{visible}-{index}.lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            continue
+        _claimed.append(f)  # released when this process ends, however it ends
+        return f"cuda:{index}"
+    log.warning("every one of the %d visible GPUs is claimed by another worker: sharing cuda:0", count)
+    return "cuda:0"
+
+
 def describe_device(device: str) -> tuple[str, str, int | None]:
     """(torch device string, human name, memory in bytes) for auto|cpu|cuda[:i]."""
     import torch
