@@ -59,6 +59,9 @@ class FlatUnit:
         self.params = params
         self.device = device
         self.comm_device = torch.device("cpu")
+        self._wire_copy: tuple[tuple[int, int], torch.Tensor] | None = (
+            None  # ((shard id, version), host copy)
+        )
         if shard is not None:
             if shard.dtype != torch.float32 or tuple(shard.shape) != (plan.shard_numel,):
                 raise ValueError(
@@ -124,7 +127,15 @@ class FlatUnit:
         return self.full
 
     def shard_for_wire(self) -> torch.Tensor:
-        return self.shard if self.shard.device.type == self.comm_device.type else self.shard.detach().cpu()
+        """The shard as the wire sends it: itself where the lane takes its device, else a host copy made once
+        per change of the shard (the optimizer's step, a restore), not once per gather: a unit is gathered
+        in forward and again in backward, and every host copy of a device tensor waits for the device."""
+        if self.shard.device.type == self.comm_device.type:
+            return self.shard
+        key = (id(self.shard), self.shard._version)
+        if self._wire_copy is None or self._wire_copy[0] != key:
+            self._wire_copy = (key, self.shard.detach().to("cpu", copy=True))
+        return self._wire_copy[1]
 
     def mark_ready(self, *, master: bool = False) -> None:
         """The gather has landed: point the parameters at it, in ``param_dtype`` (fp32 if ``master``)."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from communication.group import PeerGroup
+from communication.testing import FakeHub
 from jobspec import JobSpec
 from tests.unit.zero3.fixtures import UNITS, TinyNet, make_data, sharded_run
 from worker.zero3.flat_unit import FlatUnit, UnitState
@@ -144,3 +146,20 @@ def test_a_fence_is_recorded_on_the_stream_of_the_tensors_device(monkeypatch: py
     monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
     cuda_fence(torch.device("cuda", 1))
     assert calls == [("stream of", torch.device("cuda", 1)), ("record", "stream of cuda:1")]
+
+
+def test_the_wire_copy_of_a_shard_is_made_once_per_change() -> None:
+    """A unit whose lane takes host memory while its shard lives elsewhere (a GPU; stood in for here by a
+    host shard and a lane said to take another device) copies the shard once per change, not per gather."""
+    model = TinyNet()
+    engine_units = ShardedModule(model, PeerGroup("j", 0, 0, ("127.0.0.1:1",)), FakeHub(1).backend(0)).units
+    unit = engine_units[0]
+    unit.comm_device = torch.device("meta")  # "not the shard's device": every gather needs a copy
+    first = unit.shard_for_wire()
+    assert first is not unit.shard and torch.equal(first, unit.shard)
+    assert unit.shard_for_wire() is first  # forward, backward, a prefetch: the same copy
+    unit.shard.add_(1.0)  # the optimizer's step changes the shard in place
+    second = unit.shard_for_wire()
+    assert second is not first and torch.equal(second, unit.shard) and not torch.equal(second, first)
+    unit.shard = unit.shard.clone()  # a restore or a hand-over replaces it
+    assert unit.shard_for_wire() is not second
