@@ -92,6 +92,10 @@ class WorkerDaemon:
                 loop.add_signal_handler(sig, self.request_stop, sig.name)
             except (NotImplementedError, RuntimeError):  # not the main thread (tests)
                 pass
+        try:  # kill -USR1 <worker>: what it is waiting on, and every thread's stack
+            loop.add_signal_handler(signal.SIGUSR1, self.dump_flight, "SIGUSR1")
+        except (NotImplementedError, RuntimeError, AttributeError):
+            pass
         try:
             return await self._run()
         finally:
@@ -140,6 +144,7 @@ class WorkerDaemon:
         self.worker_id = str(answer["worker_id"])
         self.register_body["worker_id"] = self.worker_id
         self.t.update(worker_id=self.worker_id)
+        self.session.recorder.name = self.worker_id
         self.session.state.announce(int(answer.get("epoch", 0)))
         self.interval_s = float(answer.get("heartbeat_interval_s", self.interval_s))
         self.timeout_s = float(answer.get("heartbeat_timeout_s", self.timeout_s))
@@ -184,6 +189,16 @@ class WorkerDaemon:
             except CoordinatorError as exc:  # never mask the error that ended the worker
                 log.warning("worker %s: could not leave the cluster: %s", self.worker_id, exc)
         return int(rc)
+
+    def dump_flight(self, why: str) -> None:
+        """Write the flight recorder's calls and every thread's stack next to the telemetry."""
+        if self.session is None:
+            return
+        path = self.session.recorder.dump_to_dir(why)
+        head = self.session.recorder.head()
+        log.warning(
+            "worker %s: flight recorder dumped to %s (%s); waiting on: %s", self.worker_id, path, why, head
+        )
 
     def _final(self, exc: BaseException | None) -> str | None:
         return self.t.state if exc is None else "failed"  # finished, or waiting after a stop: at once

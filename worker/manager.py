@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from communication.backend import CollectiveBackend
 from communication.group import PeerGroup
+from communication.recorder import FlightRecorder, RecordedLane
 from jobspec import JobSpec
 from worker.heartbeat import Telemetry
 from worker.identity import WorkerConfig, describe_device
@@ -152,6 +154,8 @@ class Manager:
         self.backend = backend
         self.trainers: TrainerFactory = trainers if trainers is not None else Trainers()
         self.state = WorkerState(backend)
+        self.recorder = FlightRecorder(name=telemetry.worker_id or "worker")
+        self.recorder.dump_dir = cfg.telemetry_dir or Path(tempfile.gettempdir())
         self.data: TrainData | None = None  # the dataset, once prepared
         self._log_lock = threading.Lock()
 
@@ -177,7 +181,8 @@ class Manager:
         trainer = self.trainers(
             job,
             group,
-            WatchedCalls(self.backend, self.t.clock),  # time waiting on peers is no stall
+            # every call recorded (the flight recorder), and time waiting on peers is no stall
+            WatchedCalls(RecordedLane(self.backend, self.recorder), self.t.clock),
             device=device,
             data_dir=self.cfg.data_dir,
             checkpoint_dir=self.cfg.checkpoint_dir,

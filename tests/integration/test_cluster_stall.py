@@ -1,9 +1,13 @@
 """Liveness is progress: a worker whose training thread blocks while its heartbeat lives says so ("stalled")
 and is evicted within the progress timeout; the others, who waited on it without being stalled themselves,
-form a new epoch without it and finish the job."""
+form a new epoch without it and finish the job. Its flight recorder, dumped on SIGUSR1, shows the stack
+that holds its training thread."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -84,6 +88,16 @@ def test_a_worker_whose_training_blocks_is_evicted_within_the_progress_timeout(
     assert view["w2"]["state"] == "dead" and view["w2"]["worker_state"] == "stalled"
     assert stalled.poll() is None, "its heartbeat lives on; it stays out while its training is stalled"
     assert "registering again once the training moves" in (tmp_path / "w2.log").read_text()
+    # kill -USR1: its flight recorder shows the calls it made and where its training thread is stuck
+    os.kill(stalled.pid, signal.SIGUSR1)
+    dumps = lambda: list((tmp_path / "telemetry").glob("flight-w2-*.json"))  # noqa: E731
+    (dump,) = wait_for(dumps, 10, "w2's flight dump")
+    flight = json.loads(dump.read_text())
+    assert flight["reason"] == "SIGUSR1" and flight["recorder"] == "w2"
+    ops = {c["op"] for c in flight["calls"]}
+    assert {"all_gather", "reduce_scatter", "exchange"} <= ops, ops
+    assert all(c["state"] in ("completed", "failed", "cancelled", "started") for c in flight["calls"])
+    assert any("stall_worker.py" in stack and "wait" in stack for stack in flight["stacks"].values())
     assert [e["worker_id"] for e in get(url, "/events")["events"] if e["kind"] in ("evicted", "died")] == [
         "w2"
     ]

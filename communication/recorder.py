@@ -1,0 +1,218 @@
+"""The flight recorder: every call through the collective contract, on every lane, in one ring per worker.
+
+``RecordedLane`` wraps a lane (any ``CollectiveBackend``) and records each data-plane and control call as it
+is issued and as its handle settles: a sequence id per epoch, the op, the lane, epoch, step, unit or key, the
+peers it waits on, its bytes, its state (``started``, then ``completed``, ``failed`` or ``cancelled``) and its
+timestamps. ``FlightRecorder`` keeps the last ``capacity`` calls (default 2,000) and dumps them as JSON with
+the Python stack of every thread (``dump``): on request, on a collective timeout (once per epoch), and on
+SIGUSR1 (the worker daemon installs the handler). ``head`` is the oldest call still in flight: what this
+worker is waiting on, and since when.
+
+The wrapper sits at the contract layer, so a call is traced once whatever lane carries it, and recording
+is a few attribute writes and a deque append per call (its cost: ``zerowire bench step``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from communication.backend import Codec, CollectiveBackend, UnitSpec, WireStats
+from communication.errors import Cancelled, CollectiveTimeout
+from communication.group import PeerGroup
+from communication.handle import Handle
+
+DEFAULT_CAPACITY = 2000
+
+
+@dataclass
+class CallRecord:
+    seq: int  # per epoch, in issue order
+    op: str  # all_gather, reduce_scatter, send, recv, exchange
+    lane: str
+    job: str
+    epoch: int
+    rank: int
+    step: int | None  # collectives: the step (exchanges and point-to-point calls carry a key instead)
+    unit: int | None
+    key: int | None
+    peers: tuple[int, ...]  # the ranks this call waits on
+    bytes: int
+    state: str  # started, completed, failed, cancelled
+    started: float  # time.time()
+    ended: float | None = None
+    error: str | None = None
+
+
+class FlightRecorder:
+    """A ring of the last ``capacity`` calls (thread-safe), and its dumps."""
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, name: str = "worker") -> None:
+        if capacity < 1:
+            raise ValueError(f"a flight recorder keeps at least one call, not {capacity}")
+        self.name = name
+        self._ring: deque[CallRecord] = deque(maxlen=capacity)
+        self._lock = threading.Lock()
+        self._seq: dict[tuple[str, int], itertools.count[int]] = {}
+        self._timeout_dumped: set[int] = set()
+        self.dump_dir: Path | None = None  # where dumps on a timeout or SIGUSR1 go (None: not written)
+        self.dumped: list[Path] = []
+
+    def begin(self, op: str, lane: str, group: PeerGroup, *, step: int | None, unit: int | None,
+              key: int | None, peers: tuple[int, ...], nbytes: int) -> CallRecord:  # fmt: skip
+        with self._lock:
+            counter = self._seq.setdefault((group.job_id, group.epoch), itertools.count())
+            rec = CallRecord(
+                next(counter), op, lane, group.job_id, group.epoch, group.rank, step, unit, key, peers,
+                nbytes, "started", time.time(),
+            )  # fmt: skip
+            self._ring.append(rec)
+        return rec
+
+    def end(self, rec: CallRecord, handle: Future[torch.Tensor]) -> None:
+        """``rec``'s handle settled: its state, and a dump when it timed out (the first time in its epoch)."""
+        error = None if handle.cancelled() else handle.exception()
+        cancelled = handle.cancelled() or isinstance(error, Cancelled)
+        rec.ended = time.time()
+        rec.state = "cancelled" if cancelled else "failed" if error is not None else "completed"
+        rec.error = None if error is None else f"{type(error).__name__}: {error}"[:500]
+        if isinstance(error, CollectiveTimeout):
+            with self._lock:
+                first = rec.epoch not in self._timeout_dumped
+                self._timeout_dumped.add(rec.epoch)
+            if first:
+                self.dump_to_dir(f"collective timeout: {rec.op} seq {rec.seq} of epoch {rec.epoch}")
+
+    def records(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [asdict(r) for r in self._ring]
+
+    def head(self) -> dict[str, Any] | None:
+        """The oldest call still in flight, with how long it has waited (None when nothing is)."""
+        with self._lock:
+            waiting = next((r for r in self._ring if r.state == "started"), None)
+            if waiting is None:
+                return None
+            out = asdict(waiting)
+        out["since_s"] = round(time.time() - out["started"], 3)
+        return out
+
+    def dump(self, reason: str) -> dict[str, Any]:
+        """The calls and the stack of every thread, as one JSON-able object."""
+        frames = sys._current_frames()
+        names = {t.ident: t.name for t in threading.enumerate()}
+        stacks = {
+            f"{names.get(ident, 'thread')} ({ident})": "".join(traceback.format_stack(frame))
+            for ident, frame in frames.items()
+        }
+        return {"recorder": self.name, "reason": reason, "time": time.time(), "head": self.head(),
+                "calls": self.records(), "stacks": stacks}  # fmt: skip
+
+    def dump_to_dir(self, reason: str) -> Path | None:
+        """Write a dump to ``dump_dir`` (flight-NAME-TIME.json); its path, or None without a folder."""
+        if self.dump_dir is None:
+            return None
+        path = self.dump_dir / f"flight-{self.name}-{time.strftime('%Y%m%dT%H%M%S')}-{len(self.dumped)}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.dump(reason), indent=1))
+        tmp.replace(path)
+        self.dumped.append(path)
+        return path
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class RecordedLane:
+    """A lane whose every call goes through ``recorder`` (see the module docstring); the rest is its own."""
+
+    def __init__(self, lane: CollectiveBackend, recorder: FlightRecorder, name: str = "") -> None:
+        self._lane = lane
+        self.recorder = recorder
+        self._name = name or type(lane).__name__
+
+    def _record(self, call: Callable[[], Handle], rec: CallRecord) -> Handle:
+        try:
+            handle = call()
+        except BaseException as exc:
+            rec.ended, rec.state, rec.error = time.time(), "failed", f"{type(exc).__name__}: {exc}"[:500]
+            raise
+        handle.add_done_callback(lambda h: self.recorder.end(rec, h))
+        return handle
+
+    def _others(self, group: PeerGroup) -> tuple[int, ...]:
+        return tuple(r for r in range(group.world_size) if r != group.rank)
+
+    def all_gather(self, group: PeerGroup, step: int, unit: int, shard: torch.Tensor, out: torch.Tensor,
+                   timeout: float, *, codec: Codec = "none") -> Handle:  # fmt: skip
+        rec = self.recorder.begin("all_gather", self._name, group, step=step, unit=unit, key=None,
+                                  peers=self._others(group), nbytes=_nbytes(shard))  # fmt: skip
+        return self._record(
+            lambda: self._lane.all_gather(group, step, unit, shard, out, timeout, codec=codec), rec
+        )
+
+    def reduce_scatter(self, group: PeerGroup, step: int, unit: int, full: torch.Tensor, out: torch.Tensor,
+                       timeout: float, *, codec: Codec = "none") -> Handle:  # fmt: skip
+        rec = self.recorder.begin("reduce_scatter", self._name, group, step=step, unit=unit, key=None,
+                                  peers=self._others(group), nbytes=_nbytes(full))  # fmt: skip
+        return self._record(
+            lambda: self._lane.reduce_scatter(group, step, unit, full, out, timeout, codec=codec), rec
+        )
+
+    def send(self, tensor: torch.Tensor, *, group: PeerGroup, dest: int, key: int, timeout: float) -> Handle:
+        rec = self.recorder.begin("send", self._name, group, step=None, unit=None, key=key, peers=(dest,),
+                                  nbytes=_nbytes(tensor))  # fmt: skip
+        return self._record(
+            lambda: self._lane.send(tensor, group=group, dest=dest, key=key, timeout=timeout), rec
+        )
+
+    def recv(self, out: torch.Tensor, *, group: PeerGroup, src: int, key: int, timeout: float) -> Handle:
+        rec = self.recorder.begin("recv", self._name, group, step=None, unit=None, key=key, peers=(src,),
+                                  nbytes=_nbytes(out))  # fmt: skip
+        return self._record(lambda: self._lane.recv(out, group=group, src=src, key=key, timeout=timeout), rec)
+
+    def exchange(self, values: torch.Tensor, *, group: PeerGroup, key: int, timeout: float) -> Handle:
+        rec = self.recorder.begin("exchange", self._name, group, step=None, unit=None, key=key,
+                                  peers=self._others(group), nbytes=_nbytes(values))  # fmt: skip
+        return self._record(lambda: self._lane.exchange(values, group=group, key=key, timeout=timeout), rec)
+
+    def release(self, group: PeerGroup, step: int) -> None:
+        self._lane.release(group, step)
+
+    def set_group(self, group: PeerGroup) -> None:
+        self._lane.set_group(group)
+
+    def set_plan(self, group: PeerGroup, units: Mapping[int, UnitSpec]) -> None:
+        self._lane.set_plan(group, units)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._lane.set_epoch(epoch)
+
+    def accepts_device(self, group: PeerGroup, device: torch.device) -> bool:
+        return self._lane.accepts_device(group, device)
+
+    def bytes_by_lane(self) -> dict[str, int]:
+        return self._lane.bytes_by_lane()
+
+    def stats(self) -> WireStats:
+        return self._lane.stats()
+
+    def close(self) -> None:
+        self._lane.close()
+
+
+# mypy checks the wrapper against the contract it stands in for.
+_CONTRACT: type[CollectiveBackend] = RecordedLane
