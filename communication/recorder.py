@@ -100,9 +100,11 @@ class FlightRecorder:
             return [asdict(r) for r in self._ring]
 
     def head(self) -> dict[str, Any] | None:
-        """The oldest call still in flight, with how long it has waited (None when nothing is)."""
+        """The oldest call of the newest epoch still in flight, with how long it has waited (None when
+        nothing is; a call of an older epoch that its lane never settled is not what the worker waits on)."""
         with self._lock:
-            waiting = next((r for r in self._ring if r.state == "started"), None)
+            newest = max((r.epoch for r in self._ring), default=0)
+            waiting = next((r for r in self._ring if r.state == "started" and r.epoch == newest), None)
             if waiting is None:
                 return None
             out = asdict(waiting)

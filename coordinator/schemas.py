@@ -77,6 +77,20 @@ class RecoveryReport(BaseModel):
     steps_lost: Count = Field(description="committed steps redone (checkpoint fallback)")
 
 
+class WaitingReport(BaseModel):
+    """The head of a worker's flight recorder: its oldest call through the collective contract still in
+    flight (communication/recorder.py), reported once it has waited half a second."""
+
+    op: Literal["all_gather", "reduce_scatter", "send", "recv", "exchange"]
+    lane: str = Field(max_length=64)
+    epoch: Count
+    step: Count | None = None
+    unit: Count | None = None
+    key: Count | None = None
+    peers: list[Rank] = Field(max_length=4096, description="the ranks the call waits on")
+    since_s: NonNegative
+
+
 class HeartbeatRequest(BaseModel):
     epoch: Count
     step: Count = 0
@@ -101,6 +115,10 @@ class HeartbeatRequest(BaseModel):
         description="bytes this worker has sent, by data-plane lane (gRPC across hosts, local on its host)",
     )
     recovery: RecoveryReport | None = Field(None, description="how this worker's epoch was formed")
+    waiting: WaitingReport | None = Field(None, description="the collective this worker waits in, if any")
+    stack: str | None = Field(
+        None, max_length=8000, description="while its training makes no progress: its training thread's stack"
+    )
 
 
 TELEMETRY_FIELDS = (
@@ -111,6 +129,8 @@ TELEMETRY_FIELDS = (
     "test_loss",
     "test_accuracy",
     "bytes_by_lane",
+    "waiting",
+    "stack",
 )
 
 
@@ -142,6 +162,8 @@ class WorkerView(BaseModel):
     test_loss: float | None = None
     test_accuracy: float | None = None
     bytes_by_lane: dict[str, int] | None = None
+    waiting: dict[str, Any] | None = None
+    stack: str | None = None
     host: str
     port: int
     host_id: str
@@ -219,6 +241,34 @@ class ClusterStatus(BaseModel):
     job_hash: str
     started_at: float
     uptime_s: float
+
+
+class Suspect(BaseModel):
+    worker_id: str
+    rank: int
+    host: str | None
+    reason: str
+
+
+class Waiting(BaseModel):
+    worker_id: str
+    rank: int
+    op: str | None
+    lane: str | None
+    epoch: int | None
+    step: int | None
+    unit: int | None
+    waiting_on_ranks: list[int]
+    since_s: float
+
+
+class Diagnosis(BaseModel):
+    """Who holds the job up and why (coordinator/diagnosis.py)."""
+
+    epoch: int
+    suspects: list[Suspect]
+    waiting: list[Waiting]
+    summary: str
 
 
 class EventView(BaseModel):

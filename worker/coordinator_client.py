@@ -339,6 +339,9 @@ class SyncCoordinatorClient:
     def cluster_status(self) -> dict[str, Any]:
         return dict(self.get("/cluster/status"))
 
+    def diagnosis(self) -> dict[str, Any]:
+        return dict(self.get("/cluster/diagnosis"))
+
     def events(self, after: int = 0) -> list[dict[str, Any]]:
         body = self.get("/events", params={"after": after})
         if isinstance(body, dict):

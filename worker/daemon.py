@@ -177,6 +177,7 @@ class WorkerDaemon:
             outage_limit_s=self.cfg.barrier_timeout_s,
             reregister=self.rendezvous.reregister,
             stats=self._wire_stats,
+            diagnostics=self.session.diagnostics,
         )
         try:
             rc = await run_tied(

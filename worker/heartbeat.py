@@ -51,6 +51,7 @@ class HeartbeatLoop:
         reregister: Callable[[], Awaitable[int]],
         stats: Callable[[], tuple[int, int]] | None = None,
         outage_limit_s: float = 600.0,
+        diagnostics: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         """`grace_s`: how long the coordinator may stay away before the worker warns that it is still
         fenced; `outage_limit_s` (the barrier timeout): how long before the worker gives up
@@ -66,6 +67,7 @@ class HeartbeatLoop:
         self.outage_limit_s = outage_limit_s
         self.reregister = reregister
         self.stats = stats
+        self.diagnostics = diagnostics  # what the coordinator's diagnosis reads: the wait, or the stack
         self.beats = 0
         self.misses = 0  # failed beats in a row (unreachable coordinator): the backoff's exponent
         self._warned_grace = False
@@ -85,9 +87,12 @@ class HeartbeatLoop:
             sent, received = self.stats()
             self.t.update(bytes_sent=sent, bytes_received=received)
         try:
+            body = self.t.body(self.state.view())
+            if self.diagnostics is not None:
+                body.update(self.diagnostics())
             answer = await self.client.heartbeat(
                 self.t.worker_id,
-                self.t.body(self.state.view()),
+                body,
                 timeout_s=max(0.2, self.timeout_s / 2),
                 retry=RetryPolicy(attempts=1),
             )

@@ -69,6 +69,11 @@ class ProgressClock:
     def in_flight(self) -> int:
         return self._in_flight
 
+    def idle_s(self) -> float:
+        """Seconds since the last progress, 0 while a data-plane call is in flight."""
+        with self._lock:
+            return 0.0 if self._in_flight else self._now() - self._mark
+
     def overdue(self, progress_timeout_s: float, startup_timeout_s: float) -> float | None:
         """Seconds without progress, once past the timeout that applies (progress after the epoch's first
         committed step, start-up before); None while within it or while a call is in flight."""

@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+WAIT_MIN_S = 0.5  # a wait (or no progress) shorter than this is not worth the coordinator's diagnosis
 WARM_WORLD = 64  # the warm-up build materializes one 64th of the model
 
 
@@ -235,6 +238,20 @@ class Manager:
             formed.seconds,
         )
 
+    def diagnostics(self) -> dict[str, Any]:
+        """What the heartbeat tells the coordinator's diagnosis: the collective this worker has waited in for
+        ``WAIT_MIN_S`` or more (its flight recorder's head) or, when its training has made no progress for
+        as long while in no collective, where its training thread is."""
+        head = self.recorder.head()
+        if head is not None and head["since_s"] >= WAIT_MIN_S:
+            keys = ("op", "lane", "epoch", "step", "unit", "key", "since_s")
+            return {"waiting": {**{k: head[k] for k in keys}, "peers": list(head["peers"])}}
+        if self.t.state == "training" and self.t.clock.idle_s() >= WAIT_MIN_S:
+            stack = training_stack()
+            if stack:
+                return {"stack": stack}
+        return {}
+
     def check_fence(self, group: PeerGroup) -> None:
         """Never vote, commit or start a step in a stale epoch or without a lease (self-fencing)."""
         self.t.wait_lease(self.cfg.coordinator_grace_s)  # blocks while fenced
@@ -314,6 +331,16 @@ class Manager:
         path = Path(self.cfg.telemetry_dir) / f"{self.t.worker_id}.jsonl"
         with self._log_lock, open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
+
+
+def training_stack(limit: int = 7900) -> str | None:
+    """The stack of the training thread (``train-<worker>``), innermost frame last, at most ``limit``
+    characters (the innermost kept)."""
+    thread = next((t for t in threading.enumerate() if t.name.startswith("train-")), None)
+    frame = None if thread is None or thread.ident is None else sys._current_frames().get(thread.ident)
+    if frame is None:
+        return None
+    return "".join(traceback.format_stack(frame))[-limit:]
 
 
 def _close(holdings: list[Holding]) -> None:

@@ -1,4 +1,4 @@
-"""Cluster routes: status and the membership event history."""
+"""Cluster routes: status, the diagnosis of a job held up, and the membership event history."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from fastapi.responses import JSONResponse
 
 from coordinator.auth import OPERATOR
 from coordinator.deps import ClockDep, ServiceDep
+from coordinator.diagnosis import diagnose
 from coordinator.openapi import errors
-from coordinator.schemas import ClusterStatus, EventsResponse, EventView
+from coordinator.schemas import ClusterStatus, Diagnosis, EventsResponse, EventView
 from coordinator.views import listing_order, worker_dict
 
 router = APIRouter(tags=["cluster"], dependencies=[Depends(OPERATOR)])
@@ -39,6 +40,21 @@ async def cluster_status(service: ServiceDep, clock: ClockDep) -> JSONResponse:
         "uptime_s": round(now - service.started_mono, 3),
     }
     return JSONResponse(body)
+
+
+@router.get(
+    "/cluster/diagnosis",
+    response_model=Diagnosis,
+    openapi_extra=OPERATOR.openapi,
+    responses=errors(401, 403),
+)
+async def cluster_diagnosis(service: ServiceDep, clock: ClockDep) -> JSONResponse:
+    """Who holds the job up and why, from every member's heartbeat (the head of its flight recorder, its
+    heartbeat's age, and its training stack while it makes no progress)."""
+    now = clock.monotonic()
+    views = [worker_dict(w, now) for w in sorted(service.state.workers.values(), key=listing_order)]
+    found = diagnose(views, service.settings.heartbeat_interval, service.state.epoch)
+    return JSONResponse({"epoch": service.state.epoch, **found})
 
 
 @router.get(

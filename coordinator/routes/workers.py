@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from coordinator import cluster_state as cs
 from coordinator import membership as m
@@ -117,7 +118,11 @@ async def heartbeat(
 ) -> JSONResponse:
     """The hot path: memory only, answered without re-validating the response model. A heartbeat saying
     worker_state "stalled" evicts its worker (a membership change, written before the answer)."""
-    telemetry = {k: v for k in TELEMETRY_FIELDS if (v := getattr(body, k)) is not None}
+    telemetry = {
+        k: v.model_dump() if isinstance(v, BaseModel) else v
+        for k in TELEMETRY_FIELDS
+        if (v := getattr(body, k)) is not None
+    }
     hb = cs.Heartbeat(
         body.epoch,
         body.step,

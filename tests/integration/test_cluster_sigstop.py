@@ -1,4 +1,5 @@
-"""A worker frozen (SIGSTOP) for 4 s, then thawed (SIGCONT): it is declared dead and evicted, the others
+"""A worker frozen (SIGSTOP) for 5 s, then thawed (SIGCONT): the diagnosis names it within seconds, it is
+declared dead and evicted, the others
 go on without it from its buddy's replica, nothing it does in its old epoch outlives it, and it rejoins as
 a joiner with no rollback of the others. Real processes on the default co-located lane."""
 
@@ -25,13 +26,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 STEPS = 300
 FREEZE_AT = 20
-FROZEN_S = 4.0
+FROZEN_S = 5.0
+HEARTBEAT_TIMEOUT = "3"  # evicted about 3.3 s into the freeze; named by the diagnosis long before
 
 
 def test_a_frozen_worker_is_evicted_and_rejoins_without_a_rollback(
     reaper: ProcessReaper, tmp_path: Path
 ) -> None:
-    coordinator, url = start_coordinator(reaper, tmp_path, "--steps", str(STEPS), "--min-workers", "3")
+    coordinator, url = start_coordinator(
+        reaper, tmp_path, "--steps", str(STEPS), "--min-workers", "3", heartbeat_timeout=HEARTBEAT_TIMEOUT
+    )
     procs = {name: start_worker(reaper, tmp_path, url, name) for name in ("w0", "w1", "w2")}
 
     def committed() -> int:
@@ -40,7 +44,18 @@ def test_a_frozen_worker_is_evicted_and_rejoins_without_a_rollback(
     wait_for(lambda: committed() >= FREEZE_AT, 120, f"step {FREEZE_AT}")
     os.kill(procs["w2"].pid, signal.SIGSTOP)
     frozen_at = time.time()
-    time.sleep(FROZEN_S)
+
+    def frozen() -> dict[str, object] | None:  # the others wait on it, and its heartbeat is stale
+        found = get(url, "/cluster/diagnosis")
+        return found if [s["worker_id"] for s in found["suspects"]] == ["w2"] else None
+
+    found = wait_for(frozen, FROZEN_S - 1.0, "the diagnosis to name w2", every_s=0.1)
+    named_s = time.time() - frozen_at
+    (suspect,) = found["suspects"]  # type: ignore[misc]
+    assert suspect["reason"].startswith("frozen: its last heartbeat was"), suspect
+    assert "whose last heartbeat was" in str(found["summary"]), found["summary"]
+    print(f"\ndiagnosis named w2 {named_s:.2f} s into its freeze: {found['summary']}")
+    time.sleep(max(0.0, FROZEN_S - (time.time() - frozen_at)))
     os.kill(procs["w2"].pid, signal.SIGCONT)
 
     for name, proc in procs.items():

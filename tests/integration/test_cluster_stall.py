@@ -52,6 +52,23 @@ def test_a_worker_whose_training_blocks_is_evicted_within_the_progress_timeout(
     wait_for(marker.exists, 120, "w2 to block its training thread")
     blocked_at = float(marker.read_text())
 
+    # long before the progress timeout evicts it, the diagnosis names w2: the others wait on it in a
+    # collective, its heartbeat is fresh, and its training thread is in none (its stack says where)
+    def stuck() -> dict[str, object] | None:
+        found = get(url, "/cluster/diagnosis")
+        return found if [s["worker_id"] for s in found["suspects"]] == ["w2"] else None
+
+    found = wait_for(stuck, PROGRESS_TIMEOUT, "the diagnosis to name w2", every_s=0.1)
+    named_s = time.time() - blocked_at
+    (suspect,) = found["suspects"]  # type: ignore[misc]
+    assert suspect["reason"].startswith("stuck trainer"), suspect
+    assert named_s < PROGRESS_TIMEOUT, named_s  # named before any timeout evicts it
+    assert {w["worker_id"] for w in found["waiting"]} == {"w0", "w1"}  # type: ignore[attr-defined]
+    assert "w2 on host" in str(found["summary"]) and "in no collective" in str(found["summary"])
+    w2 = next(w for w in get(url, "/workers")["workers"] if w["worker_id"] == "w2")
+    assert "stall_worker.py" in w2["stack"], w2["stack"]
+    print(f"\ndiagnosis named w2 {named_s:.2f} s after its training thread blocked: {found['summary']}")
+
     evicted = wait_for(
         lambda: [e for e in get(url, "/events")["events"] if e["kind"] in ("evicted", "died")],
         PROGRESS_TIMEOUT + 4 * HEARTBEAT_TIMEOUT,

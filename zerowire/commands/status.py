@@ -29,6 +29,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--interval", type=float, default=1.0, help="refresh interval of --watch (seconds)")
     p.add_argument("--json", action="store_true", help="print the raw JSON of /cluster/status")
     p.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="who holds the job up and why (/cluster/diagnosis): one sentence, or its JSON with --json",
+    )
+    p.add_argument(
         "--tls-ca",
         default=os.environ.get("ZEROWIRE_TLS_CA") or None,
         metavar="PEM",
@@ -96,6 +101,16 @@ def render(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_diagnosis(found: dict[str, Any]) -> str:
+    """The diagnosis's sentence, then one line per suspect."""
+    lines = [str(found.get("summary", ""))]
+    for s in found.get("suspects", []):
+        lines.append(
+            f"  suspect {s.get('worker_id')} (rank {s.get('rank')}, host {s.get('host')}): {s.get('reason')}"
+        )
+    return "\n".join(lines)
+
+
 def _human(n: Any) -> str:
     if n is None:
         return "-"
@@ -118,10 +133,12 @@ def handle(args: argparse.Namespace) -> int:
     with SyncCoordinatorClient(args.coordinator, args.token, verify=verify) as client:
         while True:
             try:
-                status = client.cluster_status()
+                status = client.diagnosis() if args.diagnose else client.cluster_status()
             except CoordinatorError as exc:
                 raise CommandError(str(exc)) from None
-            if args.json:
+            if args.diagnose and not args.json:
+                print(render_diagnosis(status), flush=True)
+            elif args.json:
                 print(json.dumps(status, indent=None if args.watch else 2), flush=True)
             else:
                 if args.watch and sys.stdout.isatty():
