@@ -19,6 +19,7 @@ Images are scaled to [0, 1] and standardised per channel with the train split's 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 from pathlib import Path
@@ -112,12 +113,26 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def load_digits() -> Dataset:
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits as its ``load_digits`` returns them (images 1797 x 8 x 8, targets), read
+    from the package's data file without importing scikit-learn (an import that costs every worker a
+    second); through scikit-learn itself where the file is not where it keeps it."""
+    spec = importlib.util.find_spec("sklearn")
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(roots[0]) / "datasets" / "data" / "digits.csv.gz" if roots else None
+    if path is not None and path.is_file():
+        data = np.loadtxt(path, delimiter=",")
+        return data[:, :-1].reshape((-1, 8, 8)), data[:, -1].astype(int)
     from sklearn.datasets import load_digits as sk_load_digits
 
     bunch = sk_load_digits()
-    images = np.asarray(bunch.images, dtype=np.float64) / 16.0  # pixel values are 0..16
-    labels = np.asarray(bunch.target, dtype=np.int64)
+    return np.asarray(bunch.images), np.asarray(bunch.target)
+
+
+def load_digits() -> Dataset:
+    raw_images, raw_labels = digits_arrays()
+    images = np.asarray(raw_images, dtype=np.float64) / 16.0  # pixel values are 0..16
+    labels = np.asarray(raw_labels, dtype=np.int64)
     train_idx, test_idx = stratified_split(labels, DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
     x = torch.from_numpy(images).float().unsqueeze(1)
     train_x, test_x = normalise_(x[train_idx], x[test_idx])

@@ -90,3 +90,15 @@ def test_dataset_validates_its_tensors() -> None:
         Dataset(x, y, x, y, num_classes=2, in_channels=3, name="bad")
     with pytest.raises(ValueError, match="outside"):
         Dataset(x, y + 2, x, y, num_classes=2, in_channels=1, name="bad")
+
+
+def test_digits_read_without_scikit_learn_equal_its_loader() -> None:
+    """The bundled digits read from scikit-learn's data file are exactly what its load_digits returns."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    from worker.data.loaders import digits_arrays
+
+    images, target = digits_arrays()
+    bunch = sk_load_digits()
+    assert images.shape == (1797, 8, 8) and np.array_equal(images, bunch.images)
+    assert np.array_equal(target, bunch.target)
