@@ -1,12 +1,13 @@
 """`zerowire run` on a user's folder of JPEG and PNG files: 2 real workers stream it through their loader
 processes, one is SIGKILLed mid-run and the other goes on from its buddy's replica, reading on from the first
 uncommitted step: every step is committed once (no sample lost or repeated), the summary names the classes
-and the normalisation and reports the time spent waiting for data, and no loader process outlives its
-worker."""
+and the normalisation and reports the time spent waiting for data, no loader process outlives its worker,
+and the status hint the run prints works as printed."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from tests.conftest import ProcessReaper
 from tests.integration.cluster_support import processes_mentioning, start_run, wait_for
 from tests.unit.data.image_tree import CLASSES, make_tree
+from zerowire.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -31,7 +33,9 @@ def loaders() -> set[int]:
     return found
 
 
-def test_a_run_on_an_image_folder_survives_a_sigkill(reaper: ProcessReaper, tmp_path: Path) -> None:
+def test_a_run_on_an_image_folder_survives_a_sigkill(
+    reaper: ProcessReaper, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = loaders()
     tree = make_tree(tmp_path / "images", per_class=20)
     run, _url, log = start_run(
@@ -39,6 +43,19 @@ def test_a_run_on_an_image_folder_survives_a_sigkill(reaper: ProcessReaper, tmp_
         "--steps", "60", "--global-batch", "12", "--data-workers", "2", "--threads", "1",
         "--kill-worker-at-step", "10",
     )  # fmt: skip
+    # the status hint it prints works as printed (it carries the run's read-only token)
+    hint = wait_for(
+        lambda: re.search(
+            r"ZEROWIRE_READ_TOKEN=(\S+) zerowire status --coordinator (\S+)\)", log.read_text()
+        ),
+        30,
+        "the hint",
+    )
+    assert (
+        main(["status", "--coordinator", hint.group(2), "--token", hint.group(1), "--diagnose", "--json"])
+        == 0
+    )
+    assert "suspects" in json.loads(capsys.readouterr().out)
     assert run.wait(150) == 0, log.read_text()[-4000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["completed"] and summary["steps_redone"] == 0

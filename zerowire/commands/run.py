@@ -307,8 +307,11 @@ def _drive(cluster: Any, job: Any, args: argparse.Namespace) -> int:
         f"{job.steps} steps), output {cluster.output}{', over TLS' if cluster.tls_dir else ''}"
     )
     cluster.start_coordinator()
+    # the status hint works as printed: it carries the run's read-only token (as a notebook server prints
+    # its token URL); the token reads status and nothing else
     progress.message(
-        f"zerowire run: coordinator at {cluster.url} (zerowire status --coordinator {cluster.url}"
+        f"zerowire run: coordinator at {cluster.url} (ZEROWIRE_READ_TOKEN={cluster.read_token} "
+        f"zerowire status --coordinator {cluster.url}"
         + (f" --tls-ca {cluster.tls_dir / 'ca.pem'})" if cluster.tls_dir else ")")
     )
     client = SyncCoordinatorClient(
