@@ -1,23 +1,71 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, in one go: the GPU tests (tests/gpu) and the GPU figures (peak memory
-# per rank of zerowire, DDP and FSDP2; step time of zerowire, FSDP2 and DDP), each written to OUTPUT_DIR.
+# Everything this machine's GPUs can run, in one go, with a table of what ran, what was skipped and why.
 # Usage: ./scripts/gpu_check.sh [OUTPUT_DIR]    (default runs/gpu-check)
-# PYTHON names the interpreter of an environment with a CUDA build of torch and the project's
-# requirements (default .venv/bin/python, as ./scripts/setup.sh makes it).
+#
+# It sets up its own environment first (./scripts/setup.sh installs the CUDA build of torch where
+# nvidia-smi lists a GPU; GPU_CHECK_SKIP_SETUP=1 uses .venv as it is), then runs:
+#   - tests/gpu (the NCCL engine test needs 2 GPUs);
+#   - a hierarchical run of 2 simulated hosts x 1 worker on CUDA: gRPC between them, the torch.distributed
+#     lane inside each host (one rank per process: NCCL with one rank), any number of GPUs;
+#   - a run of 2 workers on one host on CUDA: NCCL between them (2 GPUs or more);
+#   - bench step --memory on CUDA (zerowire, DDP, FSDP2) and bench step on CUDA (--colocated with 2 GPUs).
+# Outputs go to OUTPUT_DIR. The exit code is non-zero when a check failed, or when one that this machine
+# could run was skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/gpu-check}"
-py="${PYTHON:-.venv/bin/python}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-"$py" -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; print(torch.__version__, torch.cuda.get_device_name(0), torch.cuda.device_count(), "GPU(s)")' || exit 1
+if [[ "${GPU_CHECK_SKIP_SETUP:-0}" != 1 ]]; then
+    ./scripts/setup.sh >"$out/setup.log" 2>&1 || { echo "setup failed: see $out/setup.log"; exit 1; }
+fi
+py="${PYTHON:-.venv/bin/python}"
+gpus="$("$py" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null || echo 0)"
+echo "$("$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>/dev/null) - $gpus GPU(s)"
+
+rows=()
 status=0
-"$py" -m pytest -q -p no:cacheprovider -rs tests/gpu 2>&1 | tee "$out/tests-gpu.txt" || status=1
-"$py" -m zerowire.cli --log-level WARNING bench step --memory --json --model resnet50 --batch 4 --device cuda \
-    >"$out/memory-cuda.json" 2>"$out/memory-cuda.log" || status=1
-"$py" -m zerowire.cli --log-level WARNING bench step --json --device cuda --steps 20 --rounds 5 \
-    >"$out/step-cuda.json" 2>"$out/step-cuda.log" || status=1
+record() {  # name, outcome (ran|failed|skipped), why
+    rows+=("$1|$2|$3")
+    [[ "$2" == failed ]] && status=1
+}
+check() {  # name, needed GPUs, why it needs them, command...
+    local name="$1" need="$2" why="$3"
+    shift 3
+    if ((gpus < need)); then
+        record "$name" skipped "needs $need GPU(s) ($why), this machine has $gpus"
+        return
+    fi
+    if "$@" >"$out/$name.log" 2>&1; then record "$name" ran "log: $out/$name.log"; else record "$name" failed "log: $out/$name.log"; fi
+}
+run_ok() {  # a zerowire run, then its summary must say completed
+    local dir="$1"
+    shift
+    rm -rf "$dir"
+    "$py" -m zerowire.cli run --output "$dir" "$@" &&
+        "$py" -c 'import json, sys; s = json.load(open(sys.argv[1])); print(json.dumps({k: s[k] for k in ("completed", "world_size_per_step", "bytes_by_lane", "test_accuracy")})); sys.exit(0 if s["completed"] else 1)' "$dir/summary.json"
+}
+
+if ((gpus == 0)); then
+    echo "no CUDA device is visible: nothing to check" >&2
+    exit 1
+fi
+check tests-gpu 1 "CUDA" "$py" -m pytest -q -p no:cacheprovider -rs tests/gpu
+if grep -q "SKIPPED.*needs 2 GPUs" "$out/tests-gpu.log" 2>/dev/null && ((gpus >= 2)); then
+    record tests-gpu-nccl failed "the NCCL engine test was skipped on a machine with $gpus GPUs"
+fi
+check hierarchical-2x1 1 "CUDA" run_ok "$out/run-hier" --workers 2 --hosts 2 --device cuda --steps 20 --eval-every 0
+check colocated-nccl 2 "a GPU per rank for NCCL" run_ok "$out/run-nccl" --workers 2 --hosts 1 --device cuda --steps 20
+check bench-memory 1 "CUDA" sh -c "'$py' -m zerowire.cli --log-level WARNING bench step --memory --json --model resnet50 --batch 4 --device cuda >'$out/memory-cuda.json'"
+check bench-step 1 "CUDA" sh -c "'$py' -m zerowire.cli --log-level WARNING bench step --json --device cuda --steps 20 --rounds 5 >'$out/step-cuda.json'"
+check bench-step-colocated 2 "the local lane over NCCL" sh -c "'$py' -m zerowire.cli --log-level WARNING bench step --json --device cuda --colocated --steps 20 --rounds 5 >'$out/step-colocated-cuda.json'"
+
+printf '\n%-22s %-8s %s\n' CHECK OUTCOME WHY
+for row in "${rows[@]}"; do
+    IFS='|' read -r name outcome why <<<"$row"
+    printf '%-22s %-8s %s\n' "$name" "$outcome" "$why"
+done
 for f in "$out"/*.json; do
-    "$py" -c 'import json, sys; d = json.load(open(sys.argv[1])); print(sys.argv[1], json.dumps({k: d[k] for k in ("peak_bytes_per_rank", "median_step_s", "ratios") if k in d}))' "$f" || status=1
+    [[ -s "$f" ]] && "$py" -c 'import json, sys; d = json.load(open(sys.argv[1])); print(sys.argv[1], json.dumps({k: d[k] for k in ("peak_bytes_per_rank", "median_step_s", "ratios") if k in d}))' "$f"
 done
 exit $status
