@@ -48,6 +48,7 @@ class CoordinatorService:
         # lock instead of in the event loop's ready queue, so a heartbeat waits behind at most one change.
         self._changes = asyncio.Lock()
         self._worker_gauges = {status: metrics.workers.labels(status) for status in ("alive", "dead", "left")}
+        metrics.watch_workers(lambda: self.state.workers, clock.monotonic)
         self.tokens = OperatorTokens(
             settings.secret("token"), settings.secret("read_token"), settings.secret("admin_token")
         )
@@ -269,6 +270,7 @@ class CoordinatorService:
         if epoch != self.state.epoch or self._recovered.get(worker_id) == epoch:
             return
         self._recovered[worker_id] = epoch
+        self.metrics.recoveries.labels(str(report["mode"])).inc()
         reason = (
             f"{report['mode']} at step {report['resumed_at']}, {report['steps_lost']} committed steps lost"
         )

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from coordinator.cluster_state import WorkerRecord
+from coordinator.worker_metrics import WorkerCollector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Metrics:
+    def watch_workers(
+        self, workers: Callable[[], Mapping[str, WorkerRecord]], now: Callable[[], float]
+    ) -> None:
+        """Export the live workers' telemetry at each scrape (``coordinator.worker_metrics``)."""
+        self.registry.register(WorkerCollector(workers, now))
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -30,6 +41,9 @@ class Metrics:
             "The last step each live worker committed, as of its latest heartbeat (-1: none yet)",
             ["worker_id"],
             registry=r,
+        )
+        self.recoveries = Counter(
+            "zerowire_recoveries", "Formations the workers reported, by mode", ["mode"], registry=r
         )
         self.liveness_evictions = Counter(
             "zerowire_liveness_evictions",

@@ -1,0 +1,85 @@
+"""The live workers' telemetry as Prometheus metrics, read from their latest heartbeats at each scrape.
+
+Named to Prometheus's conventions: base units (seconds, bytes), ``_total`` on counters, and bounded labels
+(``worker``, ``host``, ``lane``, ``part``, ``mode``): one series per live worker, gone with it.
+
+- ``zerowire_worker_step_seconds{worker,host,part}``: its last step's time, by part (``compute``, ``comm``,
+  ``wait`` on the network, ``data_wait`` for its data);
+- ``zerowire_worker_samples_per_second{worker,host}``: its share of the global batch per second;
+- ``zerowire_worker_sent_bytes_total{worker,host,lane}``: bytes it sent over each data-plane lane;
+- ``zerowire_worker_straggler_ratio{worker,host}``: its last step time over the fastest live member's
+  (1: the fastest);
+- ``zerowire_worker_heartbeat_age_seconds{worker,host}``: how old its latest heartbeat is;
+- ``zerowire_recoveries_total{mode}``: formations the workers reported, by mode (``fresh``, ``handover``,
+  ``join``, ``checkpoint``), counted by the coordinator as their reports arrive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from coordinator.cluster_state import WorkerRecord
+
+STEP_PARTS = ("compute", "comm", "wait", "data_wait")
+
+
+class WorkerCollector(Collector):
+    """Collects from ``workers()`` (the membership's records) at scrape time; ``now()`` is monotonic."""
+
+    def __init__(self, workers: Callable[[], Mapping[str, WorkerRecord]], now: Callable[[], float]) -> None:
+        self._workers = workers
+        self._now = now
+
+    def describe(self) -> list[Metric]:
+        return []  # the families are made at each scrape; nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        live = [w for w in self._workers().values() if w.status == "alive"]
+        labels = ["worker", "host"]
+        step = GaugeMetricFamily(
+            "zerowire_worker_step_seconds", "The worker's last step time, by part", labels=[*labels, "part"]
+        )
+        rate = GaugeMetricFamily(
+            "zerowire_worker_samples_per_second", "The worker's samples per second", labels=labels
+        )
+        sent = CounterMetricFamily(
+            "zerowire_worker_sent_bytes",
+            "Bytes the worker sent, by data-plane lane",
+            labels=[*labels, "lane"],
+        )
+        ratio = GaugeMetricFamily(
+            "zerowire_worker_straggler_ratio",
+            "The worker's last step time over the fastest live member's",
+            labels=labels,
+        )
+        age = GaugeMetricFamily(
+            "zerowire_worker_heartbeat_age_seconds", "Age of the worker's latest heartbeat", labels=labels
+        )
+        now = self._now()
+        totals: dict[str, float] = {}
+        for w in live:
+            t: Mapping[str, Any] = w.telemetry
+            who = [w.worker_id, w.info.host_id]
+            parts = {p: t.get(f"{p}_s") for p in STEP_PARTS}
+            for part, value in parts.items():
+                if isinstance(value, (int, float)):
+                    step.add_metric([*who, part], float(value))
+            if w.samples_per_s is not None:
+                rate.add_metric(who, float(w.samples_per_s))
+            lanes = t.get("bytes_by_lane")
+            if isinstance(lanes, Mapping):
+                for lane, n in lanes.items():
+                    sent.add_metric([*who, str(lane)], float(n))
+            known = [float(v) for p, v in parts.items() if p != "comm" and isinstance(v, (int, float))]
+            if known:  # compute + wait + data wait: the step's wall time (communication overlaps it)
+                totals[w.worker_id] = sum(known)
+            age.add_metric(who, max(0.0, now - w.last_heartbeat))
+        fastest = min((v for v in totals.values() if v > 0), default=None)
+        for w in live:
+            if fastest and w.worker_id in totals:
+                ratio.add_metric([w.worker_id, w.info.host_id], totals[w.worker_id] / fastest)
+        yield from (step, rate, sent, ratio, age)
