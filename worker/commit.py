@@ -45,8 +45,8 @@ class Staged:
 
 def vote_values(loss_sum: torch.Tensor, sq_norm: torch.Tensor, finite: bool) -> torch.Tensor:
     """This rank's vote: [loss sum, squared gradient norm, staged]; non-finite values never leave the rank."""
-    loss = float(loss_sum.detach().float().cpu())
-    sq = float(sq_norm.detach().float().cpu())
+    pair = torch.stack([loss_sum.detach().float().reshape(()), sq_norm.detach().float().to(loss_sum.device)])
+    loss, sq = (float(v) for v in pair.cpu())  # one read of the device per step
     ok = finite and math.isfinite(loss) and math.isfinite(sq)
     return torch.tensor([loss if ok else 0.0, sq if ok else 0.0, 1.0 if ok else 0.0], dtype=torch.float32)
 

@@ -47,7 +47,7 @@ from worker.zero3 import state as zstate
 from worker.zero3.channels import Channel
 from worker.zero3.durable import write_atomic
 from worker.zero3.materialize import build_sharded
-from worker.zero3.optim import ShardedOptimizer, local_sq_norm
+from worker.zero3.optim import ShardedOptimizer, device_sq_norm
 from worker.zero3.schedule import lr_at
 
 if TYPE_CHECKING:
@@ -196,7 +196,7 @@ class Trainer:
         ward_grads = self.exchange.exchange(grads, step) if self.replica is not None else None
         self.staged = commit.Staged(step, grads, ward_grads)
         self.gate.staged(step)
-        vote = commit.vote_values(loss, local_sq_norm(grads), not engine.nonfinite)
+        vote = commit.vote_values(loss, device_sq_norm(grads), not engine.nonfinite)
         self.gate.may_commit()  # a fenced rank does not vote
         votes = zstate.exchange_floats(engine, step, Channel.VOTE, vote)
         self.gate.may_commit()  # nor applies a step whose votes reached it after its lease ran out

@@ -45,14 +45,21 @@ def state_names(job: JobSpec) -> tuple[str, ...]:
     return _STATE_NAMES[job.optimizer]
 
 
-def local_sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """fp32 sum of squares of this rank's gradient shards (0-dim tensor). Padding is zero and adds nothing."""
-    total = torch.zeros((), dtype=torch.float32)
+def device_sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """fp32 sum of squares of this rank's gradient shards, as a 0-dim tensor on their device: summed in unit
+    order without a host synchronisation (fp32 scalar additions give the same bits on any device)."""
+    device = grads[0].device if grads else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float32, device=device)
     for g in grads:
         if g.dtype != torch.float32:
             raise ValueError(f"gradient shards must be float32, got {g.dtype}")
-        total = total + g.detach().square().sum(dtype=torch.float32).cpu()
+        total = total + g.detach().square().sum(dtype=torch.float32)
     return total
+
+
+def local_sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """``device_sq_norm`` on the host (0-dim). Padding is zero and adds nothing."""
+    return device_sq_norm(grads).cpu()
 
 
 def clip_coefficient(total_sq_norm: float, max_norm: float) -> float:
