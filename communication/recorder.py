@@ -21,7 +21,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,10 +29,11 @@ from typing import Any
 
 import torch
 
-from communication.backend import Codec, CollectiveBackend, UnitSpec, WireStats
+from communication.backend import Codec, CollectiveBackend
 from communication.errors import Cancelled, CollectiveTimeout
 from communication.group import PeerGroup
 from communication.handle import Handle
+from communication.lane_wrapper import LaneWrapper
 
 DEFAULT_CAPACITY = 2000
 
@@ -138,11 +139,11 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-class RecordedLane:
+class RecordedLane(LaneWrapper):
     """A lane whose every call goes through ``recorder`` (see the module docstring); the rest is its own."""
 
     def __init__(self, lane: CollectiveBackend, recorder: FlightRecorder, name: str = "") -> None:
-        self._lane = lane
+        super().__init__(lane)
         self.recorder = recorder
         self._name = name or type(lane).__name__
 
@@ -190,30 +191,6 @@ class RecordedLane:
         rec = self.recorder.begin("exchange", self._name, group, step=None, unit=None, key=key,
                                   peers=self._others(group), nbytes=_nbytes(values))  # fmt: skip
         return self._record(lambda: self._lane.exchange(values, group=group, key=key, timeout=timeout), rec)
-
-    def release(self, group: PeerGroup, step: int) -> None:
-        self._lane.release(group, step)
-
-    def set_group(self, group: PeerGroup) -> None:
-        self._lane.set_group(group)
-
-    def set_plan(self, group: PeerGroup, units: Mapping[int, UnitSpec]) -> None:
-        self._lane.set_plan(group, units)
-
-    def set_epoch(self, epoch: int) -> None:
-        self._lane.set_epoch(epoch)
-
-    def accepts_device(self, group: PeerGroup, device: torch.device) -> bool:
-        return self._lane.accepts_device(group, device)
-
-    def bytes_by_lane(self) -> dict[str, int]:
-        return self._lane.bytes_by_lane()
-
-    def stats(self) -> WireStats:
-        return self._lane.stats()
-
-    def close(self) -> None:
-        self._lane.close()
 
 
 # mypy checks the wrapper against the contract it stands in for.

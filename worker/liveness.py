@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from communication.backend import Codec, CollectiveBackend, UnitSpec, WireStats
+from communication.backend import Codec, CollectiveBackend
 from communication.group import PeerGroup
 from communication.handle import Handle
+from communication.lane_wrapper import LaneWrapper
 
 
 class ProgressClock:
@@ -85,13 +86,13 @@ class ProgressClock:
         return idle if idle > limit else None
 
 
-class WatchedCalls:
+class WatchedCalls(LaneWrapper):
     """The collective backend as the step loop sees it: every data-plane call (all_gather, reduce_scatter,
     send, recv) is counted on `clock` from its issue until its handle is done. Everything else is the
     backend's own."""
 
     def __init__(self, backend: CollectiveBackend, clock: ProgressClock) -> None:
-        self._backend = backend
+        super().__init__(backend)
         self._clock = clock
 
     def _watch(self, call: Callable[..., Handle], *args: Any, **kwargs: Any) -> Handle:
@@ -115,7 +116,7 @@ class WatchedCalls:
         *,
         codec: Codec = "none",
     ) -> Handle:
-        return self._watch(self._backend.all_gather, group, step, unit, shard, out, timeout, codec=codec)
+        return self._watch(self._lane.all_gather, group, step, unit, shard, out, timeout, codec=codec)
 
     def reduce_scatter(
         self,
@@ -128,40 +129,16 @@ class WatchedCalls:
         *,
         codec: Codec = "none",
     ) -> Handle:
-        return self._watch(self._backend.reduce_scatter, group, step, unit, full, out, timeout, codec=codec)
+        return self._watch(self._lane.reduce_scatter, group, step, unit, full, out, timeout, codec=codec)
 
     def send(self, tensor: torch.Tensor, *, group: PeerGroup, dest: int, key: int, timeout: float) -> Handle:
-        return self._watch(self._backend.send, tensor, group=group, dest=dest, key=key, timeout=timeout)
+        return self._watch(self._lane.send, tensor, group=group, dest=dest, key=key, timeout=timeout)
 
     def recv(self, out: torch.Tensor, *, group: PeerGroup, src: int, key: int, timeout: float) -> Handle:
-        return self._watch(self._backend.recv, out, group=group, src=src, key=key, timeout=timeout)
+        return self._watch(self._lane.recv, out, group=group, src=src, key=key, timeout=timeout)
 
     def exchange(self, values: torch.Tensor, *, group: PeerGroup, key: int, timeout: float) -> Handle:
-        return self._watch(self._backend.exchange, values, group=group, key=key, timeout=timeout)
-
-    def release(self, group: PeerGroup, step: int) -> None:
-        self._backend.release(group, step)
-
-    def set_group(self, group: PeerGroup) -> None:
-        self._backend.set_group(group)
-
-    def set_plan(self, group: PeerGroup, units: Mapping[int, UnitSpec]) -> None:
-        self._backend.set_plan(group, units)
-
-    def set_epoch(self, epoch: int) -> None:
-        self._backend.set_epoch(epoch)
-
-    def accepts_device(self, group: PeerGroup, device: torch.device) -> bool:
-        return self._backend.accepts_device(group, device)
-
-    def bytes_by_lane(self) -> dict[str, int]:
-        return self._backend.bytes_by_lane()
-
-    def stats(self) -> WireStats:
-        return self._backend.stats()
-
-    def close(self) -> None:
-        self._backend.close()
+        return self._watch(self._lane.exchange, values, group=group, key=key, timeout=timeout)
 
 
 # mypy checks the wrapper against the contract it stands in for.
