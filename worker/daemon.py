@@ -47,7 +47,7 @@ from worker.identity import (
     place_device,
 )
 from worker.lanes import default_backend_factory
-from worker.manager import Manager, TrainerFactory, in_thread, outcome_dict
+from worker.manager import TRAIN_THREAD, Manager, TrainerFactory, in_thread, outcome_dict
 from worker.outage import CoordinatorLost
 from worker.rendezvous import Rendezvous
 
@@ -249,7 +249,7 @@ class WorkerDaemon:
                 log.info("worker %s: training in %s", self.worker_id, group.describe())
                 committed = int(ready.get("committed_step", -1))  # the job's progress, as known
                 train = partial(session.run, job, group, self.members, committed)
-                outcome = await in_thread(train, f"train-{self.worker_id}")
+                outcome = await in_thread(train, f"{TRAIN_THREAD}{self.worker_id}")
             except (CommError, LeaseLost) as exc:
                 if isinstance(exc, Unauthenticated):
                     raise

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WAIT_MIN_S = 0.5  # a wait (or no progress) shorter than this is not worth the coordinator's diagnosis
+TRAIN_THREAD = "train-"  # the training thread's name: this prefix and the worker id
 WARM_WORLD = 64  # the warm-up build materializes one 64th of the model
 
 
@@ -334,9 +335,9 @@ class Manager:
 
 
 def training_stack(limit: int = 7900) -> str | None:
-    """The stack of the training thread (``train-<worker>``), innermost frame last, at most ``limit``
-    characters (the innermost kept)."""
-    thread = next((t for t in threading.enumerate() if t.name.startswith("train-")), None)
+    """The stack of the training thread (``TRAIN_THREAD`` + worker id), innermost frame last, at most
+    ``limit`` characters (the innermost kept)."""
+    thread = next((t for t in threading.enumerate() if t.name.startswith(TRAIN_THREAD)), None)
     frame = None if thread is None or thread.ident is None else sys._current_frames().get(thread.ident)
     if frame is None:
         return None

@@ -5,12 +5,10 @@ model.safetensors and training.png into DIR."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -281,9 +279,11 @@ def handle(args: argparse.Namespace) -> int:
         tls_dir=tls_dir,
         hosts=args.hosts,
     )
+    from zerowire.run_driver import drive
+
     try:
         with cluster:
-            return _drive(cluster, job, args)
+            return drive(cluster, job, args)
     except KeyboardInterrupt:
         print("\nzerowire run: interrupted; every process was stopped", file=sys.stderr)
         return 130
@@ -291,115 +291,3 @@ def handle(args: argparse.Namespace) -> int:
         raise CommandError(str(exc), 1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _drive(cluster: Any, job: Any, args: argparse.Namespace) -> int:
-    from worker.coordinator_client import CoordinatorError, RetryPolicy, SyncCoordinatorClient
-    from zerowire.drill import Drill, all_events
-    from zerowire.localcluster import tail
-    from zerowire.progress import Progress
-    from zerowire.summary import build_summary, read_telemetry, write_plot
-
-    started = time.monotonic()
-    progress = Progress(job.steps)
-    progress.message(
-        f"zerowire run: {args.workers} workers, job {job.job_id} ({job.model} on {job.dataset}, "
-        f"{job.steps} steps), output {cluster.output}{', over TLS' if cluster.tls_dir else ''}"
-    )
-    cluster.start_coordinator()
-    # the status hint works as printed: it carries the run's read-only token (as a notebook server prints
-    # its token URL); the token reads status and nothing else
-    progress.message(
-        f"zerowire run: coordinator at {cluster.url} (ZEROWIRE_READ_TOKEN={cluster.read_token} "
-        f"zerowire status --coordinator {cluster.url}"
-        + (f" --tls-ca {cluster.tls_dir / 'ca.pem'})" if cluster.tls_dir else ")")
-    )
-    client = SyncCoordinatorClient(
-        cluster.url,
-        cluster.read_token,  # status and progress: the read-only token
-        timeout_s=5.0,
-        retry=RetryPolicy(attempts=2),
-        verify=cluster.client_verify(),
-    )
-    served = client.get("/job")
-    if served.get("job_hash") != job.hash:
-        raise RuntimeError(f"the coordinator serves job hash {served.get('job_hash')}, expected {job.hash}")
-    cluster.start_workers()
-    drill = None
-    if args.kill_worker_at_step is not None:
-        drill = Drill(
-            cluster,
-            count=args.kill_workers,
-            restart_after_s=args.restart_killed_after,
-            at_step=args.kill_worker_at_step,
-        )
-    status: dict[str, Any] = {}
-    deadline = started + args.timeout
-    while any(c.alive() for c in cluster.worker_children()):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the run did not finish within {args.timeout:.0f}s")
-        if not cluster.coordinator.alive():
-            raise RuntimeError(f"the coordinator died:\n{tail(cluster.coordinator.log_path)}")
-        fresh = None
-        try:
-            status = fresh = client.cluster_status()
-        except CoordinatorError as exc:
-            progress.message(f"zerowire run: status unavailable: {exc}")
-        else:
-            latest = read_telemetry(cluster.telemetry_dir).latest_eval()
-            progress.show(status, latest["test_accuracy"] if latest else None)
-        for line in drill.poll(fresh) if drill is not None else []:
-            progress.message(f"zerowire run: {line}")
-        time.sleep(0.5)
-    progress.done()
-    try:
-        final_status = client.cluster_status()
-        events = all_events(client)
-    except CoordinatorError:
-        final_status, events = status, []
-    client.close()
-    tel = read_telemetry(cluster.telemetry_dir)
-    plot = cluster.output / "training.png"
-    wrote_plot = write_plot(tel, plot, f"{job.model} on {job.dataset}, {args.workers} workers")
-    exit_codes = {name: c.proc.returncode for name, c in cluster.current_workers().items()}
-    summary = build_summary(
-        job=job.model_dump(mode="json"),
-        job_hash=job.hash,
-        tel=tel,
-        events=events,
-        wall_time_s=time.monotonic() - started,
-        worker_exit_codes=exit_codes,
-        model_path=cluster.model_path if cluster.model_path.exists() else None,
-        plot_path=plot if wrote_plot else None,
-    )
-    summary["cluster_state"] = final_status.get("state")
-    # what a replay needs besides the job and the schedule (`zerowire run --replay`)
-    summary.update(workers=args.workers, hosts=cluster.hosts, threads=cluster.threads, device=args.device)
-    if drill is not None:
-        summary["fault_drill"] = (
-            drill.report(tel, events)[0]
-            if drill.kills
-            else {
-                "killed": [],
-                "note": f"no worker was killed: the run never stood at step "
-                f"{args.kill_worker_at_step} or later with every worker training",
-            }
-        )
-    (cluster.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    ok = summary["completed"] and summary["model"] is not None
-    acc, loss = summary["test_accuracy"], summary["final_loss"]
-    print(
-        f"{'finished' if ok else 'FAILED'}: {summary['steps_done']}/{job.steps} steps, "
-        f"final loss {'-' if loss is None else f'{loss:.4f}'}, "
-        f"test accuracy {'-' if acc is None else f'{100 * acc:.2f}%'}, "
-        f"wall time {summary['wall_time_s']:.1f}s, {summary['step_samples_per_s']} samples/s; "
-        f"results in {cluster.output}"
-    )
-    if not ok:
-        for child in cluster.worker_children():
-            if child.proc.returncode:
-                print(
-                    f"--- {child.name} exited {child.proc.returncode}:\n{tail(child.log_path)}",
-                    file=sys.stderr,
-                )
-    return 0 if ok else 1
