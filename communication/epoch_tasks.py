@@ -35,6 +35,7 @@ class EpochTasks:
             result.set_exception(EpochChanged(f"{group.describe()}: epoch is now {self._epoch()}"))
             return
         task = asyncio.ensure_future(make())
+        result.mark_started()  # on the loop: its streams open from here on
         tasks = self._tasks.setdefault(group.epoch, set())
         tasks.add(task)
 

@@ -1,10 +1,12 @@
 """Handle: a call in flight that can be waited on or cancelled.
 
-A Handle is a concurrent Future (the engine keeps using `result`, `done`, `add_done_callback`) with two
-additions: `wait(timeout)` raises CollectiveTimeout rather than the executor's TimeoutError, and
+A Handle is a concurrent Future (the engine keeps using `result`, `done`, `add_done_callback`) with three
+additions: `wait(timeout)` raises CollectiveTimeout rather than the executor's TimeoutError;
 `cancel()` withdraws the call from its backend, which releases what the call reserved (a receive
-buffer, a held message, a stream) and then fails the handle with Cancelled. `cancel()` returns False
-when the call is already done or can no longer be withdrawn (its backend says which calls can).
+buffer, a held message, a stream) and then fails the handle with Cancelled (`cancel()` returns False
+when the call is already done or can no longer be withdrawn: its backend says which calls can); and
+`mark_started()`, which the backend calls when the call leaves its queue and starts moving data, so that a
+watcher (`on_start`) can tell a call queued behind others from one in progress.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class Handle(Future[torch.Tensor]):
         self._guard = threading.Lock()
         self._canceller: Callable[[], bool] | None = None
         self.cancel_requested = False
+        self._started = False
+        self._on_start: list[Callable[[], None]] = []
 
     def wait(self, timeout: float | None = None) -> torch.Tensor:
         """The call's result (its output tensor), or its error; CollectiveTimeout after `timeout` s."""
@@ -33,6 +37,24 @@ class Handle(Future[torch.Tensor]):
             return self.result(timeout)
         except FutureTimeout:
             raise CollectiveTimeout(f"the call did not complete within {timeout} s") from None
+
+    def mark_started(self) -> None:
+        """The backend started the call (once; later calls do nothing): run the `on_start` callbacks."""
+        with self._guard:
+            if self._started:
+                return
+            self._started = True
+            callbacks, self._on_start = self._on_start, []
+        for fn in callbacks:
+            fn()
+
+    def on_start(self, fn: Callable[[], None]) -> None:
+        """Call `fn()` once the backend started the call (at once if it has)."""
+        with self._guard:
+            if not self._started:
+                self._on_start.append(fn)
+                return
+        fn()
 
     def bind(self, canceller: Callable[[], bool]) -> None:
         """Called by the backend once the call can be withdrawn: `canceller()` withdraws it (True) or

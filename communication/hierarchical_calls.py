@@ -63,6 +63,7 @@ class HierarchicalCalls:
             layout.local_group, step, unit, mid, gathered, timeout, codec=codec, ready=across
         )
         result = Handle()
+        _starts_with(across, result)
         _fail_on_error(across, result)
 
         def done(f: Future[torch.Tensor]) -> None:
@@ -156,6 +157,7 @@ class HierarchicalCalls:
         `finish(second)` gives the call's result once the gRPC stage succeeded too."""
         deadline = time.monotonic() + timeout
         result = Handle()
+        _starts_with(inside, result)
         stages: list[Stage] = [inside]
         withdrawn = threading.Event()
 
@@ -217,6 +219,14 @@ def _settle(
             fut.set_result(value)
     except InvalidStateError:
         pass  # the other stage failed it first
+
+
+def _starts_with(stage: Future[torch.Tensor], result: Handle) -> None:
+    """`result` is started once its first stage is (stages from a lane are Handles)."""
+    if isinstance(stage, Handle):
+        stage.on_start(result.mark_started)
+    else:
+        result.mark_started()
 
 
 def _fail_on_error(stage: Future[torch.Tensor], result: Future[torch.Tensor]) -> bool:

@@ -2,11 +2,13 @@
 
 ``RecordedLane`` wraps a lane (any ``CollectiveBackend``) and records each data-plane and control call as it
 is issued and as its handle settles: a sequence id per epoch, the op, the lane, epoch, step, unit or key, the
-peers it waits on, its bytes, its state (``started``, then ``completed``, ``failed`` or ``cancelled``) and its
-timestamps. ``FlightRecorder`` keeps the last ``capacity`` calls (default 2,000) and dumps them as JSON with
-the Python stack of every thread (``dump``): on request, on a collective timeout (once per epoch), and on
-SIGUSR1 (the worker daemon installs the handler). ``head`` is the oldest call still in flight: what this
-worker is waiting on, and since when.
+peers it waits on, its bytes, its state (``queued`` until its lane starts it, ``started``, then ``completed``,
+``failed`` or ``cancelled``) and its timestamps (issued, started, ended). ``FlightRecorder`` keeps the
+last ``capacity`` calls (default 2,000) and dumps them as JSON with the Python stack of every thread
+(``dump``): on request, on a collective timeout (once per epoch), and on SIGUSR1 (the worker daemon
+installs the handler). ``head`` is the oldest call still in flight: what this worker is waiting on, and
+since when. ``bus_totals`` counts the bytes the completed data collectives moved and their time, from which
+the worker reports each step's bus bandwidth.
 
 The wrapper sits at the contract layer, so a call is traced once whatever lane carries it, and recording
 is a few attribute writes and a deque append per call (its cost: ``zerowire bench step``).
@@ -51,8 +53,9 @@ class CallRecord:
     key: int | None
     peers: tuple[int, ...]  # the ranks this call waits on
     bytes: int
-    state: str  # started, completed, failed, cancelled
-    started: float  # time.time()
+    state: str  # queued, started, completed, failed, cancelled
+    issued: float  # time.time() of the call
+    started: float | None = None  # when its lane started it (None: still queued, or it never started)
     ended: float | None = None
     error: str | None = None
 
@@ -68,6 +71,7 @@ class FlightRecorder:
         self._lock = threading.Lock()
         self._seq: dict[tuple[str, int], itertools.count[int]] = {}
         self._timeout_dumped: set[int] = set()
+        self._bus: dict[tuple[str, str], list[float]] = {}  # (lane, op): [bus bytes, seconds, calls]
         self.dump_dir: Path | None = None  # where dumps on a timeout or SIGUSR1 go (None: not written)
         self.dumped: list[Path] = []
 
@@ -77,24 +81,52 @@ class FlightRecorder:
             counter = self._seq.setdefault((group.job_id, group.epoch), itertools.count())
             rec = CallRecord(
                 next(counter), op, lane, group.job_id, group.epoch, group.rank, step, unit, key, peers,
-                nbytes, "started", time.time(),
+                nbytes, "queued", time.time(),
             )  # fmt: skip
             self._ring.append(rec)
         return rec
+
+    def start(self, rec: CallRecord) -> None:
+        """``rec``'s lane started it (a call that settled first keeps its final state)."""
+        with self._lock:
+            rec.started = time.time()
+            if rec.state == "queued":
+                rec.state = "started"
 
     def end(self, rec: CallRecord, handle: Future[torch.Tensor]) -> None:
         """``rec``'s handle settled: its state, and a dump when it timed out (the first time in its epoch)."""
         error = None if handle.cancelled() else handle.exception()
         cancelled = handle.cancelled() or isinstance(error, Cancelled)
-        rec.ended = time.time()
-        rec.state = "cancelled" if cancelled else "failed" if error is not None else "completed"
-        rec.error = None if error is None else f"{type(error).__name__}: {error}"[:500]
+        with self._lock:
+            rec.ended = time.time()
+            rec.state = "cancelled" if cancelled else "failed" if error is not None else "completed"
+            rec.error = None if error is None else f"{type(error).__name__}: {error}"[:500]
+        if rec.state == "completed" and rec.op in BUS_FACTORS:
+            self._count_bus(rec)
         if isinstance(error, CollectiveTimeout):
             with self._lock:
                 first = rec.epoch not in self._timeout_dumped
                 self._timeout_dumped.add(rec.epoch)
             if first:
                 self.dump_to_dir(f"collective timeout: {rec.op} seq {rec.seq} of epoch {rec.epoch}")
+
+    def _count_bus(self, rec: CallRecord) -> None:
+        assert rec.ended is not None
+        seconds = rec.ended - (rec.started if rec.started is not None else rec.issued)
+        world = len(rec.peers) + 1
+        with self._lock:
+            totals = self._bus.setdefault((rec.lane, rec.op), [0.0, 0.0, 0.0])
+            totals[0] += BUS_FACTORS[rec.op](world) * rec.bytes
+            totals[1] += max(seconds, 0.0)
+            totals[2] += 1
+
+    def bus_totals(self) -> dict[tuple[str, str], tuple[float, float, int]]:
+        """Per (lane, op) of the completed data collectives: the bytes each rank moved on the bus (the
+        ring-algorithm count: an all-gather of an S-byte shard over n ranks moves S·(n−1), a reduce-scatter
+        of F bytes moves F·(n−1)/n), the seconds the calls took from start to end, and their number. Two
+        snapshots give the bus bandwidth between them (``bus_bandwidth``)."""
+        with self._lock:
+            return {key: (v[0], v[1], int(v[2])) for key, v in self._bus.items()}
 
     def records(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -105,11 +137,11 @@ class FlightRecorder:
         nothing is; a call of an older epoch that its lane never settled is not what the worker waits on)."""
         with self._lock:
             newest = max((r.epoch for r in self._ring), default=0)
-            waiting = next((r for r in self._ring if r.state == "started" and r.epoch == newest), None)
+            waiting = next((r for r in self._ring if r.ended is None and r.epoch == newest), None)
             if waiting is None:
                 return None
             out = asdict(waiting)
-        out["since_s"] = round(time.time() - out["started"], 3)
+        out["since_s"] = round(time.time() - out["issued"], 3)
         return out
 
     def dump(self, reason: str) -> dict[str, Any]:
@@ -135,6 +167,35 @@ class FlightRecorder:
         return path
 
 
+# Bus bytes per byte recorded (the shard of an all-gather, the full input of a reduce-scatter), by world size.
+BUS_FACTORS: dict[str, Callable[[int], float]] = {
+    "all_gather": lambda n: float(n - 1),
+    "reduce_scatter": lambda n: (n - 1) / n,
+}
+
+
+def bus_bandwidth(
+    before: dict[tuple[str, str], tuple[float, float, int]],
+    after: dict[tuple[str, str], tuple[float, float, int]],
+) -> dict[str, float]:
+    """Bus bandwidth (bytes per second) of the collectives completed between two ``bus_totals``, keyed
+    ``"lane/op"``: bus bytes over the seconds the calls took (time-weighted, so overlapping calls each
+    count their own time)."""
+    out: dict[str, float] = {}
+    for (lane, op), (nbytes, seconds, calls) in after.items():
+        b0, s0, c0 = before.get((lane, op), (0.0, 0.0, 0))
+        if calls > c0 and seconds - s0 > 0:
+            out[f"{lane}/{op}"] = (nbytes - b0) / (seconds - s0)
+    return out
+
+
+def lane_label(lane: object) -> str:
+    """A lane's name in records and metrics: its class name, lower case, less "Backend" (``grpc``,
+    ``torchdist``, ``hierarchical``)."""
+    name = type(lane).__name__
+    return (name[: -len("Backend")] if name.endswith("Backend") and name != "Backend" else name).lower()
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -145,7 +206,7 @@ class RecordedLane(LaneWrapper):
     def __init__(self, lane: CollectiveBackend, recorder: FlightRecorder, name: str = "") -> None:
         super().__init__(lane)
         self.recorder = recorder
-        self._name = name or type(lane).__name__
+        self._name = name or lane_label(lane)
 
     def _record(self, call: Callable[[], Handle], rec: CallRecord) -> Handle:
         try:
@@ -153,6 +214,7 @@ class RecordedLane(LaneWrapper):
         except BaseException as exc:
             rec.ended, rec.state, rec.error = time.time(), "failed", f"{type(exc).__name__}: {exc}"[:500]
             raise
+        handle.on_start(lambda: self.recorder.start(rec))
         handle.add_done_callback(lambda h: self.recorder.end(rec, h))
         return handle
 

@@ -132,6 +132,7 @@ class FakeBackend:
                 return True
 
         def run() -> None:
+            handle.mark_started()
             try:
                 with hub._cond:
                     hub._wait(group, step, lambda: withdrawn.is_set() or ready(), deadline)

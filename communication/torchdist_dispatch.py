@@ -67,6 +67,7 @@ class TorchDistDispatcher:
             if fut.done():  # withdrawn meanwhile
                 return
             call.started = True
+        fut.mark_started()  # handed to the library, in call order
         try:
             eg.check_live()
             work, finish = call.launch(eg)

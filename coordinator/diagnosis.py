@@ -9,8 +9,9 @@ thread's stack (``stack``). From these the diagnosis names:
 - a **stuck trainer**: others wait on it, its heartbeat is fresh, it waits on nothing and its training has
   made no progress (it sends its stack, which says where it is; a member that has not reported yet is no
   suspect);
-- a member **in another collective**: it waits in a data collective of another step than the others (the
-  sequence of calls diverged: each side's op is named);
+- a member **in another collective**: others wait on it while it waits in another call than most members
+  (a data collective of another step, or an exchange or point-to-point call where they are in a step: the
+  sequence of calls diverged; each side's op is named);
 - a **partition**: two members with fresh heartbeats wait on each other in the same call, apart from the
   rest, or all members do and none is frozen: the network between them is the suspect.
 
@@ -119,7 +120,7 @@ def diagnose(workers: Sequence[Mapping[str, Any]], heartbeat_interval_s: float, 
                 at = f"; its training is at {frame}" if frame else ""
                 reason = "stuck trainer: heartbeat alive, in no collective, while others wait on it" + at
                 tail = f"whose heartbeat is fresh but whose training is in no collective{at}"
-            elif own and own.get("step") is not None and _call(own) != main_call and len(calls) > 1:
+            elif own and _call(own) != main_call and calls[_call(own)] < calls[main_call]:
                 reason = f"in another collective: {describe_call(own)}, while the others are in {on}"
                 tail = f"which is in {describe_call(own)} instead"
             elif len(waiting) == len(members) and len(calls) == 1 and longest["since_s"] > PARTITION_S:

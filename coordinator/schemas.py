@@ -77,6 +77,9 @@ class RecoveryReport(BaseModel):
     steps_lost: Count = Field(description="committed steps redone (checkpoint fallback)")
 
 
+BusKey = Annotated[str, Field(pattern=r"^[a-z0-9_]{1,32}/(all_gather|reduce_scatter)$")]
+
+
 class WaitingReport(BaseModel):
     """The head of a worker's flight recorder: its oldest call through the collective contract still in
     flight (communication/recorder.py), reported once it has waited half a second."""
@@ -114,6 +117,11 @@ class HeartbeatRequest(BaseModel):
         None,
         description="bytes this worker has sent, by data-plane lane (gRPC across hosts, local on its host)",
     )
+    bus_bandwidth: dict[BusKey, NonNegative] | None = Field(
+        None,
+        max_length=16,
+        description='bus bandwidth in bytes/s of the data collectives of its last step, by "lane/op"',
+    )
     recovery: RecoveryReport | None = Field(None, description="how this worker's epoch was formed")
     waiting: WaitingReport | None = Field(None, description="the collective this worker waits in, if any")
     stack: str | None = Field(
@@ -129,6 +137,7 @@ TELEMETRY_FIELDS = (
     "test_loss",
     "test_accuracy",
     "bytes_by_lane",
+    "bus_bandwidth",
     "waiting",
     "stack",
 )
@@ -162,6 +171,7 @@ class WorkerView(BaseModel):
     test_loss: float | None = None
     test_accuracy: float | None = None
     bytes_by_lane: dict[str, int] | None = None
+    bus_bandwidth: dict[str, float] | None = None
     waiting: dict[str, Any] | None = None
     stack: str | None = None
     host: str

@@ -7,6 +7,8 @@ Named to Prometheus's conventions: base units (seconds, bytes), ``_total`` on co
   ``wait`` on the network, ``data_wait`` for its data);
 - ``zerowire_worker_samples_per_second{worker,host}``: its share of the global batch per second;
 - ``zerowire_worker_sent_bytes_total{worker,host,lane}``: bytes it sent over each data-plane lane;
+- ``zerowire_worker_bus_bandwidth_bytes_per_second{worker,host,lane,op}``: the bus bandwidth of its last
+  step's all-gathers and reduce-scatters (bytes each rank moved by the ring count, over the calls' time);
 - ``zerowire_worker_straggler_ratio{worker,host}``: its last step time over the fastest live member's
   (1: the fastest);
 - ``zerowire_worker_heartbeat_age_seconds{worker,host}``: how old its latest heartbeat is;
@@ -51,6 +53,11 @@ class WorkerCollector(Collector):
             "Bytes the worker sent, by data-plane lane",
             labels=[*labels, "lane"],
         )
+        bus = GaugeMetricFamily(
+            "zerowire_worker_bus_bandwidth_bytes_per_second",
+            "Bus bandwidth of the worker's last step's data collectives, by lane and op",
+            labels=[*labels, "lane", "op"],
+        )
         ratio = GaugeMetricFamily(
             "zerowire_worker_straggler_ratio",
             "The worker's last step time over the fastest live member's",
@@ -74,6 +81,11 @@ class WorkerCollector(Collector):
             if isinstance(lanes, Mapping):
                 for lane, n in lanes.items():
                     sent.add_metric([*who, str(lane)], float(n))
+            rates = t.get("bus_bandwidth")
+            if isinstance(rates, Mapping):
+                for key, value in rates.items():
+                    lane, _, op = str(key).partition("/")
+                    bus.add_metric([*who, lane, op], float(value))
             known = [float(v) for p, v in parts.items() if p != "comm" and isinstance(v, (int, float))]
             if known:  # compute + wait + data wait: the step's wall time (communication overlaps it)
                 totals[w.worker_id] = sum(known)
@@ -82,4 +94,4 @@ class WorkerCollector(Collector):
         for w in live:
             if fastest and w.worker_id in totals:
                 ratio.add_metric([w.worker_id, w.info.host_id], totals[w.worker_id] / fastest)
-        yield from (step, rate, sent, ratio, age)
+        yield from (step, rate, sent, bus, ratio, age)

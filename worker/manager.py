@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from communication.backend import CollectiveBackend
 from communication.group import PeerGroup
-from communication.recorder import FlightRecorder, RecordedLane
+from communication.recorder import FlightRecorder, RecordedLane, bus_bandwidth
 from jobspec import JobSpec
 from worker.heartbeat import Telemetry
 from worker.identity import WorkerConfig, describe_device
@@ -160,6 +160,7 @@ class Manager:
         self.state = WorkerState(backend)
         self.recorder = FlightRecorder(name=telemetry.worker_id or "worker")
         self.recorder.dump_dir = cfg.telemetry_dir or Path(tempfile.gettempdir())
+        self._bus_seen = self.recorder.bus_totals()  # at the last committed step
         self.data: TrainData | None = None  # the dataset, once prepared
         self._log_lock = threading.Lock()
 
@@ -272,7 +273,9 @@ class Manager:
         skipped = bool(getattr(report, "skipped", False))
         loss = None if skipped else float(report.loss)
         self.t.progress()  # a step committed
+        bus, self._bus_seen = self._bus_seen, self.recorder.bus_totals()
         self.t.update(
+            bus_bandwidth=bus_bandwidth(bus, self._bus_seen),
             **({} if loss is None else {"loss": loss}),
             samples_per_s=self._local_samples(job_batch=int(report.samples), group=group) / step_time,
             compute_s=float(report.compute_s),

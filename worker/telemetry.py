@@ -59,6 +59,7 @@ class Telemetry:
     bytes_sent: int = 0
     bytes_received: int = 0
     bytes_by_lane: dict[str, int] | None = None  # bytes sent, by data-plane lane ("grpc", "local")
+    bus_bandwidth: dict[str, float] | None = None  # last step's collectives: bytes/s by "lane/op"
     # Liveness: None (a coordinator that sets no progress timeout) never reports "stalled". The start-up
     # timeout applies before the epoch's first committed step.
     progress_timeout_s: float | None = None
@@ -119,6 +120,8 @@ class Telemetry:
             }
             if self.bytes_by_lane is not None:
                 body["bytes_by_lane"] = dict(self.bytes_by_lane)
+            if self.bus_bandwidth:
+                body["bus_bandwidth"] = dict(self.bus_bandwidth)
             if self.recovery is not None:
                 body["recovery"] = dict(self.recovery)
             for key in OPTIONAL_FIELDS:

@@ -1,5 +1,6 @@
-"""`zerowire bench step --replicas both`: zerowire with a buddy replica runs beside zerowire in the same
-interleaved rounds (as the zerowire workers, with --replicas 1), and the report gives their ratio."""
+"""`zerowire bench step --replicas both --recorder both`: zerowire with a buddy replica, and zerowire without
+its flight recorder, run beside zerowire in the same interleaved rounds (as the zerowire workers, with
+--replicas 1 or --recorder off), and the report gives their ratios."""
 
 from __future__ import annotations
 
@@ -16,14 +17,15 @@ from zerowire.bench.step_rounds import Run
 def test_both_runs_the_replicated_contender_as_zerowire_workers_with_a_replica(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    started: list[tuple[str, str, int]] = []
-    times = {"zerowire": 0.10, "zerowire_replicated": 0.103, "ddp": 0.05, "floor": 0.02}
+    started: list[tuple[str, str, int, str]] = []
+    times = {"zerowire": 0.10, "zerowire_replicated": 0.103, "zerowire_unrecorded": 0.099, "ddp": 0.05,
+             "floor": 0.02}  # fmt: skip
 
     def fake_run(
         kind: str, rnd: int, steps: int, root: Path, a: argparse.Namespace, label: str | None = None
     ) -> Run:
         name = label or kind
-        started.append((name, kind, a.replicas))
+        started.append((name, kind, a.replicas, a.recorder))
         report: dict[str, Any] = {"step_times_s": [times[name]] * steps, "wait_times_s": [0.0] * steps}
         report.update(start_s=0.1, exit_s=0.9, torch_threads=1, env={})
         return Run(name, rnd, steps, 0.0, 1.0, [report])
@@ -32,18 +34,20 @@ def test_both_runs_the_replicated_contender_as_zerowire_workers_with_a_replica(
     args = argparse.Namespace(
         steps=4, rounds=2, replicas=0, model="resnet8", device="cpu", workers=2, batch=2, compression="none"
     )
-    args.warmup, args.colocated = 0, False
-    kinds = ["zerowire", step.REPLICATED, "ddp", "floor"]
+    args.warmup, args.colocated, args.recorder = 0, False, "both"
+    kinds = ["zerowire", step.REPLICATED, step.UNRECORDED, "ddp", "floor"]
     runs = step_rounds.measure(kinds, args, tmp_path)
-    assert {(name, kind, replicas) for name, kind, replicas in started} == {
-        ("zerowire", "zerowire", 0),
-        ("zerowire_replicated", "zerowire", 1),
-        ("ddp", "ddp", 0),
-        ("floor", "floor", 0),
+    assert set(started) == {
+        ("zerowire", "zerowire", 0, "both"),
+        ("zerowire_replicated", "zerowire", 1, "both"),
+        ("zerowire_unrecorded", "zerowire", 0, "off"),
+        ("ddp", "ddp", 0, "both"),
+        ("floor", "floor", 0, "both"),
     }
-    assert [r.contender for r in runs[:4]] == kinds  # the same rounds, the order rotating
-    assert [r.contender for r in runs[4:]] == kinds[1:] + kinds[:1]
+    assert [r.contender for r in runs[:5]] == kinds  # the same rounds, the order rotating
+    assert [r.contender for r in runs[5:]] == kinds[1:] + kinds[:1]
     report = step._summary(kinds, runs, args)
     assert report["replicas"] == "both"
     assert report["ratios"]["zerowire_replicated/zerowire"] == pytest.approx(1.03)
+    assert report["ratios"]["zerowire/zerowire_unrecorded"] == pytest.approx(0.10 / 0.099)
     assert report["ratios"]["zerowire/ddp"] == pytest.approx(2.0)

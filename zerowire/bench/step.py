@@ -16,7 +16,10 @@ runs alone in fresh processes (``--warmup`` unmeasured steps, then its share of 
 order rotating every round (see ``step_rounds``). Every process gets the same thread count and malloc
 settings (reported as ``process_env``). zerowire's jobs keep no buddy replica unless ``--replicas 1``: the
 other contenders cannot survive a lost worker and pay nothing for it; ``--replicas both`` runs
-``zerowire_replicated`` beside ``zerowire`` and reports ``zerowire_replicated/zerowire``. Reported: the
+``zerowire_replicated`` beside ``zerowire`` and reports ``zerowire_replicated/zerowire``. zerowire's ranks
+trace every call through the flight recorder, as workers do; ``--recorder both`` runs ``zerowire_unrecorded``
+(the same ranks without it) beside ``zerowire`` and reports ``zerowire/zerowire_unrecorded``, the recorder's
+cost. Reported: the
 median over all rounds of rank 0's measured step times of each contender, per-round medians, and ratios.
 ``--memory`` instead measures the peak tensor bytes per rank of zerowire (with and without a replica),
 DDP and FSDP2 at 2 and 4 workers (see ``step_memory``). Only the standard library is imported at module
@@ -43,6 +46,7 @@ if TYPE_CHECKING:
 
 CONTENDERS = ("fsdp2", "ddp")
 REPLICATED = "zerowire_replicated"  # zerowire with a buddy replica (--replicas both)
+UNRECORDED = "zerowire_unrecorded"  # zerowire without the flight recorder (--recorder both)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -57,6 +61,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="zerowire buddy replicas (default 0, as FSDP2 and DDP keep none; 1 adds the cost of losing a "
         "worker without losing a step; both: zerowire and zerowire_replicated side by side, with the ratio "
         "zerowire_replicated/zerowire)",
+    )
+    p.add_argument(
+        "--recorder",
+        choices=("on", "off", "both"),
+        default="on",
+        help="zerowire's flight recorder (default on, as in a worker; both: also run zerowire without it "
+        "and report the recorder's cost)",
     )
     p.add_argument("--steps", type=int, default=20, help="measured steps (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured first steps of every run (default 3)")
@@ -100,6 +111,8 @@ def _summary(kinds: list[str], runs: list[Run], args: argparse.Namespace) -> dic
     ratios.update({f"{k}/floor": medians[k] / medians["floor"] for k in medians if k != "floor"})
     if REPLICATED in medians:  # what surviving a lost worker costs, against the same run's zerowire
         ratios[f"{REPLICATED}/zerowire"] = medians[REPLICATED] / medians["zerowire"]
+    if UNRECORDED in medians:  # what the flight recorder costs, against the same run's zerowire
+        ratios[f"zerowire/{UNRECORDED}"] = medians["zerowire"] / medians[UNRECORDED]
     zw = [r for r in runs if r.contender == ours[0]]
     lanes = {
         z: {
@@ -115,6 +128,7 @@ def _summary(kinds: list[str], runs: list[Run], args: argparse.Namespace) -> dic
         "batch_per_worker": args.batch,
         "compression": args.compression,
         "replicas": "both" if REPLICATED in medians else args.replicas,
+        "recorder": args.recorder,
         "steps": args.steps,
         "median_step_s": medians,
         "ratios": ratios,
@@ -171,9 +185,13 @@ def handle(args: argparse.Namespace) -> int:
     if both and args.colocated:
         raise CommandError("--replicas both measures the default zerowire contender; leave out --colocated")
     args.replicas = 0 if both else int(args.replicas)
+    if args.recorder == "both" and args.colocated:
+        raise CommandError("--recorder both measures the default zerowire contender; leave out --colocated")
     ours = ["zerowire_local", "zerowire_grpc"] if args.colocated else ["zerowire"]
     if both:
         ours.append(REPLICATED)
+    if args.recorder == "both":
+        ours.append(UNRECORDED)
     kinds = [*ours, *vs, "floor"]
     with tempfile.TemporaryDirectory(prefix="zerowire-bench-") as tmp:
         try:
@@ -212,6 +230,7 @@ def _worker_main(argv: list[str], started_s: float) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--compression", default="none")
     p.add_argument("--replicas", type=int, default=0)
+    p.add_argument("--recorder", choices=("on", "off"), default="on")
     p.add_argument("--memory", action="store_true")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     a = p.parse_args(argv)

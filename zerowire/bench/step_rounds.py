@@ -81,6 +81,7 @@ def _worker_cmd(kind: str, rank: int, world: int, ports: str, directory: Path, s
         str(world), "--ports", ports, "--dir", str(directory), "--steps", str(steps), "--warmup",
         str(a.warmup), "--batch", str(a.batch), "--model", a.model, "--compression", a.compression,
         "--replicas", str(getattr(a, "replicas", 0)), "--device", getattr(a, "device", "cpu"),
+        "--recorder", "off" if getattr(a, "recorder", "on") == "off" else "on",
         *(["--memory"] if getattr(a, "memory", False) else []),
     ]  # fmt: skip
 
@@ -142,11 +143,14 @@ def run_contender(
 def measure(kinds: list[str], a: argparse.Namespace, root: Path) -> list[Run]:
     """Every contender once per round, ``a.rounds`` rounds, in the order the runs happened."""
     runs: list[Run] = []
-    replicated = argparse.Namespace(**{**vars(a), "replicas": 1})
+    variants = {  # the zerowire workers with a buddy replica, and without the flight recorder
+        "zerowire_replicated": argparse.Namespace(**{**vars(a), "replicas": 1}),
+        "zerowire_unrecorded": argparse.Namespace(**{**vars(a), "recorder": "off"}),
+    }
     for rnd, steps in enumerate(split_steps(a.steps, a.rounds)):
         for kind in round_order(kinds, rnd):
-            if kind == "zerowire_replicated":  # the zerowire workers, with a buddy replica
-                runs.append(run_contender("zerowire", rnd, steps, root, replicated, label=kind))
+            if kind in variants:
+                runs.append(run_contender("zerowire", rnd, steps, root, variants[kind], label=kind))
             else:
                 runs.append(run_contender(kind, rnd, steps, root, a))
     return runs

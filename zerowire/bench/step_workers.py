@@ -98,6 +98,7 @@ def _ready_barrier(directory: Path, rank: int, world: int, timeout: float = 120.
 
 
 def _zerowire(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
+    from communication.recorder import FlightRecorder, RecordedLane
     from jobspec import JobSpec
     from worker.state import WorkerState
     from worker.trainer import StepReport, Trainer
@@ -114,10 +115,12 @@ def _zerowire(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
         )
     )  # fmt: skip
     backend, group = _zerowire_plane(a, job.job_id, ports)
+    # as in a worker, every call goes through the flight recorder (unless its cost is what is measured)
+    lane = backend if getattr(a, "recorder", "on") == "off" else RecordedLane(backend, FlightRecorder())
     try:
         if meter is not None:
             meter.start()  # the trainer builds the model
-        trainer = Trainer(job, group, backend, device=device_of(a), collective_timeout=600.0)
+        trainer = Trainer(job, group, lane, device=device_of(a), collective_timeout=600.0)
         # formed as a worker's epoch is: agree on the (fresh) state, mirror every shard on its buddy
         trainer.form(WorkerState(backend), tuple(f"bench-{r}" for r in range(a.world)), -1)
         reports: list[StepReport] = []

@@ -15,7 +15,8 @@ import torch
 
 from communication.errors import CollectiveTimeout
 from communication.group import PeerGroup
-from communication.recorder import FlightRecorder, RecordedLane
+from communication.handle import Handle
+from communication.recorder import FlightRecorder, RecordedLane, bus_bandwidth, lane_label
 from communication.testing import FakeHub
 
 pytestmark = pytest.mark.timeout(30)
@@ -49,7 +50,7 @@ def test_calls_are_recorded_in_order_with_their_outcome(tmp_path: Path) -> None:
         t.start()
     for t in threads:
         t.join(20)
-    eventually(lambda: all(c["state"] != "started" for c in recorders[1].records()))
+    eventually(lambda: all(c["ended"] is not None for c in recorders[1].records()))
     calls = recorders[1].records()
     assert [(c["seq"], c["op"], c["epoch"], c["state"]) for c in calls] == [
         (0, "all_gather", 3, "completed"),
@@ -63,8 +64,14 @@ def test_calls_are_recorded_in_order_with_their_outcome(tmp_path: Path) -> None:
         16,
         "fake",
     )
-    assert calls[1]["key"] == 7 and calls[1]["ended"] >= calls[1]["started"]
+    assert calls[1]["key"] == 7 and calls[1]["ended"] >= calls[1]["started"] >= calls[1]["issued"]
     assert recorders[1].head() is None  # nothing in flight
+    # the bus bytes of the gather by the ring count (a 16-byte shard over 2 ranks: 16 moved), over its time
+    ((key, (nbytes, seconds, calls)),) = recorders[1].bus_totals().items()
+    assert (key, nbytes, calls) == (("fake", "all_gather"), 16.0, 1) and seconds > 0
+    assert bus_bandwidth({}, recorders[1].bus_totals()) == {"fake/all_gather": 16.0 / seconds}
+    assert bus_bandwidth(recorders[1].bus_totals(), recorders[1].bus_totals()) == {}  # nothing new
+    assert lane_label(hub.backend(0)) == "fake"
 
 
 def test_a_timeout_is_dumped_with_the_stacks_and_the_head_names_the_wait(tmp_path: Path) -> None:
@@ -107,3 +114,37 @@ def test_a_cancelled_call_and_a_bounded_ring() -> None:
     eventually(lambda: {c["state"] for c in recorder.records()} == {"cancelled"})
     with pytest.raises(ValueError):
         FlightRecorder(capacity=0)
+
+
+class _Queueing:
+    """A lane stand-in whose receive is handed back unstarted: the test starts and settles it."""
+
+    def __init__(self) -> None:
+        self.handle = Handle()
+
+    def recv(self, out: torch.Tensor, *, group: PeerGroup, src: int, key: int, timeout: float) -> Handle:
+        return self.handle
+
+
+def test_a_call_is_queued_until_its_lane_starts_it() -> None:
+    lane = _Queueing()
+    recorder = FlightRecorder(name="w0")
+    recorded = RecordedLane(lane, recorder, "stand-in")  # type: ignore[arg-type]
+    group = PeerGroup("j", 2, 0, ADDRESSES)
+    recorded.recv(torch.empty(2), group=group, src=1, key=4, timeout=5.0)
+    head = recorder.head()
+    assert head is not None and head["state"] == "queued" and head["started"] is None
+    lane.handle.mark_started()
+    (call,) = recorder.records()
+    assert call["state"] == "started" and call["started"] >= call["issued"]
+    lane.handle.mark_started()  # once only
+    lane.handle.set_result(torch.zeros(2))
+    eventually(lambda: recorder.records()[0]["state"] == "completed")
+    assert recorder.head() is None
+    # a call its lane settles before it is marked started keeps its final state
+    late = Handle()
+    lane.handle = late
+    recorded.recv(torch.empty(2), group=group, src=1, key=5, timeout=5.0)
+    late.set_exception(CollectiveTimeout("late"))
+    late.mark_started()
+    assert recorder.records()[-1]["state"] == "failed"

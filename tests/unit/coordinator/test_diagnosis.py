@@ -78,6 +78,23 @@ def test_a_member_in_another_collective_is_named_with_both_ops() -> None:
     )
 
 
+def test_a_member_in_an_exchange_while_the_others_gather_is_in_another_collective() -> None:
+    """The sequences diverged on a call that names no step: one member waits in an exchange (a vote, a
+    barrier) while most wait in a step's gather; the member the majority waits on is named, with both ops."""
+    vote = {"op": "exchange", "lane": "GrpcBackend", "epoch": 3, "step": None, "unit": None, "key": 41,
+            "peers": [0, 1], "since_s": 2.0}  # fmt: skip
+    found = diagnose(
+        [view("w0", 0, waiting=gather(0, 3, 2.2)), view("w1", 1, waiting=gather(1, 3, 2.1)),
+         view("w2", 2, waiting=vote)],
+        INTERVAL,
+        3,
+    )  # fmt: skip
+    (suspect,) = found["suspects"]
+    assert suspect["worker_id"] == "w2", found
+    assert "exchange key 41" in suspect["reason"] and "all_gather unit 7 of step 1234" in suspect["reason"]
+    assert "w2 on host h2), which is in exchange key 41" in found["summary"]
+
+
 def test_a_partition_names_both_sides_only_after_a_long_wait() -> None:
     short = diagnose(
         [view("w0", 0, waiting=gather(0, 2, 1.0)), view("w1", 1, waiting=gather(1, 2, 1.0))], INTERVAL, 3
