@@ -12,8 +12,10 @@ thread's stack (``stack``). From these the diagnosis names:
 - a member **in another collective**: others wait on it while it waits in another call than most members
   (a data collective of another step, or an exchange or point-to-point call where they are in a step: the
   sequence of calls diverged; each side's op is named);
-- a **partition**: two members with fresh heartbeats wait on each other in the same call, apart from the
-  rest, or all members do and none is frozen: the network between them is the suspect.
+- a **partition**: every member waits, every heartbeat is fresh, none is frozen, stuck or in a minority's
+  call, and the wait has lasted ``PARTITION_S``: the network between them is the suspect. (Two members whose
+  calls differ, one each, are named so too: a divergence of two cannot be told from a partition that caught
+  them on either side of a step's boundary, and the reason says their calls differ.)
 
 ``waiting`` lists every member that waits, and on whom; ``summary`` is one sentence a person can act on.
 """
@@ -100,6 +102,9 @@ def diagnose(workers: Sequence[Mapping[str, Any]], heartbeat_interval_s: float, 
     if waiting:
         calls = Counter(_call(w["waiting"]) for w in members if w.get("waiting"))
         main_call = calls.most_common(1)[0][0]
+        minority = {  # the calls fewer members wait in than the most common one: the sequences diverged
+            c for c in calls if c != main_call and calls[c] < calls[main_call]
+        }
         for m in members:
             rank = int(m["rank"])
             waiters = [e for e in waiting if rank in e["waiting_on_ranks"] and e["rank"] != rank]
@@ -120,11 +125,12 @@ def diagnose(workers: Sequence[Mapping[str, Any]], heartbeat_interval_s: float, 
                 at = f"; its training is at {frame}" if frame else ""
                 reason = "stuck trainer: heartbeat alive, in no collective, while others wait on it" + at
                 tail = f"whose heartbeat is fresh but whose training is in no collective{at}"
-            elif own and _call(own) != main_call and calls[_call(own)] < calls[main_call]:
+            elif own and _call(own) in minority:
                 reason = f"in another collective: {describe_call(own)}, while the others are in {on}"
                 tail = f"which is in {describe_call(own)} instead"
-            elif len(waiting) == len(members) and len(calls) == 1 and longest["since_s"] > PARTITION_S:
-                reason = "partition: every member waits in the same call with fresh heartbeats"
+            elif not minority and len(waiting) == len(members) and longest["since_s"] > PARTITION_S:
+                same = "in the same call" if len(calls) == 1 else "on each other (in calls that differ)"
+                reason = f"partition: every member waits {same} with fresh heartbeats"
                 tail = "whose heartbeat is fresh: the network between them may be partitioned"
             if reason is None:
                 continue

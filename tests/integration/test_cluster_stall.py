@@ -123,3 +123,52 @@ def test_a_worker_whose_training_blocks_is_evicted_within_the_progress_timeout(
     reaper.kill_all()
     time.sleep(0.2)
     assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_a_worker_in_another_collective_is_named_with_both_ops(reaper: ProcessReaper, tmp_path: Path) -> None:
+    """w2 leaves the sequence of calls for an exchange no other member makes, while w0 and w1 go on to the
+    next step's gathers: each waits on the other side with every heartbeat fresh. Long before any
+    collective timeout, the diagnosis names w2, in its exchange, and the gather the others are in."""
+    _, url = start_coordinator(
+        reaper,
+        tmp_path,
+        "--steps",
+        str(STEPS),
+        "--min-workers",
+        "3",
+        heartbeat_timeout=str(HEARTBEAT_TIMEOUT),
+    )
+    for i in range(2):  # a host each: the members meet on the gRPC lane, whose calls are matched by key
+        start_worker(reaper, tmp_path, url, f"w{i}", "--host-id", f"host-{i}")
+    with open(tmp_path / "w2.log", "ab") as log:
+        reaper.spawn(
+            [sys.executable, "-m", "tests.integration.stall_worker", url, "w2", str(tmp_path), "3",
+             "exchange", "host-2"],
+            env=env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    marker = tmp_path / "w2.blocked"
+    wait_for(marker.exists, 120, "w2 to leave the sequence of calls")
+    strayed_at = float(marker.read_text())
+
+    def named() -> dict[str, object] | None:
+        found = get(url, "/cluster/diagnosis")
+        return found if [s["worker_id"] for s in found["suspects"]] == ["w2"] else None
+
+    found = wait_for(named, 5.0, "the diagnosis to name w2", every_s=0.1)
+    named_s = time.time() - strayed_at
+    (suspect,) = found["suspects"]  # type: ignore[misc]
+    reason = str(suspect["reason"])
+    assert reason.startswith("in another collective: exchange key 123456789"), reason
+    assert "while the others are in all_gather unit" in reason and "of step 4" in reason, reason
+    assert "(w2 on host host-2), which is in exchange key 123456789" in str(found["summary"]), found[
+        "summary"
+    ]
+    ops = {w["worker_id"]: w["op"] for w in found["waiting"]}  # type: ignore[attr-defined]
+    assert ops == {"w0": "all_gather", "w1": "all_gather", "w2": "exchange"}, found["waiting"]
+    assert named_s < 5.0, named_s
+    print(f"\ndiagnosis named w2 {named_s:.2f} s after it left the sequence: {found['summary']}")
+    reaper.kill_all()
+    time.sleep(0.2)
+    assert processes_mentioning(str(tmp_path)) == []

@@ -106,6 +106,14 @@ def test_a_partition_names_both_sides_only_after_a_long_wait() -> None:
     assert [s["worker_id"] for s in found["suspects"]] == ["w0", "w1"]
     assert all(s["reason"].startswith("partition") for s in found["suspects"])
     assert "partitioned" in found["summary"]
+    # caught on either side of a step's boundary: one in the step's vote, the other still in its gathers
+    vote = {"op": "exchange", "lane": "grpc", "epoch": 3, "step": None, "unit": None, "key": 41, "peers": [1],
+            "since_s": 4.0}  # fmt: skip
+    split = diagnose([view("w0", 0, waiting=vote), view("w1", 1, waiting=gather(1, 2, 4.0))], INTERVAL, 3)
+    assert [s["worker_id"] for s in split["suspects"]] == ["w0", "w1"]
+    assert all(
+        s["reason"].startswith("partition: every member waits on each other") for s in split["suspects"]
+    )
 
 
 def test_ranks_running_ahead_within_a_step_are_no_suspects() -> None:
