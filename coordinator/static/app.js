@@ -17,6 +17,7 @@ class Refused extends Error {}
 const page = {
   token: null,
   timer: null,
+  generation: 0, // bumped by every (re)start: an older loop's answers are dropped
   lastOk: 0,
   eventsAfter: 0,
   events: [],
@@ -234,9 +235,10 @@ function showHistory(history) {
   $("formations").tBodies[0].replaceChildren(...rows.reverse());
 }
 
-async function fetchEvents() {
+async function fetchEvents(generation) {
   for (let page_ = 0; page_ < 5; page_ += 1) {
     const got = await api(`events?after=${page.eventsAfter}&limit=${EVENT_PAGE}`);
+    if (generation !== page.generation) return;
     page.events = page.events.concat(got.events).slice(-EVENTS_SHOWN);
     page.eventsAfter = got.last_id;
     if (got.events.length < EVENT_PAGE) break;
@@ -282,6 +284,7 @@ function freshness() {
 
 function askForToken(message) {
   clearTimeout(page.timer);
+  page.generation += 1;
   page.token = null;
   page.lastOk = 0;
   sessionStorage.removeItem(TOKEN_KEY);
@@ -298,14 +301,15 @@ function askForToken(message) {
   $("token-input").focus();
 }
 
-async function refresh() {
+async function refresh(generation) {
   try {
     const [status, diagnosis, history] = await Promise.all([
       api("cluster/status"),
       api("cluster/diagnosis"),
       api("cluster/history"),
     ]);
-    await fetchEvents();
+    await fetchEvents(generation);
+    if (generation !== page.generation) return;
     showJob(status);
     showWorkers(status);
     showDiagnosis(diagnosis);
@@ -315,6 +319,7 @@ async function refresh() {
     $("data").hidden = false;
     showError(null);
   } catch (err) {
+    if (generation !== page.generation) return;
     if (err instanceof Refused) {
       askForToken(err.message);
       return;
@@ -322,13 +327,17 @@ async function refresh() {
     showError(`cannot read the coordinator: ${err.message}`);
   }
   freshness();
-  page.timer = setTimeout(refresh, POLL_MS);
+  page.timer = setTimeout(() => refresh(generation), POLL_MS);
 }
 
 function start(token) {
+  clearTimeout(page.timer);
+  page.generation += 1;
   page.token = token;
+  page.events = [];
+  page.eventsAfter = 0;
   $("login").hidden = true;
-  refresh();
+  refresh(page.generation);
 }
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -343,6 +352,12 @@ document.addEventListener("DOMContentLoaded", () => {
     start(token);
   });
   setInterval(freshness, 500);
+  window.addEventListener("hashchange", () => {
+    // an address with another token pasted into this tab: take it (and clear it from the address bar)
+    if (!new URLSearchParams(window.location.hash.replace(/^#/, "")).has("token")) return;
+    const given = takeToken();
+    if (given) start(given);
+  });
   const token = takeToken();
   if (token) start(token);
   else askForToken(null);
