@@ -87,6 +87,14 @@ function showJob(status) {
   $("phase").textContent = status.state;
   $("world-size").textContent = status.world_size;
   $("step").textContent = job.steps ? `${status.step} / ${job.steps}` : status.step;
+  // the step and the phase come from the workers' reports: as old as the freshest live member's values
+  const current = status.workers.some(
+    (w) => w.state === "alive" && !w.restored && w.values_age_s <= staleAfter(status),
+  );
+  for (const id of ["step", "phase"]) {
+    $(id).classList.toggle("stale", !current);
+    $(id).title = current ? "" : "from values no live worker has refreshed lately";
+  }
 }
 
 function staleAfter(status) {
@@ -120,7 +128,7 @@ function workerRow(w, status, slowest) {
     ["data-wait", seconds(w.data_wait_s), "num"],
     ["images", number(w.samples_per_s), "num"],
     ["lanes", lanes || "–"],
-    ["straggler", w.straggler_ratio === null || w.straggler_ratio === undefined ? "–" : `${w.straggler_ratio.toFixed(2)}×`, "num"],
+    ["straggler", w.straggler_ratio == null ? "–" : `${w.straggler_ratio.toFixed(2)}×`, "num"],
   ];
   for (const [col, text, cls] of cells) {
     const td = el("td", text, cls);
@@ -150,7 +158,9 @@ function showDiagnosis(found) {
     const lead = el("p");
     lead.append(el("strong", "Hang suspected: "), found.summary);
     const list = el("ul");
-    for (const s of found.suspects) list.append(el("li", `${s.worker_id} (rank ${s.rank}, ${s.host}): ${s.reason}`));
+    for (const s of found.suspects) {
+      list.append(el("li", `${s.worker_id} (rank ${s.rank}, ${s.host}): ${s.reason}`));
+    }
     children.push(lead, list);
   } else {
     children.push(el("p", `Diagnosis: ${found.summary}`));
@@ -194,7 +204,8 @@ function drawChart(svg, points, value, format, dots) {
   const sx = (x) => L + ((x - x0) / Math.max(1, x1 - x0)) * (W - L - R);
   const sy = (y) => H - B - ((y - y0) / (y1 - y0)) * (H - T - B);
   const line = document.createElementNS(SVG, "polyline");
-  line.setAttribute("points", shown.map((p) => `${sx(p.step).toFixed(1)},${sy(value(p)).toFixed(1)}`).join(" "));
+  const coords = shown.map((p) => `${sx(p.step).toFixed(1)},${sy(value(p)).toFixed(1)}`);
+  line.setAttribute("points", coords.join(" "));
   nodes.push(line);
   if (dots) {
     for (const p of shown) {

@@ -4,7 +4,9 @@ selenium over WebDriver): a real coordinator process fed real registrations and 
 Three members; w2 goes silent while w0 and w1 report waiting on it. The page must show every worker's
 values, grey out w2's (its heartbeat is old), show the diagnosis naming w2 in red, draw the curves and the
 formation, take the read token from the URL fragment and leave it nowhere on the page or in the address bar,
-and show an error, not data, for a wrong token."""
+and show an error, not data, for a wrong token. Then the coordinator is SIGKILLed (the page greys out
+everything once it stops answering) and restarted on its database (the page shows the values it read back as
+from before the restart, greyed out, until the workers' next heartbeats)."""
 
 from __future__ import annotations
 
@@ -66,6 +68,9 @@ return {
   loss_lines: document.querySelectorAll("#loss-chart polyline").length,
   formation: formation ? [...formation.querySelectorAll("td")].map((td) => td.textContent) : [],
   events: text("events"),
+  offline: document.getElementById("data").classList.contains("offline"),
+  step_stale: document.getElementById("step").classList.contains("stale"),
+  restored_note: shown("restored-note"),
   text: document.body.innerText,
 };
 """
@@ -149,13 +154,12 @@ def start_browser(reaper: ProcessReaper, tmp_path: Path) -> tuple[WebDriver, sub
 
 def test_the_live_page_in_headless_chromium(reaper: ProcessReaper, tmp_path: Path) -> None:
     started = time.monotonic()
-    coordinator, base = start_coordinator(
-        reaper,
-        tmp_path,
-        "--heartbeat-interval", str(INTERVAL), "--progress-timeout", "30", "--min-workers", "3",
-        "--job-id", "page-job", "--steps", "100",
-        heartbeat_timeout="20",  # w2 stays a member (frozen, not yet dead) for the whole test
-    )  # fmt: skip
+    flags = (
+        *("--heartbeat-interval", str(INTERVAL), "--progress-timeout", "30"),
+        *("--job-id", "page-job", "--min-workers", "3", "--steps", "100"),
+    )
+    # w2 stays a member (frozen, not yet dead) for the whole test
+    coordinator, base = start_coordinator(reaper, tmp_path, *flags, heartbeat_timeout="20")
     client = httpx.Client(base_url=base, timeout=5.0)
     secrets = register(client, ["w0", "w1", "w2"])
     for step in range(STEPS_SENT):  # the curve: one loss per committed step, two evaluations
@@ -240,6 +244,7 @@ def test_the_live_page_in_headless_chromium(reaper: ProcessReaper, tmp_path: Pat
 
         # the job, the curves, the formation and the events
         assert (page["job"], page["epoch"], page["phase"]) == ("page-job", "3", "training")
+        assert not page["step_stale"]  # w0 and w1 report it afresh
         assert (page["loss_points"], page["accuracy_points"], page["loss_lines"]) == (str(STEPS_SENT), "2", 2)
         assert page["formation"][:2] == ["3", "fresh"] and "0.60 s" in page["formation"], page["formation"]
         assert "worker w2 joined" in page["events"] and "fresh at step 0" in page["events"]
@@ -250,6 +255,24 @@ def test_the_live_page_in_headless_chromium(reaper: ProcessReaper, tmp_path: Pat
         assert browser.get_screenshot_as_file(str(tmp_path / "page.png"))
         shutil.copyfile(tmp_path / "page.png", SCREENSHOT)
         assert (tmp_path / "page.png").stat().st_size > 10_000
+
+        # the coordinator killed: after a few seconds without an answer everything shown is greyed out
+        stop.set()
+        beats.join(timeout=5)
+        os.killpg(coordinator.pid, signal.SIGKILL)
+        coordinator.wait(timeout=10)
+        page = wait.until(lambda _: (p := seen())["offline"] and p)
+        assert page["workers"]["w0"]["color"] == GREY and "no answer from the coordinator" in page["text"]
+        # restarted on its database: the values it reads back are shown as from before the restart
+        port = int(base.rsplit(":", 1)[1])
+        coordinator, _ = start_coordinator(reaper, tmp_path, *flags, heartbeat_timeout="20", port=port)
+        page = wait.until(
+            lambda _: not (p := seen())["offline"] and p["workers"]["w0"]["class"] == "stale" and p
+        )
+        assert page["restored_note"] and page["workers"]["w0"]["cells"]["age"].endswith("s (before restart)")
+        assert page["workers"]["w0"]["cells"]["committed"] == "5"  # the stored value, not hidden, not new
+        assert page["step_stale"]  # the job's step comes from those values: greyed out too
+        assert browser.get_screenshot_as_file(str(tmp_path / "restarted.png"))
     finally:
         stop.set()
         browser.quit()
