@@ -325,7 +325,10 @@ class FormationView(BaseModel):
 class History(BaseModel):
     """What the training has done so far (coordinator/history.py), as the workers' heartbeats told it."""
 
-    loss: list[LossPoint] = Field(description="the loss per committed step (thinned past `max_points`)")
+    loss: list[LossPoint] = Field(
+        description="the loss of the committed steps the heartbeats reported (each heartbeat reports its "
+        "worker's latest: when steps are faster than heartbeats, a sample of them), thinned past `max_points`"
+    )
     eval: list[EvalPoint] = Field(description="test loss and accuracy per evaluation")
     formations: list[FormationView] = Field(description="how each epoch was formed, oldest first")
     max_points: int = Field(description="the most points a curve keeps: past it, every other one is dropped")
