@@ -15,7 +15,7 @@ from coordinator import openapi as api_docs
 from coordinator.clock import Clock, SystemClock
 from coordinator.middleware import BodyLimitMiddleware, LatencyMiddleware
 from coordinator.reaper import start_background, stop_background
-from coordinator.routes import cluster, metrics, suspects, training, workers
+from coordinator.routes import cluster, metrics, page, suspects, training, workers
 from coordinator.schemas import Health
 from coordinator.service import CoordinatorService
 from coordinator.settings import CoordinatorSettings
@@ -52,7 +52,8 @@ def create_app(
     app = FastAPI(
         title="zerowire coordinator",
         description=(
-            "Membership, ranks, epochs and the job of a zerowire cluster. Every route but /healthz needs a "
+            "Membership, ranks, epochs and the job of a zerowire cluster. Every route but /healthz and the "
+            "live page (/ and its /static files, which hold no data) needs a "
             "bearer credential: the cluster token admits a worker (registration, the job), a worker's own "
             "secret covers its heartbeats, leave and the barrier, and operators use a read-only or an "
             "admin token. Each operation lists the credentials it admits."
@@ -69,6 +70,7 @@ def create_app(
     for module in (workers, suspects, training, cluster, metrics):
         app.include_router(module.router)
     api_docs.install(app)
+    page.install(app)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -53,6 +53,9 @@ class WorkerRecord:
     # sha256 of the worker's secret (b"": none on record, so no secret matches)
     secret_digest: bytes = dataclasses.field(default=b"", repr=False)
     ended_wall: float | None = None  # unix seconds when it died or left (purged after the retention)
+    # Its values were read back from the database by a restarted coordinator and no heartbeat has refreshed
+    # them yet: they are as old as last_heartbeat_wall, whatever the expiry clock (last_heartbeat) says.
+    restored: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -186,9 +186,12 @@ def expire(state: ClusterState, now: float, wall: float, timeout: float) -> Deci
 
 
 def restart(state: ClusterState, now: float, wall: float, grace: float) -> Decision:
-    """After a coordinator restart, expiry clocks restart at `now` plus `grace` seconds. Epoch unchanged."""
+    """After a coordinator restart, expiry clocks restart at `now` plus `grace` seconds. Epoch unchanged.
+    Every record's values are marked `restored`: from before the restart, until its next heartbeat."""
     workers = {
-        wid: dataclasses.replace(w, last_heartbeat=now) if w.status == "alive" else w
+        wid: dataclasses.replace(
+            w, last_heartbeat=now if w.status == "alive" else w.last_heartbeat, restored=True
+        )
         for wid, w in state.workers.items()
     }
     n = sum(1 for w in workers.values() if w.status == "alive")
@@ -255,6 +258,7 @@ def heartbeat(
         state=new_state,
         telemetry=hb.telemetry,
         committed_step=old.committed_step if hb.committed_step is None else hb.committed_step,
+        restored=False,
     )
     return HeartbeatOutcome(record, True, "ok")
 

@@ -75,6 +75,7 @@ class RecoveryReport(BaseModel):
     mode: Literal["fresh", "handover", "join", "checkpoint"]
     resumed_at: Count = Field(description="the first step the epoch runs")
     steps_lost: Count = Field(description="committed steps redone (checkpoint fallback)")
+    seconds: NonNegative | None = Field(None, description="how long this worker took to form the epoch")
 
 
 BusKey = Annotated[str, Field(pattern=r"^[a-z0-9_]{1,32}/(all_gather|reduce_scatter)$")]
@@ -113,6 +114,10 @@ class HeartbeatRequest(BaseModel):
     data_wait_s: NonNegative | None = Field(None, description="last step: seconds waiting for its data")
     test_loss: NonNegative | None = Field(None, description="latest evaluation loss")
     test_accuracy: Fraction | None = Field(None, description="latest evaluation accuracy")
+    loss_step: Count | None = Field(None, description="the step whose loss `loss` is")
+    test_step: StepOrNone | None = Field(
+        None, description="the committed step after which the latest evaluation ran (-1: before any)"
+    )
     bytes_by_lane: dict[Literal["grpc", "local"], Count] | None = Field(
         None,
         description="bytes this worker has sent, by data-plane lane (gRPC across hosts, local on its host)",
@@ -136,6 +141,8 @@ TELEMETRY_FIELDS = (
     "data_wait_s",
     "test_loss",
     "test_accuracy",
+    "loss_step",
+    "test_step",
     "bytes_by_lane",
     "bus_bandwidth",
     "waiting",
@@ -156,7 +163,21 @@ class WorkerView(BaseModel):
     rank: int | None
     state: Literal["alive", "dead", "left"]
     worker_state: WorkerStateLit
-    last_heartbeat_age_s: float
+    last_heartbeat_age_s: float = Field(
+        description="seconds since its last heartbeat, by the expiry clock (which a restarted coordinator "
+        "starts anew for its live workers)"
+    )
+    values_age_s: float = Field(
+        description="how old the heartbeat this view's values came from is: after a coordinator restart, "
+        "the age of the last one stored before it, until the worker's next heartbeat"
+    )
+    restored: bool = Field(
+        description="the values were read back from the database after a coordinator restart; no heartbeat "
+        "has refreshed them yet"
+    )
+    straggler_ratio: float | None = Field(
+        None, description="its last step time over the fastest live member's (1: the fastest)"
+    )
     step: int
     loss: float | None
     samples_per_s: float | None
@@ -170,6 +191,8 @@ class WorkerView(BaseModel):
     data_wait_s: float | None = None
     test_loss: float | None = None
     test_accuracy: float | None = None
+    loss_step: int | None = None
+    test_step: int | None = None
     bytes_by_lane: dict[str, int] | None = None
     bus_bandwidth: dict[str, float] | None = None
     waiting: dict[str, Any] | None = None
@@ -251,6 +274,8 @@ class ClusterStatus(BaseModel):
     job_hash: str
     started_at: float
     uptime_s: float
+    now: float = Field(description="unix seconds of this answer (events' times are on the same clock)")
+    heartbeat_interval_s: float = Field(description="how often workers send a heartbeat")
 
 
 class Suspect(BaseModel):
@@ -279,6 +304,44 @@ class Diagnosis(BaseModel):
     suspects: list[Suspect]
     waiting: list[Waiting]
     summary: str
+
+
+class LossPoint(BaseModel):
+    step: int
+    time: float = Field(description="unix seconds when the coordinator first heard of it")
+    loss: float | None
+
+
+class EvalPoint(BaseModel):
+    step: int = Field(description="the committed step after which the evaluation ran")
+    time: float
+    test_loss: float | None
+    test_accuracy: float | None
+
+
+class FormationView(BaseModel):
+    epoch: int
+    mode: str = Field(
+        description="the most telling of the members' modes (checkpoint, join, handover, fresh)"
+    )
+    modes: list[str]
+    resumed_at: int = Field(description="the first step the epoch ran")
+    steps_lost: int = Field(description="committed steps redone (a checkpoint fallback)")
+    seconds: float | None = Field(description="the slowest member's formation (None: no member said)")
+    workers: int = Field(description="members that reported how they formed it")
+    time: float = Field(description="unix seconds of the latest member's report")
+
+
+class History(BaseModel):
+    """What the training has done so far (coordinator/history.py), as the workers' heartbeats told it."""
+
+    loss: list[LossPoint] = Field(
+        description="the loss of the committed steps the heartbeats reported (each heartbeat reports its "
+        "worker's latest: when steps are faster than heartbeats, a sample of them), thinned past `max_points`"
+    )
+    eval: list[EvalPoint] = Field(description="test loss and accuracy per evaluation")
+    formations: list[FormationView] = Field(description="how each epoch was formed, oldest first")
+    max_points: int = Field(description="the most points a curve keeps: past it, every other one is dropped")
 
 
 class EventView(BaseModel):

@@ -17,6 +17,7 @@ from coordinator import membership as m
 from coordinator.barrier import ChangeSignal, ReadyAnswer, ready_answer
 from coordinator.clock import Clock
 from coordinator.credentials import OperatorTokens, Principal, digest, new_secret, pair_key, same_digest
+from coordinator.history import FormationReport, TrainingHistory
 from coordinator.ratelimit import RegistrationLimiter
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import Store, heartbeat_row
@@ -44,6 +45,7 @@ class CoordinatorService:
         self._world_size = 0
         self._counts = m.PhaseCounts()  # kept current per heartbeat: the phase is O(1) on the hot path
         self.evidence = liveness.Evidence()  # what progress-based evictions rest on (current epoch)
+        self.history = TrainingHistory()  # curves and formations, as the heartbeats tell them
         # One membership change at a time, and a yield after each: a flood of registrations queues on this
         # lock instead of in the event loop's ready queue, so a heartbeat waits behind at most one change.
         self._changes = asyncio.Lock()
@@ -78,6 +80,7 @@ class CoordinatorService:
             self.store.save_job(self.job.canonical_json())
         self.state = loaded.state
         self.master_key = loaded.master_key
+        self.history.load(loaded.curve, loaded.formations)
         self._by_digest = {w.secret_digest: wid for wid, w in loaded.state.workers.items() if w.secret_digest}
         if loaded.state.epoch > 0 or loaded.state.workers:
             now = self.clock.monotonic()
@@ -260,22 +263,37 @@ class CoordinatorService:
                 self.state = progressed
                 self._flags_dirty = True
             self.evidence.observe(worker_id, hb.epoch, hb.committed_step, self.state.epoch)
+            self.history.observe(hb.telemetry, hb.loss, out.record.last_heartbeat_wall)
         action = m.heartbeat_action(self.phase(), out.member, hb.epoch, self.state.epoch)
         self.metrics.heartbeats.labels(action).inc()
         return action, out.record
 
     def note_recovery(self, worker_id: str, report: dict[str, Any]) -> None:
-        """Record (once per worker and epoch, in /events) how a worker's current epoch was formed."""
+        """Record (once per worker and epoch, in /events and the history) how a worker's current epoch was
+        formed."""
         epoch = int(report["epoch"])
         if epoch != self.state.epoch or self._recovered.get(worker_id) == epoch:
             return
         self._recovered[worker_id] = epoch
         self.metrics.recoveries.labels(str(report["mode"])).inc()
+        took = "" if report.get("seconds") is None else f" in {float(report['seconds']):.2f} s"
         reason = (
             f"{report['mode']} at step {report['resumed_at']}, {report['steps_lost']} committed steps lost"
+            + took
         )
-        event = cs.Event("recovered", worker_id, epoch, reason, self.clock.wall())
-        self.store.save(self.state, [], [event])
+        wall = self.clock.wall()
+        event = cs.Event("recovered", worker_id, epoch, reason, wall)
+        formed = FormationReport(
+            worker_id,
+            str(report["mode"]),
+            int(report["resumed_at"]),
+            int(report["steps_lost"]),
+            None if report.get("seconds") is None else float(report["seconds"]),
+            wall,
+        )
+        oldest = self.history.note_formation(epoch, formed)
+        row = (epoch, worker_id, formed.mode, formed.resumed_at, formed.steps_lost, formed.seconds, wall)
+        self.store.save(self.state, [], [event], formation=row, forget_formations_before=oldest)
 
     def flush_heartbeats(self, max_rows: int | None = None) -> int:
         """Write one transaction with the heartbeats received since the last flush (at most `max_rows`
@@ -293,7 +311,8 @@ class CoordinatorService:
             "finished": "1" if self.state.finished else "0",
         }
         self._flags_dirty = False
-        self.store.write_heartbeats(rows, meta)
+        curve, dropped = self.history.drain()
+        self.store.write_heartbeats(rows, meta, curve, dropped)
         return len(rows)
 
     @property

@@ -1,5 +1,5 @@
 """SQLite persistence (WAL): workers (with the digests of their secrets, never the secrets), the membership
-epoch, events, the job and the data-plane master key."""
+epoch, events, the job, the data-plane master key, and the training's history (curve points, formations)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any, cast
 
 from coordinator.cluster_state import ClusterState, Event, WorkerInfo, WorkerRecord
 from coordinator.credentials import new_master_key
+from coordinator.history import CurveRow, FormationRow
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,14 @@ CREATE TABLE IF NOT EXISTS workers (
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, kind TEXT NOT NULL, worker_id TEXT,
     epoch INTEGER NOT NULL, reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS curve (
+    series TEXT NOT NULL, step INTEGER NOT NULL, time REAL NOT NULL, first REAL, second REAL,
+    PRIMARY KEY (series, step)
+);
+CREATE TABLE IF NOT EXISTS formations (
+    epoch INTEGER NOT NULL, worker_id TEXT NOT NULL, mode TEXT NOT NULL, resumed_at INTEGER NOT NULL,
+    steps_lost INTEGER NOT NULL, seconds REAL, time REAL NOT NULL, PRIMARY KEY (epoch, worker_id)
 );
 """
 
@@ -55,6 +64,8 @@ class Loaded:
     state: ClusterState
     job_json: str | None
     master_key: bytes
+    curve: list[CurveRow]
+    formations: list[FormationRow]
 
 
 @dataclass(frozen=True)
@@ -143,7 +154,20 @@ class Store:
             trained=meta.get("trained") == "1",
         )
         log.info("opened %s: epoch %d, %d worker record(s)", self.path, state.epoch, len(workers))
-        return Loaded(state, meta.get("job"), bytes.fromhex(meta["master_key"]))
+        curve = [tuple(r) for r in conn.execute("SELECT series, step, time, first, second FROM curve")]
+        formations = [
+            tuple(r)
+            for r in conn.execute(
+                "SELECT epoch, worker_id, mode, resumed_at, steps_lost, seconds, time FROM formations"
+            )
+        ]
+        return Loaded(
+            state,
+            meta.get("job"),
+            bytes.fromhex(meta["master_key"]),
+            cast(list[CurveRow], curve),
+            cast(list[FormationRow], formations),
+        )
 
     def close(self) -> None:
         if self._conn is not None:
@@ -156,8 +180,16 @@ class Store:
         with _transaction(db):
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('job', ?)", (job_json,))
 
-    def save(self, state: ClusterState, changed: Iterable[str], events: Sequence[Event]) -> None:
-        """One transaction: the epoch and flags, every changed worker row, and the events."""
+    def save(
+        self,
+        state: ClusterState,
+        changed: Iterable[str],
+        events: Sequence[Event],
+        formation: FormationRow | None = None,
+        forget_formations_before: int | None = None,
+    ) -> None:
+        """One transaction: the epoch and flags, every changed worker row, the events, and a member's
+        formation of an epoch (forgetting those of epochs before ``forget_formations_before``)."""
         meta = {"epoch": str(state.epoch), "trained": "1" if state.trained else "0"}
         meta["finished"] = "1" if state.finished else "0"
         rows = [worker_row(state.workers[wid]) for wid in changed]
@@ -169,6 +201,10 @@ class Store:
             db.executemany(
                 "INSERT INTO events (time, kind, worker_id, epoch, reason) VALUES (?, ?, ?, ?, ?)", ev_rows
             )
+            if formation is not None:
+                db.execute("INSERT OR REPLACE INTO formations VALUES (?, ?, ?, ?, ?, ?, ?)", formation)
+            if forget_formations_before is not None:
+                db.execute("DELETE FROM formations WHERE epoch < ?", (forget_formations_before,))
 
     def delete_workers(self, worker_ids: Sequence[str]) -> None:
         """Forget purged worker records (their events stay)."""
@@ -176,12 +212,21 @@ class Store:
         with _transaction(db):
             db.executemany("DELETE FROM workers WHERE worker_id = ?", [(wid,) for wid in worker_ids])
 
-    def write_heartbeats(self, rows: list[tuple[Any, ...]], meta: dict[str, str]) -> None:
-        """Coalesced heartbeat fields (many heartbeats, one transaction) and the sticky job flags."""
+    def write_heartbeats(
+        self,
+        rows: list[tuple[Any, ...]],
+        meta: dict[str, str],
+        curve: Sequence[CurveRow] = (),
+        dropped: Sequence[tuple[str, int]] = (),
+    ) -> None:
+        """Coalesced heartbeat fields (many heartbeats, one transaction), the sticky job flags, and the
+        curve points the heartbeats added (``curve``) or thinned out (``dropped``)."""
         db = self._db()
         with _transaction(db):
             db.executemany(UPDATE_HEARTBEAT, rows)
             db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(meta.items()))
+            db.executemany("INSERT OR REPLACE INTO curve VALUES (?, ?, ?, ?, ?)", curve)
+            db.executemany("DELETE FROM curve WHERE series = ? AND step = ?", dropped)
 
     # -- reads -----------------------------------------------------------------------------------------
     def events(self, after: int, limit: int) -> list[StoredEvent]:

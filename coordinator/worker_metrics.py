@@ -19,14 +19,12 @@ Named to Prometheus's conventions: base units (seconds, bytes), ``_total`` on co
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from coordinator.cluster_state import WorkerRecord
-
-STEP_PARTS = ("compute", "comm", "wait", "data_wait")
+from coordinator.stragglers import step_parts, straggler_ratios
 
 
 class WorkerCollector(Collector):
@@ -41,6 +39,7 @@ class WorkerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         live = [w for w in self._workers().values() if w.status == "alive"]
+        ratios = straggler_ratios(live)
         labels = ["worker", "host"]
         step = GaugeMetricFamily(
             "zerowire_worker_step_seconds", "The worker's last step time, by part", labels=[*labels, "part"]
@@ -67,31 +66,23 @@ class WorkerCollector(Collector):
             "zerowire_worker_heartbeat_age_seconds", "Age of the worker's latest heartbeat", labels=labels
         )
         now = self._now()
-        totals: dict[str, float] = {}
         for w in live:
-            t: Mapping[str, Any] = w.telemetry
             who = [w.worker_id, w.info.host_id]
-            parts = {p: t.get(f"{p}_s") for p in STEP_PARTS}
-            for part, value in parts.items():
-                if isinstance(value, (int, float)):
-                    step.add_metric([*who, part], float(value))
+            for part, value in step_parts(w.telemetry).items():
+                step.add_metric([*who, part], value)
             if w.samples_per_s is not None:
                 rate.add_metric(who, float(w.samples_per_s))
-            lanes = t.get("bytes_by_lane")
+            lanes = w.telemetry.get("bytes_by_lane")
             if isinstance(lanes, Mapping):
                 for lane, n in lanes.items():
                     sent.add_metric([*who, str(lane)], float(n))
-            rates = t.get("bus_bandwidth")
+            rates = w.telemetry.get("bus_bandwidth")
             if isinstance(rates, Mapping):
                 for key, value in rates.items():
                     lane, _, op = str(key).partition("/")
                     bus.add_metric([*who, lane, op], float(value))
-            known = [float(v) for p, v in parts.items() if p != "comm" and isinstance(v, (int, float))]
-            if known:  # compute + wait + data wait: the step's wall time (communication overlaps it)
-                totals[w.worker_id] = sum(known)
             age.add_metric(who, max(0.0, now - w.last_heartbeat))
-        fastest = min((v for v in totals.values() if v > 0), default=None)
         for w in live:
-            if fastest and w.worker_id in totals:
-                ratio.add_metric([w.worker_id, w.info.host_id], totals[w.worker_id] / fastest)
+            if w.worker_id in ratios:
+                ratio.add_metric([w.worker_id, w.info.host_id], ratios[w.worker_id])
         yield from (step, rate, sent, bus, ratio, age)

@@ -220,6 +220,7 @@ class Manager:
             "mode": formed.mode,
             "resumed_at": formed.resumed_at,
             "steps_lost": formed.steps_lost,
+            "seconds": round(formed.seconds, 3),
         }
         self.t.update(recovery=report)  # the heartbeat tells the coordinator (/events)
         self.record(
@@ -228,7 +229,7 @@ class Manager:
                 **report,
                 "rank": group.rank,
                 "world_size": group.world_size,
-                "seconds": formed.seconds,
+                "seconds": formed.seconds,  # unrounded in the telemetry file
             }
         )
         log.info(
@@ -276,7 +277,7 @@ class Manager:
         bus, self._bus_seen = self._bus_seen, self.recorder.bus_totals()
         self.t.update(
             bus_bandwidth=bus_bandwidth(bus, self._bus_seen),
-            **({} if loss is None else {"loss": loss}),
+            **({} if loss is None else {"loss": loss, "loss_step": int(report.step)}),
             samples_per_s=self._local_samples(job_batch=int(report.samples), group=group) / step_time,
             compute_s=float(report.compute_s),
             comm_s=float(report.comm_s),
@@ -315,7 +316,11 @@ class Manager:
         return stop - start
 
     def on_eval(self, group: PeerGroup, report: Any) -> None:
-        self.t.update(test_loss=float(report.test_loss), test_accuracy=float(report.test_accuracy))
+        self.t.update(
+            test_loss=float(report.test_loss),
+            test_accuracy=float(report.test_accuracy),
+            test_step=int(report.step) - 1,  # the report counts the steps done
+        )
         self.record(
             {
                 "kind": "eval",

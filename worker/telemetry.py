@@ -33,6 +33,8 @@ OPTIONAL_FIELDS = (
     "data_wait_s",
     "test_loss",
     "test_accuracy",
+    "loss_step",
+    "test_step",
 )
 
 
@@ -56,6 +58,8 @@ class Telemetry:
     data_wait_s: float | None = None
     test_loss: float | None = None
     test_accuracy: float | None = None
+    loss_step: int | None = None  # the step whose loss `loss` is
+    test_step: int | None = None  # the committed step after which the latest evaluation ran
     bytes_sent: int = 0
     bytes_received: int = 0
     bytes_by_lane: dict[str, int] | None = None  # bytes sent, by data-plane lane ("grpc", "local")

@@ -8,6 +8,13 @@ import json
 import sys
 import time
 from typing import Any
+from urllib.parse import quote
+
+
+def page_url(base_url: str, read_token: str) -> str:
+    """The coordinator's live page with the read token in the URL fragment (``#token=...``), which the page
+    reads, keeps for the tab and removes from the address bar."""
+    return f"{base_url.rstrip('/')}/#token={quote(read_token, safe='')}"
 
 
 def drive(cluster: Any, job: Any, args: argparse.Namespace) -> int:
@@ -33,6 +40,8 @@ def drive(cluster: Any, job: Any, args: argparse.Namespace) -> int:
         f"zerowire status --coordinator {cluster.url}"
         + (f" --tls-ca {cluster.tls_dir / 'ca.pem'})" if cluster.tls_dir else ")")
     )
+    # the live page, with the read token in the fragment: the browser never sends it in a request line
+    progress.message(f"zerowire run: live page at {page_url(cluster.url, cluster.read_token)}")
     client = SyncCoordinatorClient(
         cluster.url,
         cluster.read_token,  # status and progress: the read-only token

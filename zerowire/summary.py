@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.history import mode_rank
+
 log = logging.getLogger(__name__)
 
 FAILURE_EVENTS = ("died", "rejoined", "evicted", "failed")
@@ -88,15 +90,6 @@ def steps_redone(tel: RunTelemetry) -> int:
     return sum(1 for n in epochs.values() if n > 1)
 
 
-# A formation's mode as one word for the whole epoch: the most telling of its ranks' modes (a joiner says
-# "join" while the others hand over; a checkpoint fallback is the same on every rank).
-MODE_ORDER = ("checkpoint", "join", "handover", "fresh")
-
-
-def _mode_rank(mode: str) -> tuple[int, str]:
-    return (MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER), mode)
-
-
 def recoveries(tel: RunTelemetry) -> list[dict[str, Any]]:
     """The formations, one per epoch: ``mode`` (the most telling of the ranks' modes, ``modes`` all of
     them), ``world_size``, ``resumed_at``, ``steps_lost`` (max over the ranks), ``seconds`` (the slowest
@@ -107,7 +100,7 @@ def recoveries(tel: RunTelemetry) -> list[dict[str, Any]]:
     out = []
     for epoch in sorted(by_epoch):
         recs = by_epoch[epoch]
-        modes = sorted({str(r["mode"]) for r in recs}, key=_mode_rank)
+        modes = sorted({str(r["mode"]) for r in recs}, key=mode_rank)
         out.append(
             {
                 "mode": modes[0],

@@ -1,4 +1,5 @@
-"""Cluster routes: status, the diagnosis of a job held up, and the membership event history."""
+"""Cluster routes: status, the diagnosis of a job held up, the training's history (curves, formations), and
+the membership event history."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from coordinator.auth import OPERATOR
 from coordinator.deps import ClockDep, ServiceDep
 from coordinator.diagnosis import diagnose
 from coordinator.openapi import errors
-from coordinator.schemas import ClusterStatus, Diagnosis, EventsResponse, EventView
-from coordinator.views import listing_order, worker_dict
+from coordinator.schemas import ClusterStatus, Diagnosis, EventsResponse, EventView, History
+from coordinator.views import worker_views
 
 router = APIRouter(tags=["cluster"], dependencies=[Depends(OPERATOR)])
 
@@ -24,20 +25,22 @@ router = APIRouter(tags=["cluster"], dependencies=[Depends(OPERATOR)])
     responses=errors(401, 403),
 )
 async def cluster_status(service: ServiceDep, clock: ClockDep) -> JSONResponse:
-    now = clock.monotonic()
+    now, wall = clock.monotonic(), clock.wall()
     state = service.state
-    workers = sorted(state.workers.values(), key=listing_order)
-    alive_steps = [w.step for w in workers if w.status == "alive"]
+    workers = worker_views(state.workers.values(), now, wall)
+    alive_steps = [w["step"] for w in workers if w["state"] == "alive"]
     body = {
         "state": service.phase(),
         "epoch": state.epoch,
         "world_size": service.world_size,
         "step": max(alive_steps, default=0),
-        "workers": [worker_dict(w, now) for w in workers],
+        "workers": workers,
         "job": service.job.model_dump(mode="json"),
         "job_hash": service.job_hash,
         "started_at": service.started_wall,
         "uptime_s": round(now - service.started_mono, 3),
+        "now": wall,
+        "heartbeat_interval_s": service.settings.heartbeat_interval,
     }
     return JSONResponse(body)
 
@@ -51,10 +54,21 @@ async def cluster_status(service: ServiceDep, clock: ClockDep) -> JSONResponse:
 async def cluster_diagnosis(service: ServiceDep, clock: ClockDep) -> JSONResponse:
     """Who holds the job up and why, from every member's heartbeat (the head of its flight recorder, its
     heartbeat's age, and its training stack while it makes no progress)."""
-    now = clock.monotonic()
-    views = [worker_dict(w, now) for w in sorted(service.state.workers.values(), key=listing_order)]
+    views = worker_views(service.state.workers.values(), clock.monotonic(), clock.wall())
     found = diagnose(views, service.settings.heartbeat_interval, service.state.epoch)
     return JSONResponse({"epoch": service.state.epoch, **found})
+
+
+@router.get(
+    "/cluster/history",
+    response_model=History,
+    openapi_extra=OPERATOR.openapi,
+    responses=errors(401, 403),
+)
+async def cluster_history(service: ServiceDep) -> JSONResponse:
+    """The loss per committed step, the evaluations, and how each epoch was formed, as the workers'
+    heartbeats told them (bounded: a long run's curve is thinned, not cut)."""
+    return JSONResponse(service.history.view())
 
 
 @router.get(

@@ -23,7 +23,7 @@ from coordinator.schemas import (
     RegisterResponse,
     WorkersResponse,
 )
-from coordinator.views import listing_order, worker_dict
+from coordinator.views import worker_views
 
 router = APIRouter(prefix="/workers", tags=["workers"])
 WorkerSecretHeader = Annotated[
@@ -181,6 +181,5 @@ async def leave(
     responses=errors(401, 403),
 )
 async def list_workers(service: ServiceDep, clock: ClockDep) -> JSONResponse:
-    now = clock.monotonic()
-    workers = sorted(service.state.workers.values(), key=listing_order)
-    return JSONResponse({"epoch": service.state.epoch, "workers": [worker_dict(w, now) for w in workers]})
+    workers = worker_views(service.state.workers.values(), clock.monotonic(), clock.wall())
+    return JSONResponse({"epoch": service.state.epoch, "workers": workers})

@@ -2,7 +2,7 @@
 processes, one is SIGKILLed mid-run and the other goes on from its buddy's replica, reading on from the first
 uncommitted step: every step is committed once (no sample lost or repeated), the summary names the classes
 and the normalisation and reports the time spent waiting for data, no loader process outlives its worker,
-and the status hint the run prints works as printed."""
+and the status hint and the live page's address the run prints work as printed."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import ProcessReaper
@@ -56,6 +57,15 @@ def test_a_run_on_an_image_folder_survives_a_sigkill(
         == 0
     )
     assert "suspects" in json.loads(capsys.readouterr().out)
+    # and so does the live page's address, with the same read token in its fragment
+    page = wait_for(lambda: re.search(r"live page at (\S+)/#token=(\S+)", log.read_text()), 10, "the page")
+    assert (page.group(1), page.group(2)) == (hint.group(2), hint.group(1))
+    served = httpx.get(f"{page.group(1)}/", timeout=5)
+    assert served.status_code == 200 and 'src="static/app.js"' in served.text
+    history = httpx.get(
+        f"{page.group(1)}/cluster/history", headers={"Authorization": f"Bearer {page.group(2)}"}
+    )
+    assert history.status_code == 200 and "formations" in history.json()
     assert run.wait(150) == 0, log.read_text()[-4000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["completed"] and summary["steps_redone"] == 0

@@ -31,3 +31,15 @@ def test_building_the_parser_imports_neither_torch_nor_grpc() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_zerowire_run_prints_the_page_with_the_token_in_its_fragment() -> None:
+    from urllib.parse import unquote, urlsplit
+
+    from zerowire.run_driver import page_url
+
+    url = page_url("http://127.0.0.1:8765", "a+b/c=d&e")
+    parts = urlsplit(url)
+    assert (parts.path, parts.query) == ("/", "")  # never in the request line the browser sends
+    assert parts.fragment.startswith("token=") and unquote(parts.fragment[len("token=") :]) == "a+b/c=d&e"
+    assert "+" not in parts.fragment  # a fragment parser would read it as a space

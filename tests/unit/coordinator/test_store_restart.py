@@ -41,8 +41,12 @@ async def test_state_survives_a_new_app_on_the_same_db(tmp_path: Path) -> None:
             api2 = Api(app2, c, clock2, app2.state.service, secrets=api.secrets)  # the workers' secrets
             after = (await c.get("/workers")).json()
             assert after["epoch"] == before["epoch"] == 4
-            strip = lambda ws: [{k: v for k, v in w.items() if k != "last_heartbeat_age_s"} for w in ws]  # noqa: E731
+            ages = ("last_heartbeat_age_s", "values_age_s", "restored")
+            strip = lambda ws: [{k: v for k, v in w.items() if k not in ages} for w in ws]  # noqa: E731
             assert strip(after["workers"]) == strip(before["workers"])  # ranks, steps, losses, states
+            # read back from the database: marked so until their next heartbeats
+            assert [w["restored"] for w in before["workers"]] == [False] * 3
+            assert [w["restored"] for w in after["workers"]] == [True] * 3
             assert (await c.get("/job")).json()["job"]["job_id"] == "persist"
             events = (await c.get("/events")).json()["events"]
             assert events[-1]["kind"] == "coordinator_restarted" and events[-1]["epoch"] == 4

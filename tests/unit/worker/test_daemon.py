@@ -150,7 +150,11 @@ async def test_a_clean_run_registers_trains_saves_reports_and_leaves(tmp_path: P
     assert trainer.saved == tmp_path / "model.safetensors"
     assert backend.groups == [trainer.group] and backend.closed
     assert fake.calls("DELETE", "/workers/w0")
-    assert fake.calls("POST", "/heartbeat")[-1][3]["state"] == "finished"
+    last = fake.calls("POST", "/heartbeat")[-1][3]
+    assert last["state"] == "finished"
+    # each value says which step it is of: the last loss of step 4, the evaluation after step 4
+    assert (last["loss"], last["loss_step"], last["test_accuracy"], last["test_step"]) == (1.0, 4, 0.97, 4)
+    assert last["recovery"] == {"epoch": 1, "mode": "fresh", "resumed_at": 0, "steps_lost": 0, "seconds": 0.0}
     records = [json.loads(line) for line in (tmp_path / "w0.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records] == ["recovery"] + ["step"] * 5 + ["eval", "result"]
     assert records[-1]["test_accuracy"] == 0.97 and records[1]["bytes_sent"] == 10
