@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,16 +55,21 @@ def test_a_worker_whose_training_blocks_is_evicted_within_the_progress_timeout(
 
     # long before the progress timeout evicts it, the diagnosis names w2: the others wait on it in a
     # collective, its heartbeat is fresh, and its training thread is in none (its stack says where)
-    def stuck() -> dict[str, object] | None:
-        found = get(url, "/cluster/diagnosis")
+    def stuck() -> dict[str, Any] | None:
+        found: dict[str, Any] = get(url, "/cluster/diagnosis")
         return found if [s["worker_id"] for s in found["suspects"]] == ["w2"] else None
+
+    def both_wait() -> dict[str, Any] | None:
+        found = stuck()
+        return found if found and {w["worker_id"] for w in found["waiting"]} == {"w0", "w1"} else None
 
     found = wait_for(stuck, PROGRESS_TIMEOUT, "the diagnosis to name w2", every_s=0.1)
     named_s = time.time() - blocked_at
-    (suspect,) = found["suspects"]  # type: ignore[misc]
+    (suspect,) = found["suspects"]
     assert suspect["reason"].startswith("stuck trainer"), suspect
     assert named_s < PROGRESS_TIMEOUT, named_s  # named before any timeout evicts it
-    assert {w["worker_id"] for w in found["waiting"]} == {"w0", "w1"}  # type: ignore[attr-defined]
+    # named once one of them reported its wait; the other's report follows with its next heartbeat
+    found = wait_for(both_wait, 2.0, "w0 and w1 both waiting on w2", every_s=0.1)
     assert "w2 on host" in str(found["summary"]) and "in no collective" in str(found["summary"])
     w2 = next(w for w in get(url, "/workers")["workers"] if w["worker_id"] == "w2")
     assert "stall_worker.py" in w2["stack"], w2["stack"]
@@ -152,20 +158,25 @@ def test_a_worker_in_another_collective_is_named_with_both_ops(reaper: ProcessRe
     wait_for(marker.exists, 120, "w2 to leave the sequence of calls")
     strayed_at = float(marker.read_text())
 
-    def named() -> dict[str, object] | None:
-        found = get(url, "/cluster/diagnosis")
+    def named() -> dict[str, Any] | None:
+        found: dict[str, Any] = get(url, "/cluster/diagnosis")
         return found if [s["worker_id"] for s in found["suspects"]] == ["w2"] else None
 
-    found = wait_for(named, 5.0, "the diagnosis to name w2", every_s=0.1)
+    def all_wait() -> dict[str, Any] | None:  # each member's wait reported (each with its own heartbeat)
+        found = named()
+        return found if found and len(found["waiting"]) == 3 else None
+
+    wait_for(named, 5.0, "the diagnosis to name w2", every_s=0.1)
     named_s = time.time() - strayed_at
-    (suspect,) = found["suspects"]  # type: ignore[misc]
+    found = wait_for(all_wait, 2.0, "every member's wait", every_s=0.1)
+    (suspect,) = found["suspects"]
     reason = str(suspect["reason"])
     assert reason.startswith("in another collective: exchange key 123456789"), reason
     assert "while the others are in all_gather unit" in reason and "of step 4" in reason, reason
     assert "(w2 on host host-2), which is in exchange key 123456789" in str(found["summary"]), found[
         "summary"
     ]
-    ops = {w["worker_id"]: w["op"] for w in found["waiting"]}  # type: ignore[attr-defined]
+    ops = {w["worker_id"]: w["op"] for w in found["waiting"]}
     assert ops == {"w0": "all_gather", "w1": "all_gather", "w2": "exchange"}, found["waiting"]
     assert named_s < 5.0, named_s
     print(f"\ndiagnosis named w2 {named_s:.2f} s after it left the sequence: {found['summary']}")
