@@ -4,7 +4,6 @@ the world sizes asked for (2 and 4 by default)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -19,7 +18,6 @@ from worker.models import build_model
 from worker.zero3.memory import memory_figures
 from worker.zero3.plan import plan_model
 from zerowire.bench.step_peak import PeakMeter, peak_in_window
-from zerowire.bench.step_rounds import run_contender
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,29 +61,38 @@ def test_meter_sees_a_known_allocation() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_zerowire_peak_below_ddp(tmp_path: Path) -> None:
-    """Both contenders train CIFAR ResNet-18 (batch 2 per rank) in real processes at 2 workers: one warm-up
-    step, one measured step. DDP keeps full parameters, gradients and momentum on every rank; zerowire keeps
-    half of each, plus transiently the gathered units (the plan bounds them by ~0.8 of that difference here,
-    but at the peak, the turn from forward to backward, two layer4 blocks are held: ~0.5) and one unit's
-    flat gradient. Measured, the saving is ~0.55 of the plan's persistent-state difference; the test asks
-    for 0.25, leaving room for the convolution kernels' scratch tensors, which differ between CPUs (oneDNN
-    picks its kernels per CPU) but are the same for both contenders. Tensor bytes, not RSS: no allocator
-    caching or interpreter noise enters the figures. ZeRO-3's own figure is taken without buddy replicas;
-    a replica (the default) then adds the ward's parameter and momentum shards (measured: 1.00 of them)."""
-    a = argparse.Namespace(
-        model="resnet18", batch=2, workers=2, warmup=1, memory=True, compression="none", timeout=240.0,
-        replicas=0,
-    )  # fmt: skip
-    peaks = {}
-    for kind in ("zerowire", "ddp"):
-        run = run_contender(kind, 0, 1, tmp_path, a)
-        peaks[kind] = max(int(rep["peak_bytes"]) for rep in run.reports)
-    # A buddy replica (the default) adds the ward's shard and momentum: this rank's persistent state again.
-    a.replicas = 1
-    (tmp_path / "replicas").mkdir()
-    run = run_contender("zerowire", 0, 1, tmp_path / "replicas", a)
-    replicated = max(int(rep["peak_bytes"]) for rep in run.reports)
+def test_bench_memory_json_and_zerowire_peak_below_ddp(reaper: object) -> None:
+    """`bench step --memory --json` at 2 workers: every contender trains CIFAR ResNet-18 (batch 2 per rank)
+    in real processes, one warm-up step then the measured ones. DDP keeps full parameters, gradients and
+    momentum on every rank; zerowire keeps half of each, plus transiently the gathered units (the plan bounds
+    them by ~0.8 of that difference here, but at the peak, the turn from forward to backward, two layer4
+    blocks are held: ~0.5) and one unit's flat gradient. Measured, the saving is ~0.55 of the plan's
+    persistent-state difference; the test asks for 0.25, leaving room for the convolution kernels' scratch
+    tensors, which differ between CPUs (oneDNN picks its kernels per CPU) but are the same for both
+    contenders. Tensor bytes, not RSS: no allocator caching or interpreter noise enters the figures.
+    ZeRO-3's own figure is taken without buddy replicas; a replica (the default) then adds the ward's
+    parameter and momentum shards (measured: 1.00 of them)."""
+    cmd = [sys.executable, "-m", "zerowire.cli", "--log-level", "WARNING", "bench", "step", "--memory"]
+    cmd += ["--json", "--model", "resnet18", "--batch", "2", "--timeout", "240", "--workers", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = reaper.spawn(  # type: ignore[attr-defined]
+        cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = proc.communicate(timeout=280)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    report = json.loads(out)
+    assert report["model"] == "resnet18" and report["batch_per_worker"] == 2
+    assert set(report["peak_bytes_per_rank"]) == {"2"}  # only the world size asked for (default: 2 and 4)
+    peaks = report["peak_bytes_per_rank"]["2"]
+    assert set(peaks) == {"zerowire", "zerowire_replicated", "ddp", "fsdp2"}
+    assert all(v > 0 for v in peaks.values())
+    assert len(report["peak_bytes_by_rank"]["2"]["zerowire"]) == 2
+    ratios = report["ratios"]["2"]
+    for ours in ("zerowire", "zerowire_replicated"):
+        assert ratios[f"{ours}/ddp"] == pytest.approx(peaks[ours] / peaks["ddp"])
+        assert ratios[f"{ours}/fsdp2"] == pytest.approx(peaks[ours] / peaks["fsdp2"])
+    assert [row["world_size"] for row in report["plan"]["rows"]] == [2]
+
     model = build_model("resnet18", 10, 3)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     fig = memory_figures(plan_model(model, 2), "sgd", 0.9, buffers).as_dict()
@@ -95,30 +102,6 @@ def test_zerowire_peak_below_ddp(tmp_path: Path) -> None:
     # sanity: each peak at least holds that contender's persistent model state
     assert peaks["ddp"] >= fig["ddp_persistent_bytes"]
     assert peaks["zerowire"] >= fig["zero3_persistent_bytes"]
-    state = plan_model(model, 2).shard_numel * 4 * 2  # the ward's parameter and momentum shards (fp32)
-    assert 0.9 * state <= replicated - peaks["zerowire"] <= 1.25 * state, (replicated, peaks, state)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_bench_memory_json(reaper: object) -> None:
-    cmd = [sys.executable, "-m", "zerowire.cli", "--log-level", "WARNING", "bench", "step", "--memory"]
-    cmd += ["--json", "--model", "resnet8", "--batch", "2", "--timeout", "120", "--workers", "2"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = reaper.spawn(  # type: ignore[attr-defined]
-        cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    out, err = proc.communicate(timeout=280)
-    assert proc.returncode == 0, err.decode()[-3000:]
-    report = json.loads(out)
-    assert report["model"] == "resnet8" and report["batch_per_worker"] == 2
-    assert set(report["peak_bytes_per_rank"]) == {"2"}  # only the world size asked for (default: 2 and 4)
-    for world, peaks in report["peak_bytes_per_rank"].items():
-        assert set(peaks) == {"zerowire", "zerowire_replicated", "ddp", "fsdp2"}
-        assert all(v > 0 for v in peaks.values())
-        assert len(report["peak_bytes_by_rank"][world]["zerowire"]) == int(world)
-        ratios = report["ratios"][world]
-        for ours in ("zerowire", "zerowire_replicated"):
-            assert ratios[f"{ours}/ddp"] == pytest.approx(peaks[ours] / peaks["ddp"])
-            assert ratios[f"{ours}/fsdp2"] == pytest.approx(peaks[ours] / peaks["fsdp2"])
-    assert [row["world_size"] for row in report["plan"]["rows"]] == [2]
+    # a buddy replica (the default) adds the ward's parameter and momentum shards (fp32)
+    state = plan_model(model, 2).shard_numel * 4 * 2
+    assert 0.9 * state <= peaks["zerowire_replicated"] - peaks["zerowire"] <= 1.25 * state, (peaks, state)
