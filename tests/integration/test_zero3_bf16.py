@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_zero3_grpc import run_cluster
+from tests.integration.test_zero3_grpc import run_cluster, run_clusters
 
 JOB = dict(
     job_id="bf16", model="resnet8", dataset="digits", steps=100, global_batch=64, lr=0.1, momentum=0.9,
@@ -38,14 +38,13 @@ STEP0_GAP = 0.01  # relative gap of bf16's step-0 loss to fp32's
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_bf16_workers_learn_digits(reaper: object, tmp_path: Path) -> None:
-    ranks = run_cluster(reaper, 2, tmp_path / "bf16", JOB)
+    # and one fp32 step from the same weights and samples (steps only shapes the schedule after step 0)
+    one_step = {**JOB, "param_dtype": "float32", "steps": 1, "warmup_steps": 1}
+    ranks, fp32 = run_clusters(reaper, 2, tmp_path / "runs", [(JOB, 0), (one_step, 0)])
     assert ranks[0] == ranks[1], "ranks report different results"
     assert ranks[0]["steps_done"] == JOB["steps"]
     accuracy = float(ranks[0]["test_accuracy"])  # type: ignore[arg-type]
     assert accuracy >= BAR, accuracy
-    # one fp32 step from the same weights and samples (steps only shapes the schedule after step 0)
-    one_step = {**JOB, "param_dtype": "float32", "steps": 1, "warmup_steps": 1}
-    fp32 = run_cluster(reaper, 2, tmp_path / "fp32", one_step)
     bf16_loss = ranks[0]["losses"][0]  # type: ignore[index]
     fp32_loss = fp32[0]["losses"][0]  # type: ignore[index]
     gap = abs(bf16_loss - fp32_loss) / fp32_loss
@@ -67,7 +66,7 @@ def measure(seeds: list[int]) -> None:
                 for dtype in ("float32", "bfloat16"):
                     out = Path(tmp) / f"{dtype}-{seed}"
                     rank0 = run_cluster(reaper, 2, out, {**JOB, "seed": seed, "param_dtype": dtype})[0]
-                    times = json.loads((out / "times-0.json").read_text())[3:]  # after warm-up
+                    times = json.loads((out / "0" / "times-0.json").read_text())[3:]  # after warm-up
                     medians[dtype] = statistics.median(times)
                     row[dtype] = {
                         "accuracy": rank0["test_accuracy"],

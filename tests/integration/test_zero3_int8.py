@@ -2,8 +2,9 @@
 
 2 real worker processes over gRPC train resnet8 on digits for 40 steps (global batch 64), for each of 2
 seeds: without compression, with int8, and with a deliberately worse gradient codec (a negative control:
-one level each side of zero per block and no error feedback, see ``degrade_codec``). Within a seed all runs
-share the initial weights and the data order, so the only difference is the codec.
+one level each side of zero per block and no error feedback, see ``degrade_codec``); the same two processes
+make the six runs one after the other, each a fresh trainer in its own epoch. Within a seed all runs share
+the initial weights and the data order, so the only difference is the codec.
 
 The statistic is the paired relative gap of the run's mean training loss (the area under the loss curve):
 ``gap = mean over seeds of (L_codec - L_fp32) / L_fp32``. Over these 40 steps the loss falls from 2.3 to
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_zero3_grpc import run_cluster
+from tests.integration.test_zero3_grpc import run_clusters
 
 JOB = dict(
     job_id="int8", model="resnet8", dataset="digits", steps=40, global_batch=64, lr=0.1, momentum=0.9,
@@ -52,11 +53,17 @@ def loss_gap(fp32: list[float], other: list[float]) -> float:
 def test_int8_loss_curve_matches_fp32_and_a_worse_codec_does_not(reaper: object, tmp_path: Path) -> None:
     variants = {"fp32": ("none", 0), "int8": ("int8", 0), "degraded": ("int8", DEGRADED_LEVELS)}
     gaps: dict[str, list[float]] = {"int8": [], "degraded": []}
+    # every run by the same two worker processes, one after the other (each a fresh trainer in a new epoch)
+    runs = [
+        ({**JOB, "seed": seed, "compression": codec}, levels)
+        for seed in SEEDS
+        for codec, levels in variants.values()
+    ]
+    results = iter(run_clusters(reaper, 2, tmp_path / "runs", runs))
     for seed in SEEDS:
         losses: dict[str, list[float]] = {}
-        for name, (codec, levels) in variants.items():
-            job = {**JOB, "seed": seed, "compression": codec}
-            ranks = run_cluster(reaper, 2, tmp_path / f"{name}-{seed}", job, degrade_codec=levels)
+        for name in variants:
+            ranks = next(results)
             assert ranks[0] == ranks[1], f"{name}, seed {seed}: ranks report different results"
             assert ranks[0]["steps_done"] == JOB["steps"], (name, seed)
             assert float(ranks[0]["test_accuracy"]) > LEARNED, (name, seed, ranks[0]["test_accuracy"])  # type: ignore[arg-type]
