@@ -128,7 +128,8 @@ def drive(cluster: Any, job: Any, args: argparse.Namespace) -> int:
     ok = summary["completed"] and summary["model"] is not None
     acc, loss = summary["test_accuracy"], summary["final_loss"]
     print(
-        f"{'finished' if ok else 'FAILED'}: {summary['steps_done']}/{job.steps} steps, "
+        f"{'finished' if ok else 'stopped' if interrupted else 'FAILED'}: "
+        f"{summary['steps_done']}/{job.steps} steps, "
         f"final loss {'-' if loss is None else f'{loss:.4f}'}, "
         f"test accuracy {'-' if acc is None else f'{100 * acc:.2f}%'}, "
         f"wall time {summary['wall_time_s']:.1f}s, {summary['step_samples_per_s']} samples/s; "
