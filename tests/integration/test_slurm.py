@@ -41,6 +41,8 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
             f"{PACKAGES} are not installed (no {', '.join(missing)}): scripts/system_packages.sh installs "
             "them as root with apt-get"
         )
+    if os.geteuid() != 0:
+        pytest.skip("the test's Slurm cluster runs its daemons and the job's tasks as root (SlurmUser=root)")
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
     try:
         cluster.start()
@@ -56,8 +58,9 @@ def submit(slurm: SlurmCluster, tmp: Path, *job: str, tasks: int = 3) -> str:
         PYTHONPATH=str(REPO),
         PYTHONUNBUFFERED="1",
         ZEROWIRE_PYTHON=sys.executable,
-        ZEROWIRE_RESTART_DELAY="1",  # its startup takes longer than the 2 s the coordinator needs to
-        # declare the killed worker dead (then its id is free to register again)
+        # 1 s plus the worker's start-up (over 2 s) outlast the 2 s the coordinator takes to declare the
+        # killed worker dead, which frees its id for the restarted one
+        ZEROWIRE_RESTART_DELAY="1",
     )
     command = [
         "sbatch",
