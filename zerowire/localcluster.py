@@ -205,8 +205,12 @@ class LocalCluster:
         return args + self.tls_args() + self.extra_worker_args
 
     def start_coordinator(self, timeout_s: float = 60.0) -> None:
-        for _attempt in range(3):
-            self.port = free_port(self.host)
+        """Start the coordinator on `port`, or, when it is 0, on a free port of `host` (another one, up to
+        three times, when the probed port was taken meanwhile)."""
+        fixed = self.port != 0
+        for _attempt in range(1 if fixed else 3):
+            if not fixed:
+                self.port = free_port(self.host)
             self.coordinator = self._spawn("coordinator", self.coordinator_args())
             if self._healthy(self.coordinator, timeout_s):
                 return
@@ -260,6 +264,15 @@ class LocalCluster:
     def current_workers(self) -> dict[str, Child]:
         """The latest process of each worker, by name (= worker id)."""
         return {c.name: c for c in self.worker_children()}
+
+    def running(self, status: dict[str, Any]) -> bool:
+        """Whether the run goes on: some worker process is alive (the coordinator's `status` is the
+        answer the run read last; the local processes say it all)."""
+        return any(c.alive() for c in self.worker_children())
+
+    def exit_codes(self, status: dict[str, Any]) -> dict[str, int | None]:
+        """The exit code of each worker's latest process, by worker id (None: still running)."""
+        return {name: c.proc.returncode for name, c in self.current_workers().items()}
 
     def restart_worker(self, name: str) -> Child:
         """Start worker `name` (``worker-i``) again, with the same worker id and arguments, once its

@@ -1,6 +1,7 @@
 """`zerowire run --workers N --output DIR`: train on a local cluster of real processes (coordinator + N
 workers on loopback, a fresh random token), with a progress line; writes summary.json,
-model.safetensors and training.png into DIR."""
+model.safetensors and training.png into DIR. With --external-workers it starts only the coordinator, for
+workers a scheduler starts (deploy/slurm/zerowire.sbatch), and writes the same files when the job ends."""
 
 from __future__ import annotations
 
@@ -111,7 +112,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="loader processes per worker decoding a streamed dataset (default: cores / workers / 2, 1 to 8)",
     )
     p.add_argument(
-        "--timeout", type=float, default=3600.0, help="give up after this many seconds (default 3600)"
+        "--timeout",
+        type=float,
+        default=None,
+        help="give up after this many seconds (default 3600; with --external-workers, no limit)",
+    )
+    p.add_argument(
+        "--external-workers",
+        action="store_true",
+        help="start only the coordinator, for --workers workers that another program starts (a "
+        "scheduler's tasks: deploy/slurm/zerowire.sbatch) with the cluster token of $ZEROWIRE_TOKEN, "
+        "OUTPUT/telemetry, OUTPUT/checkpoints and OUTPUT/model.safetensors on a folder they share (and, "
+        "if it likes, each one's exit code in OUTPUT/logs/WORKER_ID.exit); the run ends when the job has "
+        "finished and every worker has left, or on SIGTERM, and writes the summary of what was done "
+        "either way (the read-only token is not printed)",
+    )
+    p.add_argument(
+        "--coordinator-host",
+        default="127.0.0.1",
+        help="the coordinator's address, bound and given to the workers (default 127.0.0.1)",
+    )
+    p.add_argument(
+        "--coordinator-port", type=int, default=0, help="the coordinator's port (default: a free one)"
     )
     p.add_argument(
         "--tls",
@@ -187,6 +209,25 @@ def _check_drill(args: argparse.Namespace) -> None:
         raise CommandError("--restart-killed-after must be between 0 and --timeout seconds")
 
 
+def _check_external(args: argparse.Namespace) -> None:
+    """--external-workers: the workers are someone else's, so nothing of theirs is chosen here."""
+    if not args.external_workers:
+        return
+    given = [
+        flag
+        for flag, value in (
+            ("--tls", args.tls),
+            ("--kill-worker-at-step", args.kill_worker_at_step is not None),
+            ("--restart-killed-after", args.restart_killed_after is not None),
+        )
+        if value
+    ]
+    if given:
+        raise CommandError(f"{', '.join(given)} cannot be used with --external-workers")
+    if not os.environ.get("ZEROWIRE_TOKEN"):
+        raise CommandError("--external-workers needs the cluster token in ZEROWIRE_TOKEN (the workers' too)")
+
+
 def _devices(device: str) -> list[str]:
     if device == "cpu" or device.startswith("cuda:"):
         return [device]
@@ -216,6 +257,7 @@ def handle(args: argparse.Namespace) -> int:
 
     from jobspec import InvalidJob, make_job
     from worker.coordinator_client import CoordinatorError
+    from zerowire.external_workers import ExternalWorkers
     from zerowire.localcluster import LocalCluster, write_job_toml
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per status poll is noise
@@ -230,6 +272,11 @@ def handle(args: argparse.Namespace) -> int:
         raise CommandError("--data-workers must be between 0 and 64 (0: decode on the training thread)")
     if not 1 <= args.hosts <= args.workers:
         raise CommandError(f"--hosts must be between 1 and --workers ({args.workers})")
+    if not 0 <= args.coordinator_port <= 65535:
+        raise CommandError("--coordinator-port must be between 0 and 65535")
+    _check_external(args)
+    if args.timeout is None and not args.external_workers:
+        args.timeout = 3600.0
     try:
         job = make_job(_job_values(args))
     except InvalidJob as exc:
@@ -239,8 +286,8 @@ def handle(args: argparse.Namespace) -> int:
     if job.min_workers > args.workers:
         raise CommandError(f"min_workers {job.min_workers} > --workers {args.workers}")
     _check_drill(args)
-    try:
-        devices = _devices(args.device)
+    try:  # external workers choose their own devices
+        devices = [args.device] if args.external_workers else _devices(args.device)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     output = Path(args.output)
@@ -263,7 +310,9 @@ def handle(args: argparse.Namespace) -> int:
     token = os.environ.get("ZEROWIRE_TOKEN") or secrets.token_urlsafe(32)
     read_token = os.environ.get("ZEROWIRE_READ_TOKEN") or secrets.token_urlsafe(32)
     admin_token = os.environ.get("ZEROWIRE_ADMIN_TOKEN") or secrets.token_urlsafe(32)
-    cluster = LocalCluster(
+    cluster = (ExternalWorkers if args.external_workers else LocalCluster)(
+        host=args.coordinator_host,
+        port=args.coordinator_port,
         token=token,
         read_token=read_token,
         admin_token=admin_token,
