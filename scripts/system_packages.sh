@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The system packages some tests need, installed where this machine allows it: as root with apt-get,
+# The system packages some tests need (a one-node Slurm for deploy/slurm, headless Chromium for the live
+# page), installed where this machine allows it: as root with apt-get,
 # `apt-get install -y --no-install-recommends` of those missing; elsewhere it prints what is missing and
 # returns 0 (the tests that need them skip, saying why). A quick no-op when everything is installed.
 #
@@ -9,6 +10,8 @@ set -euo pipefail
 PACKAGES="
 slurm-wlm slurmctld
 munge munged
+chromium chromium
+chromium-driver chromedriver
 "
 
 missing=()
