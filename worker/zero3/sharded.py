@@ -19,6 +19,12 @@ Per training pass (``begin(step)``, forward, ``loss.backward()``, ``finish_backw
   compute, gradients are converted to fp32 before their reduction, the fp32 shards stay the master copy.
   The caller casts the model's inputs (``precision.cast_input``) and computes the loss in fp32.
 
+On a lane that runs its collectives on device streams (NCCL: the handle's ``order_after``), waiting for a
+gather means making the compute stream wait for it on the device: the host goes on queueing kernels while
+the next unit is gathered, with one gather in flight ahead. Such a gather's own outcome is read once, on
+the host, at the end of the pass (``finish_backward``, or the end of a forward-only pass), where a failure
+raises; the pass's results are then not used.
+
 Forward-only passes (``torch.no_grad()``) gather and free the same way and reduce nothing. The collective
 step key of a pass is the training step it belongs to; evaluation and state gathering after step ``s`` use
 key ``s + 1`` (the parameters are the ones step ``s + 1`` will gather), and a key is never all-gathered
@@ -33,7 +39,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -53,6 +59,13 @@ logger = logging.getLogger(__name__)
 
 _WAIT_GRACE_S = 5.0  # on top of the collective timeout, before the compute thread gives up on a future
 STAGING_BUFFERS = 3  # host staging of accelerator units: two gathers outstanding at most, and one spare
+
+
+@runtime_checkable
+class DeviceOrdered(Protocol):
+    """A call's handle that can make a device stream wait for it (``communication.handle.Handle``)."""
+
+    def order_after(self, stream: Any, timeout: float) -> bool: ...
 
 
 @dataclass
@@ -135,6 +148,7 @@ class ShardedModule:
         self._full_bytes_now = 0
         self.peak_full_bytes = 0
         self.stats = PassStats()
+        self._on_device: list[Future[torch.Tensor]] = []  # gathers awaited on the device, not yet read
         self._handles: list[Any] = []
         self._handles.append(model.register_forward_pre_hook(self._root_pre_forward))
         self._handles.append(model.register_forward_hook(self._root_post_forward))
@@ -185,6 +199,7 @@ class ShardedModule:
             missing = [u.index for u in self.units if not u.reduced]
             raise RuntimeError(f"{self._where()}: backward did not reduce units {missing}")
         self.stats.reductions += self.reductions.finish(self._wait)
+        self._settle_on_device()
 
     @property
     def nonfinite(self) -> bool:
@@ -227,10 +242,34 @@ class ShardedModule:
             self._issue(unit)
         if unit.state is UnitState.GATHERING:
             assert unit.future is not None
-            self._wait(unit.future)
+            if master:  # read on the host next: its outcome is needed now
+                self._wait(unit.future)
+            else:
+                self._await_gather(unit.future)
             unit.mark_ready(master=master)
             if self._prefetching is unit:
                 self._prefetching = None
+
+    def _await_gather(self, fut: Future[torch.Tensor]) -> None:
+        """Before the unit's parameters are used: the compute stream waits for its gather, on the device
+        where the lane allows it (read on the host at the end of the pass), else the host waits."""
+        if not isinstance(fut, DeviceOrdered):
+            self._wait(fut)
+            return
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        t0 = time.perf_counter()
+        try:
+            if fut.order_after(stream, self.timeout + _WAIT_GRACE_S):
+                self._on_device.append(fut)
+        finally:
+            self.stats.wait_s += time.perf_counter() - t0
+
+    def _settle_on_device(self) -> None:
+        """Read the outcome of the pass's gathers that were awaited on the device (raises the first
+        failure: the pass computed on what a failed gather left)."""
+        pending, self._on_device = self._on_device, []
+        for fut in pending:
+            self._wait(fut)
 
     def _prefetch(self, unit: FlatUnit | None) -> None:
         """Issue `unit`'s gather unless another prefetch is still unconsumed. Decided by the units' states,
@@ -295,6 +334,12 @@ class ShardedModule:
             for p in unit.params:
                 p.grad = None
         self._prefetching = None
+        for fut in self._on_device:
+            try:
+                fut.result(timeout=self.timeout + _WAIT_GRACE_S)
+            except Exception:
+                logger.debug("%s: dropped a gather awaited on the device", self._where())
+        self._on_device = []
         self.reductions.reset()
         self._callback_queued = False
 
@@ -324,6 +369,7 @@ class ShardedModule:
         if not torch.is_grad_enabled():
             for unit in self.units:
                 self._free(unit)
+            self._settle_on_device()  # a forward-only pass's outputs are read next
         elif self.root is not None:
             self._register_pre_backward(self.root, output)
 
