@@ -114,6 +114,11 @@ class HeartbeatRequest(BaseModel):
         None,
         description="bytes this worker has sent, by data-plane lane (gRPC across hosts, local on its host)",
     )
+    staging_overflows: Count | None = Field(
+        None,
+        description="host staging buffers its engine handed out beyond its pinned pools (synchronous "
+        "copies), since it started",
+    )
     recovery: RecoveryReport | None = Field(None, description="how this worker's epoch was formed")
     waiting: WaitingReport | None = Field(None, description="the collective this worker waits in, if any")
     stack: str | None = Field(
@@ -129,6 +134,7 @@ TELEMETRY_FIELDS = (
     "test_loss",
     "test_accuracy",
     "bytes_by_lane",
+    "staging_overflows",
     "waiting",
     "stack",
 )
@@ -162,6 +168,7 @@ class WorkerView(BaseModel):
     test_loss: float | None = None
     test_accuracy: float | None = None
     bytes_by_lane: dict[str, int] | None = None
+    staging_overflows: int | None = None
     waiting: dict[str, Any] | None = None
     stack: str | None = None
     host: str

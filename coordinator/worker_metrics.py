@@ -7,6 +7,8 @@ Named to Prometheus's conventions: base units (seconds, bytes), ``_total`` on co
   ``wait`` on the network, ``data_wait`` for its data);
 - ``zerowire_worker_samples_per_second{worker,host}``: its share of the global batch per second;
 - ``zerowire_worker_sent_bytes_total{worker,host,lane}``: bytes it sent over each data-plane lane;
+- ``zerowire_worker_staging_overflows_total{worker,host}``: host staging buffers its engine handed out
+  beyond its pinned pools (each a synchronous, pageable copy: the pools are too small for the plan);
 - ``zerowire_worker_straggler_ratio{worker,host}``: its last step time over the fastest live member's
   (1: the fastest);
 - ``zerowire_worker_heartbeat_age_seconds{worker,host}``: how old its latest heartbeat is;
@@ -51,6 +53,11 @@ class WorkerCollector(Collector):
             "Bytes the worker sent, by data-plane lane",
             labels=[*labels, "lane"],
         )
+        overflows = CounterMetricFamily(
+            "zerowire_worker_staging_overflows",
+            "Host staging buffers the worker's engine handed out beyond its pinned pools",
+            labels=labels,
+        )
         ratio = GaugeMetricFamily(
             "zerowire_worker_straggler_ratio",
             "The worker's last step time over the fastest live member's",
@@ -74,6 +81,9 @@ class WorkerCollector(Collector):
             if isinstance(lanes, Mapping):
                 for lane, n in lanes.items():
                     sent.add_metric([*who, str(lane)], float(n))
+            spilled = t.get("staging_overflows")
+            if isinstance(spilled, int):
+                overflows.add_metric(who, float(spilled))
             known = [float(v) for p, v in parts.items() if p != "comm" and isinstance(v, (int, float))]
             if known:  # compute + wait + data wait: the step's wall time (communication overlaps it)
                 totals[w.worker_id] = sum(known)
@@ -82,4 +92,4 @@ class WorkerCollector(Collector):
         for w in live:
             if fastest and w.worker_id in totals:
                 ratio.add_metric([w.worker_id, w.info.host_id], totals[w.worker_id] / fastest)
-        yield from (step, rate, sent, ratio, age)
+        yield from (step, rate, sent, overflows, ratio, age)

@@ -201,10 +201,17 @@ class ShardedModule:
         self.stats.reductions += self.reductions.finish(self._wait)
         self._settle_on_device()
 
+    def finite(self) -> bool | torch.Tensor:
+        """Whether every gradient of this pass was finite (zeros were reduced instead of one that was not):
+        on an accelerator a 0-d bool tensor on its device, not read here, so the step reads it with its
+        loss and norm in one host synchronisation (``worker.commit.vote_values``)."""
+        return self.reductions.finite()
+
     @property
-    def nonfinite(self) -> bool:
-        """A gradient of this pass was not finite (zeros were reduced instead; read after the pass)."""
-        return self.reductions.nonfinite
+    def staging_overflows(self) -> int:
+        """Host staging buffers handed out beyond the pools (synchronous pageable copies), so far."""
+        pools = [self.staging, self.reductions.staging.pool if self.reductions.staging else None]
+        return sum(p.overflows for p in pools if p is not None)
 
     def close(self) -> None:
         self._abandon()
