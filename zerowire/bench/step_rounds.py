@@ -81,6 +81,7 @@ def _worker_cmd(kind: str, rank: int, world: int, ports: str, directory: Path, s
         str(world), "--ports", ports, "--dir", str(directory), "--steps", str(steps), "--warmup",
         str(a.warmup), "--batch", str(a.batch), "--model", a.model, "--compression", a.compression,
         "--replicas", str(getattr(a, "replicas", 0)), "--device", getattr(a, "device", "cpu"),
+        "--nccl-reduce", "native" if getattr(a, "nccl_reduce", "ordered") == "native" else "ordered",
         *(["--memory"] if getattr(a, "memory", False) else []),
     ]  # fmt: skip
 
@@ -143,10 +144,13 @@ def measure(kinds: list[str], a: argparse.Namespace, root: Path) -> list[Run]:
     """Every contender once per round, ``a.rounds`` rounds, in the order the runs happened."""
     runs: list[Run] = []
     replicated = argparse.Namespace(**{**vars(a), "replicas": 1})
+    native = argparse.Namespace(**{**vars(a), "nccl_reduce": "native"})
     for rnd, steps in enumerate(split_steps(a.steps, a.rounds)):
         for kind in round_order(kinds, rnd):
             if kind == "zerowire_replicated":  # the zerowire workers, with a buddy replica
                 runs.append(run_contender("zerowire", rnd, steps, root, replicated, label=kind))
+            elif kind == "zerowire_local_native":  # the local lane with NCCL's own reduce-scatter
+                runs.append(run_contender("zerowire_local", rnd, steps, root, native, label=kind))
             else:
                 runs.append(run_contender(kind, rnd, steps, root, a))
     return runs
