@@ -204,8 +204,10 @@ class TorchDistDispatcher:
         if error is None:
             try:
                 end.run()  # host copies of the results, buffers back to the pool
-            except RuntimeError as exc:
-                error = PeerLost(f"{eg.group.describe()}: {exc}")
+            except RuntimeError as exc:  # the device failed under the call: so does the group, with it
+                self._fail_group(eg, PeerLost(f"{eg.group.describe()}: {exc}"), work)
+                streams.retire(token)
+                return
         if error is None:
             with self._lock:
                 self._sent += call.sent

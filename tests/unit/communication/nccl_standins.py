@@ -34,6 +34,7 @@ class FakeStreams:
         self.retired: set[int] = set()
         self.collected: set[int] = set()
         self.host_copies = 0
+        self.copy_error: RuntimeError | None = None  # the next host copy fails with it
 
     def _token(self) -> int:
         with self._lock:
@@ -73,6 +74,9 @@ class FakeStreams:
             self.collected |= self.retired
 
     def host_copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        error, self.copy_error = self.copy_error, None
+        if error is not None:
+            raise error
         self.host_copies += 1
         dst.view(-1).copy_(src.view(-1))
 

@@ -15,7 +15,7 @@ from communication.nccl_watch import NcclWatch
 from tests.unit.communication.nccl_standins import Never, StandInGroup, Switch
 
 pytestmark = pytest.mark.timeout(30)
-SLACK_S = 0.25  # the watcher polls every half millisecond; a loaded CPU may delay it this much
+SLACK_S = 0.5  # the watcher polls every half millisecond; a loaded shared CPU may delay it this much
 
 
 class Outcome:
