@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,6 +49,7 @@ from communication.backend import Codec, CollectiveBackend, UnitSpec
 from communication.errors import CollectiveTimeout
 from communication.group import PeerGroup
 from worker.zero3 import precision
+from worker.zero3.device_waits import DeviceOrdered, DeviceWaits
 from worker.zero3.flat_unit import FlatUnit, UnitState
 from worker.zero3.launcher import OrderedLauncher
 from worker.zero3.plan import PartitionPlan, plan_model
@@ -59,13 +60,6 @@ logger = logging.getLogger(__name__)
 
 _WAIT_GRACE_S = 5.0  # on top of the collective timeout, before the compute thread gives up on a future
 STAGING_BUFFERS = 3  # host staging of accelerator units: two gathers outstanding at most, and one spare
-
-
-@runtime_checkable
-class DeviceOrdered(Protocol):
-    """A call's handle that can make a device stream wait for it (``communication.handle.Handle``)."""
-
-    def order_after(self, stream: Any, timeout: float) -> bool: ...
 
 
 @dataclass
@@ -148,7 +142,7 @@ class ShardedModule:
         self._full_bytes_now = 0
         self.peak_full_bytes = 0
         self.stats = PassStats()
-        self._on_device: list[Future[torch.Tensor]] = []  # gathers awaited on the device, not yet read
+        self._device_waits = DeviceWaits()  # this pass's gathers awaited on the device, not yet read
         self._handles: list[Any] = []
         self._handles.append(model.register_forward_pre_hook(self._root_pre_forward))
         self._handles.append(model.register_forward_hook(self._root_post_forward))
@@ -267,16 +261,18 @@ class ShardedModule:
         t0 = time.perf_counter()
         try:
             if fut.order_after(stream, self.timeout + _WAIT_GRACE_S):
-                self._on_device.append(fut)
+                self._device_waits.watch(fut)
         finally:
             self.stats.wait_s += time.perf_counter() - t0
 
     def _settle_on_device(self) -> None:
         """Read the outcome of the pass's gathers that were awaited on the device (raises the first
         failure: the pass computed on what a failed gather left)."""
-        pending, self._on_device = self._on_device, []
-        for fut in pending:
-            self._wait(fut)
+        t0 = time.perf_counter()
+        try:
+            self._device_waits.settle(self.timeout + _WAIT_GRACE_S)
+        finally:
+            self.stats.wait_s += time.perf_counter() - t0
 
     def _prefetch(self, unit: FlatUnit | None) -> None:
         """Issue `unit`'s gather unless another prefetch is still unconsumed. Decided by the units' states,
@@ -341,12 +337,11 @@ class ShardedModule:
             for p in unit.params:
                 p.grad = None
         self._prefetching = None
-        for fut in self._on_device:
-            try:
-                fut.result(timeout=self.timeout + _WAIT_GRACE_S)
-            except Exception:
-                logger.debug("%s: dropped a gather awaited on the device", self._where())
-        self._on_device = []
+        try:
+            self._device_waits.settle(self.timeout + _WAIT_GRACE_S)
+        except Exception:
+            logger.debug("%s: dropped the gathers awaited on the device", self._where())
+        self._device_waits = DeviceWaits()
         self.reductions.reset()
         self._callback_queued = False
 

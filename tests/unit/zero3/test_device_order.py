@@ -147,3 +147,31 @@ def test_a_forward_only_pass_reads_its_gathers_before_its_outputs_are_used() -> 
     finally:
         lane.finish.set()
         engine.close()
+
+
+def test_device_waits_keep_outcomes_not_results() -> None:
+    """A gathered unit is freed as soon as it is used: what the pass keeps of its gather is only whether
+    it failed, read once at the end."""
+    import gc
+    import weakref
+
+    from communication.errors import CollectiveTimeout
+    from worker.zero3.device_waits import DeviceWaits
+
+    waits = DeviceWaits()
+    futs = [Handle() for _ in range(3)]
+    results = [torch.empty(1000) for _ in futs]
+    alive = [weakref.ref(r) for r in results]
+    for fut in futs:
+        waits.watch(fut)
+    futs[0].set_result(results[0])
+    futs[1].set_exception(PeerLost("first"))
+    with pytest.raises(CollectiveTimeout):
+        waits.settle(0.05)  # one has not settled
+    futs[2].set_exception(PeerLost("second"))
+    del futs, results
+    gc.collect()
+    assert [r() for r in alive] == [None, None, None], "the outcomes hold no result"
+    with pytest.raises(PeerLost, match="first"):
+        waits.settle(1.0)
+    waits.settle(1.0)  # read once: nothing left
