@@ -22,7 +22,9 @@ copied into `out` on success.
   through a fresh flat buffer).
 - reduce_scatter: an all-to-all moves slice r of every rank to rank r; the owner then sums the N slices
   in rank order 0..N-1 in fp32, so the result equals the sequential sum bit for bit (a library
-  reduce-scatter does not promise an order).
+  reduce-scatter does not promise an order). With `reduce="native"` an NCCL group runs NCCL's own
+  reduce-scatter instead (one kernel, no full-size buffer of slices; its summation order is NCCL's, so
+  results differ from the sequential sum within fp32 rounding); gloo always sums in rank order.
 - Raw fp32 only: a call's codec must be its unit's planned codec, and "int8" is served exactly (the
   local lane carries raw fp32 whatever the codec; compression pays only across hosts).
 - send / recv: the group's own point-to-point calls, in call order too (communication/torchdist_calls.py).
@@ -31,12 +33,21 @@ copied into `out` on success.
   result): the call keeps its place in the call order and reads the shard then. If `future` fails, the
   epoch's group fails with its error (the co-located members would run that collective without us).
 
+On a GPU (NCCL) nothing of a call waits on the host: the caller's stream is marked at the call, the
+dispatcher issues the collective from the lane's own stream (all-gathers on one, the rest on another;
+communication/cuda_streams.py) after that mark, and an event recorded after it tells when it is done on
+the device. The handle says so (`Handle.order_after`): the engine's compute stream waits for that event,
+not the host, so unit k+1 is gathered while unit k computes. The handle settles once the deadline watcher
+(communication/nccl_watch.py) saw the event pass.
+
 Failure: a peer's death surfaces as PeerLost (the library reports the closed connection), a call past its
 timeout as CollectiveTimeout, and `set_epoch`/`set_group` of a newer epoch fails every older call at once
-with EpochChanged. In each case the group is abandoned: the dispatcher stops waiting on it (no thread
-stays blocked), aborts it, and keeps it aside until the library's own work on it ends (within the
-collective timeout, sooner once the peers drop theirs), so the next epoch's group forms without delay.
-`close()` joins the dispatcher and waits, at most the collective timeout, for abandoned groups to end.
+with EpochChanged. In each case the group is abandoned: nothing stays blocked on it, it is aborted, and it
+is kept aside until the library's own work on it ends, so the next epoch's group forms without delay.
+Under NCCL the watcher aborts the communicator at the deadline (the library's own timeout is longer, and
+its watchdog never ends the process: communication/nccl_group.py), and an old epoch's group with nothing
+in flight is shut down cleanly instead. `close()` joins the dispatcher and waits, at most the collective
+timeout, for abandoned groups to end.
 """
 
 from __future__ import annotations
@@ -50,14 +61,17 @@ from concurrent.futures import Future
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from communication.backend import Codec, CollectiveBackend, UnitSpec, WireStats
 from communication.compression import DEFAULT_INT8_BLOCK, codec_id_for
-from communication.errors import EpochChanged, InvalidMessage
+from communication.cuda_streams import CudaStreams, LaneStreams
+from communication.errors import CommError, EpochChanged, InvalidMessage
 from communication.group import PeerGroup
 from communication.handle import Handle
 from communication.lane_buffers import StagingBuffers
-from communication.torchdist_calls import Launch, QueuedCall, TorchDistCalls, gather_by_broadcasts
+from communication.nccl_watch import NcclWatch
+from communication.torchdist_calls import CallEnd, Launch, QueuedCall, TorchDistCalls, gather_by_broadcasts
 from communication.torchdist_dispatch import TorchDistDispatcher
 from communication.torchdist_group import (
     POLL_S,
@@ -69,6 +83,7 @@ from communication.torchdist_group import (
 from communication.wire_plan import WirePlan
 
 CLOSE_WAIT_S = 2.0  # how long close() lets abandoned groups finish their work in flight
+REDUCE_MODES = ("ordered", "native")  # reduce-scatter under NCCL: rank-order sums, or NCCL's own
 log = logging.getLogger(__name__)
 
 
@@ -80,23 +95,35 @@ class TorchDistBackend(TorchDistCalls, TorchDistDispatcher):
         collective_timeout: float = 30.0,
         rendezvous_timeout: float = 30.0,
         pool_bytes: int = 256 << 20,
+        reduce: str = "ordered",
+        streams: LaneStreams | None = None,
     ) -> None:
+        """`reduce`: "ordered" (rank-order sums, the default) or "native" (NCCL's reduce-scatter, on NCCL
+        groups only). `streams`: the device's streams and events (default: the GPU's when `device` is
+        one; a unit test hands a stand-in)."""
         if collective_timeout <= 0 or rendezvous_timeout <= 0:
             raise ValueError("timeouts must be positive")
+        if reduce not in REDUCE_MODES:
+            raise ValueError(f"reduce must be one of {', '.join(REDUCE_MODES)}, got {reduce!r}")
         self.device = torch.device(device)
+        self.reduce = reduce
         # the backend's GPU, where the library works when the group is NCCL (gloo works in host memory)
         self._cuda: torch.device | None = None
         if device_has_cuda(self.device):
             index = self.device.index
             self._cuda = torch.device("cuda", torch.cuda.current_device() if index is None else index)
+        self._streams: LaneStreams | None = streams
+        if streams is None and self._cuda is not None:
+            self._streams = CudaStreams(self._cuda)
+        self._watch = NcclWatch()
         self.collective_timeout = collective_timeout
         self.rendezvous_timeout = rendezvous_timeout
         self._lock = threading.Lock()
         self._epoch = -1
         self._current: EpochGroup | None = None
         self._pending: dict[EpochGroup, set[Handle]] = {}
-        # abandoned groups whose library work is still running
-        self._aside: list[tuple[EpochGroup, list[Any]]] = []
+        # ended groups whose library work (or shutdown) is still running
+        self._aside: list[EpochGroup] = []
         self._plan: WirePlan | None = None
         self._sent = 0
         self._received = 0
@@ -120,11 +147,12 @@ class TorchDistBackend(TorchDistCalls, TorchDistDispatcher):
                 self._current is not None and group.epoch == self._current.epoch
             ):
                 raise EpochChanged(f"cannot install {group.describe()}: epoch {self._epoch} is known")
-            self._abandon_older(group.epoch)
+            ended = self._abandon_older(group.epoch)
             self._epoch = group.epoch
             eg = EpochGroup(group, rendezvous, self._cuda, host_store)
             self._current = eg
             self._pending[eg] = set()
+        self._end_groups(ended)
         self._jobs.put(eg)
 
     def set_plan(self, group: PeerGroup, units: Mapping[int, UnitSpec]) -> None:
@@ -134,17 +162,37 @@ class TorchDistBackend(TorchDistCalls, TorchDistDispatcher):
         with self._lock:
             if epoch > self._epoch:
                 self._epoch = epoch
-            self._abandon_older(epoch)
+            ended = self._abandon_older(epoch)
+        self._end_groups(ended)
 
-    def _abandon_older(self, epoch: int) -> None:
-        """(Lock held.) Fail every call of an epoch older than `epoch` now; its group is dropped."""
+    def _abandon_older(self, epoch: int) -> list[tuple[EpochGroup, CommError, bool]]:
+        """(Lock held.) Fail every call of an epoch older than `epoch` now; its group is dropped. Returns
+        the dropped groups, their error and whether calls of them were still pending, for `_end_groups`
+        (outside the lock)."""
+        ended: list[tuple[EpochGroup, CommError, bool]] = []
         for eg in [eg for eg in self._pending if eg.epoch < epoch]:
             eg.abandoned.set()
             error = EpochChanged(f"{eg.group.describe()}: epoch is now {epoch}")
-            for fut in self._pending.pop(eg):
+            pending = self._pending.pop(eg)
+            for fut in pending:
                 settle(fut, error=error)
             if self._current is eg:
                 self._current = None
+            ended.append((eg, error, bool(pending)))
+        return ended
+
+    def _end_groups(self, ended: list[tuple[EpochGroup, CommError, bool]]) -> None:
+        """End dropped NCCL groups now: abort one that failed or had calls pending (its calls in flight fail
+        with `error`), shut an idle one down cleanly (in the background). A gloo group is ended by the
+        dispatcher as it meets it, as before."""
+        for eg, error, busy in ended:
+            if eg.backend_name != "nccl" or self._streams is None:
+                continue
+            if busy or eg.failed is not None:
+                self._watch.fail(eg, error)
+            else:
+                eg.end_in_background()
+            self._park(eg)
 
     # -- collectives -----------------------------------------------------------------------------
 
@@ -168,7 +216,7 @@ class TorchDistBackend(TorchDistCalls, TorchDistDispatcher):
         if shard.dtype != torch.float32:
             raise ValueError(f"shard must be float32, got {shard.dtype}")
 
-        def launch(eg: EpochGroup) -> tuple[Any, Callable[[], torch.Tensor]]:
+        def launch(eg: EpochGroup, end: CallEnd) -> tuple[Any, Callable[[], torch.Tensor]]:
             src, staged = self._input(shard, eg)
             dst, private = self._output(out, eg)
             if eg.backend_name == "nccl":
@@ -178,14 +226,16 @@ class TorchDistBackend(TorchDistCalls, TorchDistDispatcher):
 
             def finish() -> torch.Tensor:
                 if private:
-                    out.view(-1).copy_(dst)
-                self._buffers.give(*staged, *private)
+                    end.copy(dst, out)
+                end.give(*staged, *private)
                 return out
 
             return work, finish
 
         nbytes = 4 * n * (group.world_size - 1)
-        return self._submit(group, unit, n, codec_id, "this rank's shard", launch, timeout, nbytes, ready)
+        return self._submit(
+            group, unit, n, codec_id, "this rank's shard", launch, timeout, nbytes, ready, kind="gather"
+        )
 
     def reduce_scatter(
         self,
@@ -203,8 +253,10 @@ class TorchDistBackend(TorchDistCalls, TorchDistDispatcher):
         if full.numel() != n * world:
             raise ValueError(f"full has {full.numel()} elements, expected {n * world}")
 
-        def launch(eg: EpochGroup) -> tuple[Any, Callable[[], torch.Tensor]]:
+        def launch(eg: EpochGroup, end: CallEnd) -> tuple[Any, Callable[[], torch.Tensor]]:
             src, staged = self._input(full, eg)
+            if eg.backend_name == "nccl" and self.reduce == "native":
+                return self._native_reduce(eg, end, src, staged, out)
             slices = self._buffers.take(n * world, self._lib(eg))
             work = eg.pg.alltoall_base(slices, src, [n] * world, [n] * world)
 
@@ -218,14 +270,36 @@ class TorchDistBackend(TorchDistCalls, TorchDistDispatcher):
                     for r in range(2, world):
                         acc.add_(parts[r])
                 if private:
-                    out.view(-1).copy_(acc)
-                self._buffers.give(*staged, slices, *private)
+                    end.copy(acc, out)
+                end.give(*staged, slices, *private)
                 return out
 
             return work, finish
 
         nbytes = 4 * n * (world - 1)
         return self._submit(group, unit, n, codec_id, "this rank's gradient", launch, timeout, nbytes)
+
+    def _native_reduce(
+        self,
+        eg: EpochGroup,
+        end: CallEnd,
+        src: torch.Tensor,
+        staged: tuple[torch.Tensor, ...],
+        out: torch.Tensor,
+    ) -> tuple[Any, Callable[[], torch.Tensor]]:
+        """NCCL's own reduce-scatter of `src` into `out` (sum; NCCL's order of summation)."""
+        dst, private = self._output(out, eg)
+        opts = dist.ReduceScatterOptions()
+        opts.reduceOp = dist.ReduceOp(dist.ReduceOp.SUM)
+        work = eg.pg._reduce_scatter_base(dst, src, opts)
+
+        def finish() -> torch.Tensor:
+            if private:
+                end.copy(dst, out)
+            end.give(*staged, *private)
+            return out
+
+        return work, finish
 
     def _submit(
         self,
@@ -238,6 +312,7 @@ class TorchDistBackend(TorchDistCalls, TorchDistDispatcher):
         timeout: float,
         nbytes: int,
         ready: Future[Any] | None = None,
+        kind: str = "reduce",
     ) -> Handle:
         """A collective: checked against the plan, then queued in call order."""
         plan = self._plan
@@ -248,7 +323,7 @@ class TorchDistBackend(TorchDistCalls, TorchDistDispatcher):
                 failed = Handle()
                 failed.set_exception(exc)
                 return failed
-        return self._enqueue(group, launch, timeout, nbytes, nbytes, ready)
+        return self._enqueue(group, launch, timeout, nbytes, nbytes, ready, kind)
 
     def release(self, group: PeerGroup, step: int) -> None:
         """Nothing is kept per step on this lane (shards are not served after their collective)."""
@@ -268,11 +343,14 @@ class TorchDistBackend(TorchDistCalls, TorchDistDispatcher):
         return {"grpc": 0, "local": self.stats().bytes_sent}
 
     def close(self) -> None:
+        """Fail what is in flight, end the groups (an idle NCCL group is shut down cleanly), join the
+        threads."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._abandon_older(self._epoch + 1)
+            ended = self._abandon_older(self._epoch + 1)
+        self._end_groups(ended)
         self._jobs.put(None)
         self._thread.join(self.rendezvous_timeout + self.collective_timeout + 5)
         deadline = time.monotonic() + min(self.collective_timeout, CLOSE_WAIT_S)
@@ -283,6 +361,9 @@ class TorchDistBackend(TorchDistCalls, TorchDistDispatcher):
             log.warning(
                 "closing with %d abandoned group(s) still busy; left to the process exit", len(self._aside)
             )
+        self._watch.close()
+        if self._streams is not None:
+            self._streams.close()
         self._buffers.clear()
 
 

@@ -11,9 +11,15 @@ are matched in the order the ranks make them (a send waits for its receive to be
 withdrawn (Handle.cancel) until the dispatcher starts it; a running one cannot. A message of another
 numel than the receive buffer surfaces as the library's error, and the epoch's group fails with it.
 
-Also here, shared by the calls: which tensors the library can use in place (`_input`, `_output`), the
-Work adapters the dispatcher waits on (`ThreadedWork` for gloo's point-to-point, `AllWorks` for several
-library calls issued as one), and gloo's all-gather as one broadcast per rank (`gather_by_broadcasts`).
+Also here, shared by the calls: which tensors the library can use in place (`_input`, `_output`), what a
+call does once it has completed (`CallEnd`), the Work adapters the dispatcher waits on (`ThreadedWork`
+for gloo's point-to-point, `AllWorks` for several library calls issued as one), and gloo's all-gather as
+one broadcast per rank (`gather_by_broadcasts`).
+
+On a GPU (NCCL) a call's `finish` runs right after the library call, on the lane's stream (it only queues
+device work, such as the rank-order sums); what needs the call to have completed (copies of results into
+host memory, buffers given back to the pool) waits in its `CallEnd` until the deadline watcher saw the
+call's end (communication/nccl_watch.py), and is dropped if the call failed.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from communication.backend import check_exchange
+from communication.cuda_streams import LaneStreams
 from communication.errors import EpochChanged
 from communication.group import PeerGroup
 from communication.handle import Handle
@@ -38,8 +45,44 @@ from communication.lane_buffers import StagingBuffers
 from communication.p2p import check_call
 from communication.torchdist_group import EpochGroup
 
-# Issues the library call on the formed group; returns its Work and what to do once it completed.
-Launch = Callable[[Any], tuple[Any, Callable[[], torch.Tensor]]]
+
+class CallEnd:
+    """What a call does with its results once it has completed (module doc): at once on the host path
+    (`host_copy` None: `finish` runs after the call completed), else kept for `run()`."""
+
+    def __init__(
+        self, buffers: StagingBuffers, host_copy: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+    ) -> None:
+        self._buffers = buffers
+        self._host_copy = host_copy
+        self._later: list[Callable[[], None]] = []
+
+    def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the library's result `src` into `dst` (flat): now where `dst` is on the device (queued on
+        the call's stream) or the call has completed; into host memory only once it has."""
+        host_copy = self._host_copy
+        if host_copy is None or dst.device.type != "cpu":
+            dst.view(-1).copy_(src)
+        else:
+            self._later.append(lambda: host_copy(src, dst))
+
+    def give(self, *buffers: torch.Tensor) -> None:
+        """Give staging buffers back to the pool once nothing reads or writes them any more."""
+        if self._host_copy is None:
+            self._buffers.give(*buffers)
+        else:
+            self._later.append(lambda: self._buffers.give(*buffers))
+
+    def run(self) -> None:
+        """The call has completed: do what waited for it."""
+        later, self._later = self._later, []
+        for step in later:
+            step()
+
+
+# Issues the library call on the formed group; returns its Work and what to do once the library's work
+# ended (on a GPU: queued after it on the lane's stream; see CallEnd).
+Launch = Callable[[Any, CallEnd], tuple[Any, Callable[[], torch.Tensor]]]
 
 
 @dataclass(eq=False)
@@ -52,6 +95,8 @@ class QueuedCall:
     received: int
     ready: Future[Any] | None = None  # what the input waits for (deferred all_gather)
     started: bool = False  # handed to the library: it can no longer be withdrawn
+    kind: str = "reduce"  # the lane's stream it is issued from on a GPU ("gather" or "reduce")
+    mark: int | None = None  # on a GPU: the event after the call's inputs, on the caller's stream
 
 
 class ThreadedWork:
@@ -156,6 +201,7 @@ class TorchDistCalls:
     _jobs: queue.SimpleQueue[EpochGroup | QueuedCall | None]
 
     _cuda: torch.device | None  # the backend's GPU, when it has one (the library's device under NCCL)
+    _streams: LaneStreams | None  # its streams and events (None: a lane on the host)
 
     def _lib(self, eg: EpochGroup) -> torch.device:
         """Where `eg`'s library works: the GPU for NCCL, host memory for gloo."""
@@ -187,8 +233,10 @@ class TorchDistCalls:
         sent: int,
         received: int,
         ready: Future[Any] | None = None,
+        kind: str = "reduce",
     ) -> Handle:
-        """Queue a call in call order; its handle can withdraw it until the dispatcher starts it."""
+        """Queue a call in call order; its handle can withdraw it until the dispatcher starts it. On a GPU
+        the caller's stream is marked here: the call is issued after what the caller queued so far."""
         fut = Handle()
         with self._lock:
             eg = self._current
@@ -198,7 +246,12 @@ class TorchDistCalls:
                 )
                 return fut
             self._pending[eg].add(fut)
-        call = QueuedCall(eg, launch, fut, time.monotonic() + timeout, sent, received, ready)
+        mark = None
+        if self._streams is not None:
+            self._streams.collect()  # this thread's marks of calls issued since
+            mark = self._streams.mark_input()
+        deadline = time.monotonic() + timeout
+        call = QueuedCall(eg, launch, fut, deadline, sent, received, ready, kind=kind, mark=mark)
         fut.bind(lambda: self._withdraw(call))
         self._jobs.put(call)
         return fut
@@ -217,7 +270,7 @@ class TorchDistCalls:
         flat = check_exchange(group, key, values)
         n, world = flat.numel(), group.world_size
 
-        def launch(eg: EpochGroup) -> tuple[Any, Callable[[], torch.Tensor]]:
+        def launch(eg: EpochGroup, end: CallEnd) -> tuple[Any, Callable[[], torch.Tensor]]:
             lib = self._lib(eg)
             src = flat.to(lib, copy=True)
             dst = torch.empty(world * n, dtype=flat.dtype, device=lib)
@@ -227,7 +280,11 @@ class TorchDistCalls:
                 work = gather_by_broadcasts(eg.pg, dst, src, group.rank, world)
 
             def finish() -> torch.Tensor:
-                return dst.to("cpu").view(world, n)
+                if dst.device.type == "cpu":
+                    return dst.view(world, n)
+                rows = torch.empty(world * n, dtype=flat.dtype)
+                end.copy(dst, rows)
+                return rows.view(world, n)
 
             return work, finish
 
@@ -238,12 +295,12 @@ class TorchDistCalls:
         """See CollectiveBackend: resolves once the library delivered the tensor (copied at the call)."""
         check_call(group, dest, key, tensor, "send")
 
-        def launch(eg: EpochGroup) -> tuple[Any, Callable[[], torch.Tensor]]:
+        def launch(eg: EpochGroup, end: CallEnd) -> tuple[Any, Callable[[], torch.Tensor]]:
             src, staged = self._input(tensor, eg)
             work = waitable(eg.pg.send([src], dest, key), timeout)
 
             def finish() -> torch.Tensor:
-                self._buffers.give(*staged)
+                end.give(*staged)
                 return tensor
 
             return work, finish
@@ -254,13 +311,13 @@ class TorchDistCalls:
         """See CollectiveBackend: `out` is written only once the message arrived whole."""
         flat = check_call(group, src, key, out, "recv")
 
-        def launch(eg: EpochGroup) -> tuple[Any, Callable[[], torch.Tensor]]:
+        def launch(eg: EpochGroup, end: CallEnd) -> tuple[Any, Callable[[], torch.Tensor]]:
             buf = self._buffers.take(flat.numel(), self._lib(eg))  # `out` is written only once it all arrived
             work = waitable(eg.pg.recv([buf], src, key), timeout)
 
             def finish() -> torch.Tensor:
-                flat.copy_(buf)
-                self._buffers.give(buf)
+                end.copy(buf, flat)
+                end.give(buf)
                 return out
 
             return work, finish

@@ -5,8 +5,13 @@ handed out with the epoch); the others connect to it. With `host_store=False` ev
 included, joins as a client a store hosted for longer (`communication/rendezvous_store.py`). Every key
 lives under `job/epoch`, so a late member of an old epoch never meets a new one. Each member announces
 itself and its device kind; once every member is there the group is created (NCCL when every member has
-CUDA, gloo otherwise) with the collective timeout, and the store (or this member's connection to it) is
-only kept alive until the group is dropped.
+a GPU of its own, gloo otherwise), and the store (or this member's connection to it) is only kept alive
+until the group is dropped. A gloo group gets the collective timeout; an NCCL group is made eagerly on
+this member's GPU with a longer one (communication/nccl_group.py: the lane's own deadlines come first).
+
+A group ends once (`end`): aborted when it failed or has calls in flight (`abort()`, after its error is
+set, so code woken by the abort sees it), shut down when it ends clean (`shutdown()` waits for its
+kernels, so it is never the call for a group whose peer may be dead).
 
 Formation polls the store in short slices, so a newer epoch (`abandoned`) or the rendezvous deadline
 ends it promptly instead of blocking the calling thread for the whole timeout.
@@ -27,6 +32,7 @@ import torch.distributed as dist
 
 from communication.errors import CommError, EpochChanged, PeerLost
 from communication.group import PeerGroup
+from communication.nccl_group import make_nccl_group
 
 log = logging.getLogger(__name__)
 POLL_S = 0.02  # how often a waiting formation or collective looks at the epoch and its deadline
@@ -55,10 +61,63 @@ class EpochGroup:
     store: Any = None
     failed: CommError | None = None
     abandoned: threading.Event = field(default_factory=threading.Event)
+    kept: list[Any] = field(default_factory=list)  # library works of failed calls, kept until they end
+    ending: threading.Thread | None = None  # a clean shutdown under way
+    _ended: bool = False
+    _end_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def epoch(self) -> int:
         return self.group.epoch
+
+    def describe(self) -> str:
+        return self.group.describe()
+
+    def mark_failed(self, error: CommError) -> bool:
+        """Set the group's error unless it has one (the first stands); True when this call set it."""
+        with self._end_lock:
+            if self.failed is not None:
+                return False
+            self.failed = error
+            return True
+
+    def abort(self) -> None:
+        """Abort the communicator (its error is set first; see `end`)."""
+        self.end(clean=False)
+
+    def end(self, *, clean: bool) -> bool:
+        """End the formed group once: `shutdown()` if `clean`, else `abort()` (after marking it failed);
+        the store is dropped. False when it had ended already or is not formed yet (the formation ends it
+        then, seeing `failed` or `abandoned`)."""
+        with self._end_lock:
+            pg = self.pg
+            if self._ended or pg is None:
+                return False
+            self._ended = True
+            if not clean and self.failed is None:
+                self.failed = EpochChanged(f"{self.group.describe()}: the group was aborted")
+        try:
+            if clean and hasattr(pg, "shutdown"):
+                pg.shutdown()
+            elif hasattr(pg, "abort"):
+                pg.abort()
+        except RuntimeError as exc:  # the library's own failure: the group is gone either way
+            log.warning("%s: %s: %s", self.group.describe(), "shutdown" if clean else "abort", exc)
+        self.store = None
+        return True
+
+    def end_in_background(self) -> None:
+        """A clean end (`end(clean=True)`) on a thread of its own: a shutdown waits for the library."""
+        thread = threading.Thread(
+            target=self.end, kwargs={"clean": True}, name="torchdist-shutdown", daemon=True
+        )
+        self.ending = thread
+        thread.start()
+
+    def idle(self) -> bool:
+        """Nothing of the group runs any more: its kept works completed, no shutdown under way."""
+        self.kept = [w for w in self.kept if not w.is_completed()]
+        return not self.kept and (self.ending is None or not self.ending.is_alive())
 
     def check_live(self) -> None:
         if self.abandoned.is_set():
@@ -82,22 +141,19 @@ class EpochGroup:
         backend, why = choose_backend([prefix.get(k).decode() for k in keys], dist.is_nccl_available())
         if why:
             log.warning("%s: %s", group.describe(), why)
-        nccl = backend == "nccl"
-        span = datetime.timedelta(seconds=collective_timeout)
         pg_store = dist.PrefixStore("pg", prefix)
-        if nccl:
-            options = dist.ProcessGroupNCCL.Options()
-            options._timeout = span
-            self.pg = dist.ProcessGroupNCCL(pg_store, group.rank, group.world_size, options)
-            self.backend_name = "nccl"
+        if backend == "nccl" and self.cuda is not None:
+            # eager, on this member's GPU, ended by the lane (communication/nccl_group.py)
+            pg = make_nccl_group(pg_store, group.rank, group.world_size, self.cuda, collective_timeout)
         else:
+            backend = "gloo"
             options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
-            options._timeout = span
+            options._timeout = datetime.timedelta(seconds=collective_timeout)
             # co-located members only: gloo's pairs listen and connect on loopback, never on the network
             options._devices = [dist.ProcessGroupGloo.create_device(hostname=LOOPBACK)]
-            self.pg = dist.ProcessGroupGloo(pg_store, group.rank, group.world_size, options)
-            self.backend_name = "gloo"
-        self.store = store
+            pg = dist.ProcessGroupGloo(pg_store, group.rank, group.world_size, options)
+        with self._end_lock:
+            self.pg, self.backend_name, self.store = pg, backend, store
         log.info("%s: %s group formed on %s", group.describe(), self.backend_name, self.rendezvous)
 
     def _connect(self, host: str, port: int, deadline: float) -> Any:
@@ -124,14 +180,9 @@ class EpochGroup:
         self.abandoned.wait(POLL_S)
 
     def release(self) -> None:
-        """Abort the group (NCCL frees its communicator; gloo refuses new work) and drop the store."""
-        pg = self.pg
-        if pg is not None and hasattr(pg, "abort"):
-            try:
-                pg.abort()
-            except RuntimeError as exc:  # pragma: no cover - depends on the backend's state
-                log.debug("%s: abort: %s", self.group.describe(), exc)
-        self.store = None
+        """Abort the group (gloo refuses new work) and drop the store."""
+        if not self.end(clean=False):
+            self.store = None
 
 
 def choose_backend(members: list[str], nccl_available: bool) -> tuple[str, str]:

@@ -127,6 +127,11 @@ class HeartbeatRequest(BaseModel):
         max_length=16,
         description='bus bandwidth in bytes/s of the data collectives of its last step, by "lane/op"',
     )
+    staging_overflows: Count | None = Field(
+        None,
+        description="host staging buffers its engine handed out beyond its pinned pools (synchronous "
+        "copies), since it started",
+    )
     recovery: RecoveryReport | None = Field(None, description="how this worker's epoch was formed")
     waiting: WaitingReport | None = Field(None, description="the collective this worker waits in, if any")
     stack: str | None = Field(
@@ -145,6 +150,7 @@ TELEMETRY_FIELDS = (
     "test_step",
     "bytes_by_lane",
     "bus_bandwidth",
+    "staging_overflows",
     "waiting",
     "stack",
 )
@@ -195,6 +201,7 @@ class WorkerView(BaseModel):
     test_step: int | None = None
     bytes_by_lane: dict[str, int] | None = None
     bus_bandwidth: dict[str, float] | None = None
+    staging_overflows: int | None = None
     waiting: dict[str, Any] | None = None
     stack: str | None = None
     host: str

@@ -9,6 +9,8 @@ Named to Prometheus's conventions: base units (seconds, bytes), ``_total`` on co
 - ``zerowire_worker_sent_bytes_total{worker,host,lane}``: bytes it sent over each data-plane lane;
 - ``zerowire_worker_bus_bandwidth_bytes_per_second{worker,host,lane,op}``: the bus bandwidth of its last
   step's all-gathers and reduce-scatters (bytes each rank moved by the ring count, over the calls' time);
+- ``zerowire_worker_staging_overflows_total{worker,host}``: host staging buffers its engine handed out
+  beyond its pinned pools (each a synchronous, pageable copy: the pools are too small for the plan);
 - ``zerowire_worker_straggler_ratio{worker,host}``: its last step time over the fastest live member's
   (1: the fastest);
 - ``zerowire_worker_heartbeat_age_seconds{worker,host}``: how old its latest heartbeat is;
@@ -57,6 +59,11 @@ class WorkerCollector(Collector):
             "Bus bandwidth of the worker's last step's data collectives, by lane and op",
             labels=[*labels, "lane", "op"],
         )
+        overflows = CounterMetricFamily(
+            "zerowire_worker_staging_overflows",
+            "Host staging buffers the worker's engine handed out beyond its pinned pools",
+            labels=labels,
+        )
         ratio = GaugeMetricFamily(
             "zerowire_worker_straggler_ratio",
             "The worker's last step time over the fastest live member's",
@@ -81,8 +88,11 @@ class WorkerCollector(Collector):
                 for key, value in rates.items():
                     lane, _, op = str(key).partition("/")
                     bus.add_metric([*who, lane, op], float(value))
+            spilled = w.telemetry.get("staging_overflows")
+            if isinstance(spilled, int):
+                overflows.add_metric(who, float(spilled))
             age.add_metric(who, max(0.0, now - w.last_heartbeat))
         for w in live:
             if w.worker_id in ratios:
                 ratio.add_metric([w.worker_id, w.info.host_id], ratios[w.worker_id])
-        yield from (step, rate, sent, bus, ratio, age)
+        yield from (step, rate, sent, bus, overflows, ratio, age)

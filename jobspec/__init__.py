@@ -22,6 +22,7 @@ Compression = Literal["none", "int8"]
 ParamDtype = Literal["float32", "bfloat16", "float16"]
 ImageAugment = Literal["none", "flip", "crop-flip", "rrc-flip"]
 BadImages = Literal["fail", "skip"]
+NcclReduce = Literal["ordered", "native"]
 
 
 class JobSpec(BaseModel):
@@ -58,6 +59,13 @@ class JobSpec(BaseModel):
     param_dtype: ParamDtype = Field(
         default="float32",
         description="compute precision of gathered parameters; shards, wire and gradient reduction stay fp32",
+    )
+    nccl_reduce: NcclReduce = Field(
+        default="ordered",
+        description="reduce-scatter among workers that share a host over NCCL: ordered (an all-to-all, then "
+        "fp32 sums in rank order: deterministic, equal to the sequential sum) or native (NCCL's own "
+        "reduce-scatter: one kernel and less memory, its order of summation); every co-located member "
+        "must run the same one, so it is part of the job",
     )
     eval_every: int = Field(default=0, ge=0, description="evaluate every N steps; 0 = only at the end")
     checkpoint_every: int = Field(default=0, ge=0, description="checkpoint every N steps; 0 disables")

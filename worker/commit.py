@@ -43,11 +43,19 @@ class Staged:
     ward_grads: list[torch.Tensor] | None
 
 
-def vote_values(loss_sum: torch.Tensor, sq_norm: torch.Tensor, finite: bool) -> torch.Tensor:
-    """This rank's vote: [loss sum, squared gradient norm, staged]; non-finite values never leave the rank."""
-    pair = torch.stack([loss_sum.detach().float().reshape(()), sq_norm.detach().float().to(loss_sum.device)])
-    loss, sq = (float(v) for v in pair.cpu())  # one read of the device per step
-    ok = finite and math.isfinite(loss) and math.isfinite(sq)
+def vote_values(loss_sum: torch.Tensor, sq_norm: torch.Tensor, finite: bool | torch.Tensor) -> torch.Tensor:
+    """This rank's vote: [loss sum, squared gradient norm, staged]; non-finite values never leave the rank.
+    ``finite`` (every gradient was finite) may be a flag still on the loss's device: it is read with the
+    loss and the norm, in the step's one read of the device."""
+    device = loss_sum.device
+    values = [loss_sum.detach().float().reshape(()), sq_norm.detach().float().reshape(()).to(device)]
+    on_device = isinstance(finite, torch.Tensor) and finite.device == device
+    if on_device:
+        assert isinstance(finite, torch.Tensor)
+        values.append(finite.detach().reshape(()).float())
+    read = [float(v) for v in torch.stack(values).cpu()]  # one read of the device per step
+    loss, sq = read[0], read[1]
+    ok = (read[2] == 1.0 if on_device else bool(finite)) and math.isfinite(loss) and math.isfinite(sq)
     return torch.tensor([loss if ok else 0.0, sq if ok else 0.0, 1.0 if ok else 0.0], dtype=torch.float32)
 
 

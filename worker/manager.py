@@ -284,6 +284,7 @@ class Manager:
             wait_s=float(report.wait_s),
             data_wait_s=float(getattr(report, "data_wait_s", 0.0)),
         )
+        self.t.count_staging_overflows(int(getattr(report, "staging_overflows", 0)))
         stats = self.backend.stats()
         self.record(
             {

@@ -64,6 +64,7 @@ class Telemetry:
     bytes_received: int = 0
     bytes_by_lane: dict[str, int] | None = None  # bytes sent, by data-plane lane ("grpc", "local")
     bus_bandwidth: dict[str, float] | None = None  # last step's collectives: bytes/s by "lane/op"
+    staging_overflows: int = 0  # host staging buffers handed out beyond the engine's pools, all epochs
     # Liveness: None (a coordinator that sets no progress timeout) never reports "stalled". The start-up
     # timeout applies before the epoch's first committed step.
     progress_timeout_s: float | None = None
@@ -85,6 +86,11 @@ class Telemetry:
                 setattr(self, key, value)
             if self.state != before:
                 self.clock.restart()
+
+    def count_staging_overflows(self, n: int) -> None:
+        """A step handed out ``n`` host staging buffers beyond the engine's pools (synchronous copies)."""
+        with self.lock:
+            self.staging_overflows += max(0, int(n))
 
     def progress(self) -> None:
         """A step was committed (the worker's state has its number): the progress clock moves."""
@@ -121,6 +127,7 @@ class Telemetry:
                 "state": state,
                 "bytes_sent": self.bytes_sent,
                 "bytes_received": self.bytes_received,
+                "staging_overflows": self.staging_overflows,
             }
             if self.bytes_by_lane is not None:
                 body["bytes_by_lane"] = dict(self.bytes_by_lane)

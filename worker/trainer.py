@@ -120,6 +120,7 @@ class Trainer:
         self.staged: commit.Staged | None = None
         self.last_decision: commit.CommitDecision | None = None
         self.skipped = 0
+        self._overflows_seen = 0  # the engine's staging overflows already reported
         self.gate: StepGate = gate if gate is not None else OpenGate()
         if checkpoint_dir is not None and restore:
             self._resume(checkpoint_dir)
@@ -196,7 +197,7 @@ class Trainer:
         ward_grads = self.exchange.exchange(grads, step) if self.replica is not None else None
         self.staged = commit.Staged(step, grads, ward_grads)
         self.gate.staged(step)
-        vote = commit.vote_values(loss, device_sq_norm(grads), not engine.nonfinite)
+        vote = commit.vote_values(loss, device_sq_norm(grads), engine.finite())
         self.gate.may_commit()  # a fenced rank does not vote
         votes = zstate.exchange_floats(engine, step, Channel.VOTE, vote)
         self.gate.may_commit()  # nor applies a step whose votes reached it after its lease ran out
@@ -205,6 +206,8 @@ class Trainer:
         engine.timeout = self.collective_timeout  # past start-up: the steady-state timeout
         elapsed = time.perf_counter() - t0
         stats = engine.stats
+        overflows = engine.staging_overflows - self._overflows_seen
+        self._overflows_seen += overflows
         report = StepReport(
             step=step,
             loss=decision.loss,
@@ -217,6 +220,7 @@ class Trainer:
             data_wait_s=data_wait,
             lr=lr,
             skipped=decision.skip,
+            staging_overflows=overflows,
         )
         logger.debug(
             "%s step=%d loss=%.4f time=%.3fs wait=%.3fs",

@@ -19,6 +19,7 @@ class StepReport:
     data_wait_s: float = 0.0  # compute thread waiting for its micro-batch (a streamed dataset)
     lr: float = 0.0
     skipped: bool = False  # a non-finite loss or gradient somewhere: nothing was applied
+    staging_overflows: int = 0  # host staging buffers handed out beyond the pools during the step
 
 
 @dataclass(frozen=True)

@@ -51,3 +51,50 @@ def test_both_runs_the_replicated_contender_as_zerowire_workers_with_a_replica(
     assert report["ratios"]["zerowire_replicated/zerowire"] == pytest.approx(1.03)
     assert report["ratios"]["zerowire/zerowire_unrecorded"] == pytest.approx(0.10 / 0.099)
     assert report["ratios"]["zerowire/ddp"] == pytest.approx(2.0)
+
+
+def test_nccl_reduce_both_runs_the_local_lane_with_natives_reduce_scatter_beside_the_ordered_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`--colocated --nccl-reduce both`: zerowire_local_native is the zerowire_local workers with their
+    local lane's reduce-scatter set to native (the flag reaches the worker processes), in the same rounds."""
+    started: list[tuple[str, str, str]] = []
+    times = {"zerowire_local": 0.10, "zerowire_local_native": 0.08, "zerowire_grpc": 0.2, "floor": 0.02}
+
+    def fake_run(
+        kind: str, rnd: int, steps: int, root: Path, a: argparse.Namespace, label: str | None = None
+    ) -> Run:
+        name = label or kind
+        cmd = step_rounds._worker_cmd(kind, 0, 2, "1,2", root, steps, a)
+        started.append((name, kind, cmd[cmd.index("--nccl-reduce") + 1]))
+        report: dict[str, Any] = {"step_times_s": [times[name]] * steps, "wait_times_s": [0.0] * steps}
+        report.update(start_s=0.1, exit_s=0.9, torch_threads=1, env={})
+        return Run(name, rnd, steps, 0.0, 1.0, [report])
+
+    monkeypatch.setattr(step_rounds, "run_contender", fake_run)
+    args = argparse.Namespace(
+        steps=2, rounds=1, replicas=0, model="resnet8", device="cuda", workers=2, batch=2, compression="none"
+    )
+    args.warmup, args.colocated, args.nccl_reduce = 0, True, "both"
+    kinds = ["zerowire_local", step.NATIVE, "zerowire_grpc", "floor"]
+    runs = step_rounds.measure(kinds, args, tmp_path)
+    assert set(started) == {
+        ("zerowire_local", "zerowire_local", "ordered"),
+        ("zerowire_local_native", "zerowire_local", "native"),
+        ("zerowire_grpc", "zerowire_grpc", "ordered"),
+        ("floor", "floor", "ordered"),
+    }
+    report = step._summary(kinds, runs, args)
+    assert report["nccl_reduce"] == "both"
+    assert report["ratios"]["zerowire_local_native/zerowire_local"] == pytest.approx(0.8)
+
+
+def test_nccl_reduce_is_the_local_lanes_option() -> None:
+    from zerowire.commands import CommandError
+
+    args = argparse.Namespace(
+        workers=2, device="cpu", memory=False, vs="ddp", steps=2, rounds=1, batch=2, warmup=0,
+        replicas="0", colocated=False, nccl_reduce="both",
+    )  # fmt: skip
+    with pytest.raises(CommandError, match="needs --colocated"):
+        step.handle(args)

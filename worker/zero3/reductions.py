@@ -6,13 +6,16 @@ For each unit, once autograd has produced every gradient of it (``start``):
 2. It is checked for NaN and infinities and, if any, zeroed: a non-finite gradient is never sent, and the
    step's vote skips the step on every rank (``worker.commit``). On the host the check answers at once. On
    an accelerator it stays on the device (a flag tensor, and a masked fill that the stream orders before
-   the send), so backward never waits for the device; ``nonfinite`` reads the flags once, after the pass.
+   the send), so backward never waits for the device; ``finite`` hands the pass's flag over as a device
+   tensor, which the step reads with its loss and norm in its one host synchronisation.
 3. Where the lane takes the device's tensors (CPU, NCCL) the buffer goes to ``reduce_scatter`` as it is.
-   Otherwise (an accelerator unit on the gRPC lane) it is copied into a host buffer from a small bounded
-   pool (``HostStaging``; pinned on CUDA, so the copy is asynchronous and leaves a fence), and the
-   reduction is started by the engine's ``OrderedLauncher`` once that fence has passed. When every pooled
-   buffer is busy the copy goes to a fresh pageable buffer, synchronously (counted in the pool's
-   ``overflows``).
+   Otherwise (an accelerator unit on the gRPC lane) it is copied into a host buffer from a bounded pool
+   (``HostStaging``; pinned on CUDA, so the copy is asynchronous and leaves a fence), and the reduction is
+   started by the engine's ``OrderedLauncher`` once that fence has passed. The pool is sized to the plan
+   (``grad_staging_count``): a buffer for every unit whose reduction can be in flight at once (all of them,
+   on a slow wire), as far as ``GRAD_STAGING_BYTES`` allows. When every pooled buffer is busy the copy goes
+   to a fresh pageable buffer, synchronously (counted in the pool's ``overflows``, reported in the
+   worker's telemetry).
 
 A unit's full gradient (and its host copy) is let go as soon as its reduction has completed
 (``release_done``, called from the backward hooks on the training thread); ``finish`` waits for the rest and
@@ -33,7 +36,19 @@ from worker.zero3.flat_unit import FlatUnit
 from worker.zero3.launcher import OrderedLauncher
 from worker.zero3.staging import Fence, StagingPool, cuda_fence
 
-GRAD_STAGING_BUFFERS = 4  # pinned host buffers for gradients on their way from an accelerator to the wire
+GRAD_STAGING_BYTES = (
+    256 << 20
+)  # pinned host memory for gradients on their way from an accelerator to the wire
+MIN_GRAD_STAGING_BUFFERS = 2  # one being filled while the previous one is sent, whatever the bytes
+
+
+def grad_staging_count(units: int, largest_bytes: int, budget: int = GRAD_STAGING_BYTES) -> int:
+    """Pooled gradient buffers (each of the largest unit's size) for a plan of ``units`` staged units:
+    one per unit, since every unit's reduction can be in flight at once, as far as ``budget`` bytes allow,
+    and never fewer than ``MIN_GRAD_STAGING_BUFFERS`` (nor more than the units)."""
+    if units < 1 or largest_bytes < 1:
+        raise ValueError(f"need units >= 1 and largest_bytes >= 1, got {units} and {largest_bytes}")
+    return min(units, max(MIN_GRAD_STAGING_BUFFERS, budget // largest_bytes))
 
 
 @dataclass
@@ -50,7 +65,8 @@ class HostStaging:
         staged = [u for u in units if u.comm_device.type != device.type]
         if device.type != "cuda" or not staged:
             return None
-        pool = StagingPool(max(u.plan.padded_numel for u in staged), GRAD_STAGING_BUFFERS, pin=True)
+        largest = max(u.plan.padded_numel for u in staged)
+        pool = StagingPool(largest, grad_staging_count(len(staged), 4 * largest), pin=True)
         return cls(pool, cuda_fence)
 
 
@@ -77,16 +93,16 @@ class Reductions:
     launcher: OrderedLauncher | None = None
     staging: HostStaging | None = None
     _pending: list[_Reduction] = field(default_factory=list)
-    _nonfinite: bool = False
+    _nonfinite: bool = False  # a host gradient of this pass was not finite
     _finite_flags: torch.Tensor | None = None  # on the device: AND of the pass's flags
 
-    @property
-    def nonfinite(self) -> bool:
-        """A gradient of this pass was not finite (zeros were reduced instead)."""
-        if self._finite_flags is not None:
-            self._nonfinite = self._nonfinite or not bool(self._finite_flags)
-            self._finite_flags = None
-        return self._nonfinite
+    def finite(self) -> bool | torch.Tensor:
+        """Every gradient of this pass was finite (zeros were reduced instead of one that was not): on an
+        accelerator a 0-d bool tensor on its device, not read here (no host synchronisation); on the host
+        a bool."""
+        if self._nonfinite or self._finite_flags is None:
+            return not self._nonfinite
+        return self._finite_flags
 
     def reset(self) -> None:
         """Forget the pass (an abandoned one's reductions included; their host buffers leave the pool)."""

@@ -19,6 +19,12 @@ Per training pass (``begin(step)``, forward, ``loss.backward()``, ``finish_backw
   compute, gradients are converted to fp32 before their reduction, the fp32 shards stay the master copy.
   The caller casts the model's inputs (``precision.cast_input``) and computes the loss in fp32.
 
+On a lane that runs its collectives on device streams (NCCL: the handle's ``order_after``), waiting for a
+gather means making the compute stream wait for it on the device: the host goes on queueing kernels while
+the next unit is gathered, with one gather in flight ahead. Such a gather's own outcome is read once, on
+the host, at the end of the pass (``finish_backward``, or the end of a forward-only pass), where a failure
+raises; the pass's results are then not used.
+
 Forward-only passes (``torch.no_grad()``) gather and free the same way and reduce nothing. The collective
 step key of a pass is the training step it belongs to; evaluation and state gathering after step ``s`` use
 key ``s + 1`` (the parameters are the ones step ``s + 1`` will gather), and a key is never all-gathered
@@ -43,6 +49,7 @@ from communication.backend import Codec, CollectiveBackend, UnitSpec
 from communication.errors import CollectiveTimeout
 from communication.group import PeerGroup
 from worker.zero3 import precision
+from worker.zero3.device_waits import DeviceOrdered, DeviceWaits
 from worker.zero3.flat_unit import FlatUnit, UnitState
 from worker.zero3.launcher import OrderedLauncher
 from worker.zero3.plan import PartitionPlan, plan_model
@@ -135,6 +142,7 @@ class ShardedModule:
         self._full_bytes_now = 0
         self.peak_full_bytes = 0
         self.stats = PassStats()
+        self._device_waits = DeviceWaits()  # this pass's gathers awaited on the device, not yet read
         self._handles: list[Any] = []
         self._handles.append(model.register_forward_pre_hook(self._root_pre_forward))
         self._handles.append(model.register_forward_hook(self._root_post_forward))
@@ -185,11 +193,19 @@ class ShardedModule:
             missing = [u.index for u in self.units if not u.reduced]
             raise RuntimeError(f"{self._where()}: backward did not reduce units {missing}")
         self.stats.reductions += self.reductions.finish(self._wait)
+        self._settle_on_device()
+
+    def finite(self) -> bool | torch.Tensor:
+        """Whether every gradient of this pass was finite (zeros were reduced instead of one that was not):
+        on an accelerator a 0-d bool tensor on its device, not read here, so the step reads it with its
+        loss and norm in one host synchronisation (``worker.commit.vote_values``)."""
+        return self.reductions.finite()
 
     @property
-    def nonfinite(self) -> bool:
-        """A gradient of this pass was not finite (zeros were reduced instead; read after the pass)."""
-        return self.reductions.nonfinite
+    def staging_overflows(self) -> int:
+        """Host staging buffers handed out beyond the pools (synchronous pageable copies), so far."""
+        pools = [self.staging, self.reductions.staging.pool if self.reductions.staging else None]
+        return sum(p.overflows for p in pools if p is not None)
 
     def close(self) -> None:
         self._abandon()
@@ -227,10 +243,36 @@ class ShardedModule:
             self._issue(unit)
         if unit.state is UnitState.GATHERING:
             assert unit.future is not None
-            self._wait(unit.future)
+            if master:  # read on the host next: its outcome is needed now
+                self._wait(unit.future)
+            else:
+                self._await_gather(unit.future)
             unit.mark_ready(master=master)
             if self._prefetching is unit:
                 self._prefetching = None
+
+    def _await_gather(self, fut: Future[torch.Tensor]) -> None:
+        """Before the unit's parameters are used: the compute stream waits for its gather, on the device
+        where the lane allows it (read on the host at the end of the pass), else the host waits."""
+        if not isinstance(fut, DeviceOrdered):
+            self._wait(fut)
+            return
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        t0 = time.perf_counter()
+        try:
+            if fut.order_after(stream, self.timeout + _WAIT_GRACE_S):
+                self._device_waits.watch(fut)
+        finally:
+            self.stats.wait_s += time.perf_counter() - t0
+
+    def _settle_on_device(self) -> None:
+        """Read the outcome of the pass's gathers that were awaited on the device (raises the first
+        failure: the pass computed on what a failed gather left)."""
+        t0 = time.perf_counter()
+        try:
+            self._device_waits.settle(self.timeout + _WAIT_GRACE_S)
+        finally:
+            self.stats.wait_s += time.perf_counter() - t0
 
     def _prefetch(self, unit: FlatUnit | None) -> None:
         """Issue `unit`'s gather unless another prefetch is still unconsumed. Decided by the units' states,
@@ -295,6 +337,11 @@ class ShardedModule:
             for p in unit.params:
                 p.grad = None
         self._prefetching = None
+        try:
+            self._device_waits.settle(self.timeout + _WAIT_GRACE_S)
+        except Exception:
+            logger.debug("%s: dropped the gathers awaited on the device", self._where())
+        self._device_waits = DeviceWaits()
         self.reductions.reset()
         self._callback_queued = False
 
@@ -324,6 +371,7 @@ class ShardedModule:
         if not torch.is_grad_enabled():
             for unit in self.units:
                 self._free(unit)
+            self._settle_on_device()  # a forward-only pass's outputs are read next
         elif self.root is not None:
             self._register_pre_backward(self.root, output)
 

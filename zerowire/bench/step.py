@@ -6,7 +6,10 @@ momentum. Every contender runs as real processes on this machine in the same inv
 - ``zerowire``: the product's Trainer over GrpcBackend (127.0.0.1), optionally int8 on the wire;
 - with ``--colocated`` it runs as two contenders instead: ``zerowire_local``, the product's data plane for
   workers that share a host (HierarchicalBackend: every member on one host id, so the torch.distributed
-  lane, gloo on CPU), and ``zerowire_grpc``, the flat gRPC path between the same co-located processes;
+  lane on the rank's device: gloo on CPU, NCCL with ``--device cuda``), and ``zerowire_grpc``, the flat
+  gRPC path between the same co-located processes; ``--nccl-reduce`` picks the local lane's
+  reduce-scatter (``ordered``, the default, or ``native``), and ``both`` runs ``zerowire_local_native``
+  (NCCL's own reduce-scatter) beside ``zerowire_local`` and reports ``zerowire_local_native/zerowire_local``;
 - ``fsdp2``: ``torch.distributed.fsdp.fully_shard`` on every unit (stem, each block, head) and the root, gloo;
 - ``ddp``: ``DistributedDataParallel``, gloo;
 - ``floor``: one process, one batch, forward + backward + optimizer (no communication).
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
 CONTENDERS = ("fsdp2", "ddp")
 REPLICATED = "zerowire_replicated"  # zerowire with a buddy replica (--replicas both)
 UNRECORDED = "zerowire_unrecorded"  # zerowire without the flight recorder (--recorder both)
+NATIVE = "zerowire_local_native"  # the local lane with NCCL's own reduce-scatter (--nccl-reduce both)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -95,6 +99,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="workers sharing one host: zerowire over its local torch.distributed lane (zerowire_local) "
         "and over flat gRPC (zerowire_grpc)",
     )
+    p.add_argument(
+        "--nccl-reduce",
+        choices=("ordered", "native", "both"),
+        default="ordered",
+        help="with --colocated: the local lane's reduce-scatter over NCCL, ordered (default: rank-order "
+        "sums) or native (NCCL's); both: zerowire_local_native beside zerowire_local, with their ratio",
+    )
     p.set_defaults(handler=handle)
 
 
@@ -113,6 +124,8 @@ def _summary(kinds: list[str], runs: list[Run], args: argparse.Namespace) -> dic
         ratios[f"{REPLICATED}/zerowire"] = medians[REPLICATED] / medians["zerowire"]
     if UNRECORDED in medians:  # what the flight recorder costs, against the same run's zerowire
         ratios[f"zerowire/{UNRECORDED}"] = medians["zerowire"] / medians[UNRECORDED]
+    if NATIVE in medians:  # NCCL's own reduce-scatter against the rank-order one, same rounds
+        ratios[f"{NATIVE}/zerowire_local"] = medians[NATIVE] / medians["zerowire_local"]
     zw = [r for r in runs if r.contender == ours[0]]
     lanes = {
         z: {
@@ -133,6 +146,7 @@ def _summary(kinds: list[str], runs: list[Run], args: argparse.Namespace) -> dic
         "median_step_s": medians,
         "ratios": ratios,
         "colocated": bool(getattr(args, "colocated", False)),
+        "nccl_reduce": getattr(args, "nccl_reduce", "ordered"),
         "zerowire_wait_s_median": statistics.median(t for c in rank0(ours[0], "wait_times_s") for t in c),
         # rank 0's bytes over all its runs, every run's warm-up steps included
         "zerowire_wire_bytes_sent": sum(r.reports[0].get("bytes_sent", 0) for r in zw),
@@ -184,6 +198,8 @@ def handle(args: argparse.Namespace) -> int:
     both = args.replicas == "both"
     if both and args.colocated:
         raise CommandError("--replicas both measures the default zerowire contender; leave out --colocated")
+    if args.nccl_reduce != "ordered" and not args.colocated:
+        raise CommandError("--nccl-reduce is the local lane's: it needs --colocated")
     args.replicas = 0 if both else int(args.replicas)
     if args.recorder == "both" and args.colocated:
         raise CommandError("--recorder both measures the default zerowire contender; leave out --colocated")
@@ -192,6 +208,8 @@ def handle(args: argparse.Namespace) -> int:
         ours.append(REPLICATED)
     if args.recorder == "both":
         ours.append(UNRECORDED)
+    if args.nccl_reduce == "both":
+        ours.insert(1, NATIVE)
     kinds = [*ours, *vs, "floor"]
     with tempfile.TemporaryDirectory(prefix="zerowire-bench-") as tmp:
         try:
@@ -233,6 +251,7 @@ def _worker_main(argv: list[str], started_s: float) -> int:
     p.add_argument("--recorder", choices=("on", "off"), default="on")
     p.add_argument("--memory", action="store_true")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--nccl-reduce", choices=("ordered", "native"), default="ordered")
     a = p.parse_args(argv)
     from zerowire.bench import step_workers
 

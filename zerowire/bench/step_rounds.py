@@ -82,6 +82,7 @@ def _worker_cmd(kind: str, rank: int, world: int, ports: str, directory: Path, s
         str(a.warmup), "--batch", str(a.batch), "--model", a.model, "--compression", a.compression,
         "--replicas", str(getattr(a, "replicas", 0)), "--device", getattr(a, "device", "cpu"),
         "--recorder", "off" if getattr(a, "recorder", "on") == "off" else "on",
+        "--nccl-reduce", "native" if getattr(a, "nccl_reduce", "ordered") == "native" else "ordered",
         *(["--memory"] if getattr(a, "memory", False) else []),
     ]  # fmt: skip
 
@@ -143,14 +144,21 @@ def run_contender(
 def measure(kinds: list[str], a: argparse.Namespace, root: Path) -> list[Run]:
     """Every contender once per round, ``a.rounds`` rounds, in the order the runs happened."""
     runs: list[Run] = []
-    variants = {  # the zerowire workers with a buddy replica, and without the flight recorder
-        "zerowire_replicated": argparse.Namespace(**{**vars(a), "replicas": 1}),
-        "zerowire_unrecorded": argparse.Namespace(**{**vars(a), "recorder": "off"}),
+    variants = {  # label: (the workers it runs, their options)
+        # the zerowire workers with a buddy replica, and without the flight recorder
+        "zerowire_replicated": ("zerowire", argparse.Namespace(**{**vars(a), "replicas": 1})),
+        "zerowire_unrecorded": ("zerowire", argparse.Namespace(**{**vars(a), "recorder": "off"})),
+        # the local lane with NCCL's own reduce-scatter
+        "zerowire_local_native": (
+            "zerowire_local",
+            argparse.Namespace(**{**vars(a), "nccl_reduce": "native"}),
+        ),
     }
     for rnd, steps in enumerate(split_steps(a.steps, a.rounds)):
         for kind in round_order(kinds, rnd):
             if kind in variants:
-                runs.append(run_contender("zerowire", rnd, steps, root, variants[kind], label=kind))
+                workers, options = variants[kind]
+                runs.append(run_contender(workers, rnd, steps, root, options, label=kind))
             else:
                 runs.append(run_contender(kind, rnd, steps, root, a))
     return runs

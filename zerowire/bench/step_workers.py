@@ -150,9 +150,9 @@ def _zerowire(a: argparse.Namespace, meter: PeakMeter | None) -> dict[str, Any]:
 
 def _zerowire_plane(a: argparse.Namespace, job_id: str, ports: list[int]) -> tuple[Any, Any]:
     """The backend and epoch-0 group of one zerowire rank: flat gRPC (``zerowire``, ``zerowire_grpc``), or
-    the worker's HierarchicalBackend with every rank on one host id (``zerowire_local``: each rank hosts a
-    rendezvous store, as a worker does, and the host's lowest rank's is used). Returns once every rank
-    is up."""
+    the worker's HierarchicalBackend with every rank on one host id (``zerowire_local``: its local lane on
+    the rank's device, each rank hosting a rendezvous store, as a worker does, and the host's lowest
+    rank's is used). Returns once every rank is up."""
     from communication.group import PeerGroup
     from communication.grpc_backend import GrpcBackend
 
@@ -165,9 +165,13 @@ def _zerowire_plane(a: argparse.Namespace, job_id: str, ports: list[int]) -> tup
     from communication.hierarchical import HierarchicalBackend
     from communication.torchdist import TorchDistBackend
 
-    backend = HierarchicalBackend(
-        remote, TorchDistBackend(collective_timeout=600.0, rendezvous_timeout=120.0)
+    local = TorchDistBackend(
+        device=device_of(a),  # NCCL on GPUs of their own, gloo otherwise
+        collective_timeout=600.0,
+        rendezvous_timeout=120.0,
+        reduce=getattr(a, "nccl_reduce", "ordered"),
     )
+    backend = HierarchicalBackend(remote, local)
     backend.start(addresses[a.rank])
     assert backend.store is not None
     mine = a.dir / f"store-{a.rank}"

@@ -62,6 +62,7 @@ JOB_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--compression", "compression", "none | int8"),
     ("--int8-block", "int8_block", "int8 block size"),
     ("--param-dtype", "param_dtype", "float32 | bfloat16 | float16 (compute precision; master stays fp32)"),
+    ("--nccl-reduce", "nccl_reduce", "ordered (default, deterministic) | native: reduce-scatter over NCCL"),
     ("--eval-every", "eval_every", "evaluate every N steps (0: at the end)"),
     ("--checkpoint-every", "checkpoint_every", "checkpoint every N steps (0: never)"),
     ("--replicas", "replicas", "buddy replicas of every shard: 1 (default) or 0"),

@@ -37,6 +37,12 @@ JOB_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("compression", str, "none | int8 (wire compression)"),
     ("int8-block", int, "int8 block size"),
     ("param-dtype", str, "float32 | bfloat16 | float16 (compute precision; master weights stay fp32)"),
+    (
+        "nccl-reduce",
+        str,
+        "ordered (default: rank-order fp32 sums, deterministic) | native (NCCL's reduce-scatter) among "
+        "workers that share a host over NCCL",
+    ),
     ("eval-every", int, "evaluate every N steps (0: only at the end)"),
     (
         "checkpoint-every",

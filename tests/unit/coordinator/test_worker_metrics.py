@@ -28,7 +28,7 @@ async def test_live_workers_telemetry_is_exported_per_worker(api: Api) -> None:
     for wid in ("a", "b"):
         await api.register(wid)
     await api.heartbeat("a", 2, state="training", samples_per_s=120.0, compute_s=0.3, comm_s=0.2, wait_s=0.1,
-                        data_wait_s=0.05, bytes_by_lane={"grpc": 4000, "local": 10},
+                        data_wait_s=0.05, bytes_by_lane={"grpc": 4000, "local": 10}, staging_overflows=7,
                         bus_bandwidth={"hierarchical/all_gather": 2.5e8, "hierarchical/reduce_scatter": 1e8},
                         recovery={"epoch": 2, "mode": "fresh", "resumed_at": 0, "steps_lost": 0})  # fmt: skip
     await api.heartbeat("b", 2, state="training", compute_s=0.6, wait_s=0.2, data_wait_s=0.0)
@@ -45,6 +45,8 @@ async def test_live_workers_telemetry_is_exported_per_worker(api: Api) -> None:
     bus = "zerowire_worker_bus_bandwidth_bytes_per_second"
     assert at(bus, worker="a", lane="hierarchical", op="all_gather") == 2.5e8
     assert at(bus, worker="a", lane="hierarchical", op="reduce_scatter") == 1e8
+    assert at("zerowire_worker_staging_overflows_total", worker="a") == 7  # synchronous copies so far
+    assert ("zerowire_worker_staging_overflows_total", (("host", "h1"), ("worker", "b"))) not in m  # not told
     # step time without the overlapped communication: a 0.45 s, b 0.8 s
     assert at("zerowire_worker_straggler_ratio", worker="a") == 1.0
     assert abs(at("zerowire_worker_straggler_ratio", worker="b") - 0.8 / 0.45) < 1e-9
@@ -58,7 +60,7 @@ async def test_live_workers_telemetry_is_exported_per_worker(api: Api) -> None:
 async def test_every_metric_the_dashboard_queries_is_exported(api: Api) -> None:
     await api.register("a")
     await api.heartbeat("a", 1, state="training", samples_per_s=1.0, compute_s=0.1, comm_s=0.1, wait_s=0.0,
-                        data_wait_s=0.0, bytes_by_lane={"grpc": 1, "local": 0},
+                        data_wait_s=0.0, bytes_by_lane={"grpc": 1, "local": 0}, staging_overflows=0,
                         bus_bandwidth={"grpc/all_gather": 1.0},
                         recovery={"epoch": 1, "mode": "fresh", "resumed_at": 0, "steps_lost": 0})  # fmt: skip
     await api.ready("a", min_workers=1)

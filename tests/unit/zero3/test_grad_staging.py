@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from communication.group import PeerGroup
 from jobspec import JobSpec
 from tests.unit.zero3.fixtures import UNITS, TinyNet, assert_bit_identical, make_data, sharded_run
-from worker.zero3.reductions import GRAD_STAGING_BUFFERS, HostStaging, finite_flag
+from worker.zero3.reductions import HostStaging, finite_flag
 from worker.zero3.sharded import ShardedModule
 from worker.zero3.staging import Fence, StagingPool
 
 pytestmark = pytest.mark.timeout(90)
+POOL_BUFFERS = 4
 
 
 class _LateFence:
@@ -45,7 +46,7 @@ def test_staged_gradients_give_the_same_bits_and_return_every_buffer() -> None:
     checked: list[int] = []
 
     def staging() -> HostStaging:
-        pool = StagingPool(64 * 64, GRAD_STAGING_BUFFERS, pin=False)
+        pool = StagingPool(64 * 64, POOL_BUFFERS, pin=False)
 
         def fence(device: torch.device) -> Fence:
             assert device == torch.device("cpu")  # the gradient's own device
@@ -72,7 +73,7 @@ def test_staged_gradients_give_the_same_bits_and_return_every_buffer() -> None:
     units_per_pass = len(UNITS) + 1  # and the root
     assert len(fences) == 3 * job.steps * units_per_pass and all(f.queries >= 1 for f in fences)
     for pool in pools:  # bounded, every buffer back (beyond the pool, a gradient gets a buffer of its own)
-        assert 1 <= pool.allocated <= GRAD_STAGING_BUFFERS and pool.lent == 0
+        assert 1 <= pool.allocated <= POOL_BUFFERS and pool.lent == 0
 
 
 @pytest.mark.parametrize(
