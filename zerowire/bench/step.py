@@ -141,7 +141,7 @@ def _summary(kinds: list[str], runs: list[Run], args: argparse.Namespace) -> dic
         "batch_per_worker": args.batch,
         "compression": args.compression,
         "replicas": "both" if REPLICATED in medians else args.replicas,
-        "recorder": args.recorder,
+        "recorder": getattr(args, "recorder", "on"),
         "steps": args.steps,
         "median_step_s": medians,
         "ratios": ratios,
@@ -201,12 +201,12 @@ def handle(args: argparse.Namespace) -> int:
     if args.nccl_reduce != "ordered" and not args.colocated:
         raise CommandError("--nccl-reduce is the local lane's: it needs --colocated")
     args.replicas = 0 if both else int(args.replicas)
-    if args.recorder == "both" and args.colocated:
+    if getattr(args, "recorder", "on") == "both" and args.colocated:
         raise CommandError("--recorder both measures the default zerowire contender; leave out --colocated")
     ours = ["zerowire_local", "zerowire_grpc"] if args.colocated else ["zerowire"]
     if both:
         ours.append(REPLICATED)
-    if args.recorder == "both":
+    if getattr(args, "recorder", "on") == "both":
         ours.append(UNRECORDED)
     if args.nccl_reduce == "both":
         ours.insert(1, NATIVE)
