@@ -18,7 +18,10 @@ import torch
 from zerowire.localcluster import WORKER_MALLOC_ENV
 
 REPO = Path(__file__).resolve().parents[2]
-KINDS = ["zerowire", "ddp", "floor"]  # FSDP2 runs in the same harness: test_bench_memory's JSON has it
+# --colocated: zerowire over the local torch.distributed lane and over flat gRPC (the default contender's
+# data plane) between the same co-located processes; FSDP2 runs in the same harness: test_bench_memory's
+# JSON has it
+KINDS = ["zerowire_local", "zerowire_grpc", "ddp", "floor"]
 # The settings every contender must get when the caller's environment sets no malloc thresholds.
 EXPECTED_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **WORKER_MALLOC_ENV}
 
@@ -31,21 +34,13 @@ def _env() -> dict[str, str]:
 @pytest.mark.slow
 @pytest.mark.timeout(170)
 def test_bench_step_json(reaper: object) -> None:
+    """Every contender in interleaved rounds of fresh processes with the same settings, and the report's
+    figures; with --colocated, zerowire over the local torch.distributed lane and over flat gRPC between the
+    same co-located processes, each its own contender, the lane counters showing which lane carried the
+    bytes."""
     cmd = [sys.executable, "-m", "zerowire.cli", "--log-level", "WARNING", "bench", "step", "--json"]
-    cmd += [
-        "--model",
-        "resnet8",
-        "--steps",
-        "2",
-        "--rounds",
-        "2",
-        "--warmup",
-        "0",
-        "--batch",
-        "2",
-        "--vs",
-        "ddp",
-    ]
+    cmd += ["--colocated", "--vs", "ddp", "--model", "resnet8", "--steps", "2", "--rounds", "2"]
+    cmd += ["--warmup", "0", "--batch", "2"]
     proc = reaper.spawn(  # type: ignore[attr-defined]
         cmd, cwd=str(REPO), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -56,14 +51,20 @@ def test_bench_step_json(reaper: object) -> None:
     keys |= {"zerowire_wait_s_median", "zerowire_wire_bytes_sent", "round_medians_s", "process_env"}
     assert keys <= set(report)
     assert [report[k] for k in ("model", "workers", "batch_per_worker", "steps")] == ["resnet8", 2, 2, 2]
+    assert report["colocated"] is True
     assert set(report["median_step_s"]) == set(KINDS)
     assert all(v > 0 for v in report["median_step_s"].values())
-    ratios = {"zerowire/ddp", "zerowire/floor", "ddp/floor"}
+    ours = ("zerowire_local", "zerowire_grpc")
+    ratios = {f"{z}/{k}" for z in ours for k in ("ddp", "floor")} | {"ddp/floor"}
     assert set(report["ratios"]) == ratios
-    assert report["ratios"]["zerowire/ddp"] == pytest.approx(
-        report["median_step_s"]["zerowire"] / report["median_step_s"]["ddp"]
-    )
+    for z in ours:
+        assert report["ratios"][f"{z}/ddp"] == pytest.approx(
+            report["median_step_s"][z] / report["median_step_s"]["ddp"]
+        )
     assert report["zerowire_wire_bytes_sent"] > 0
+    lanes = report["bytes_by_lane"]
+    assert lanes["zerowire_local"]["local"] > 0 and lanes["zerowire_local"]["grpc"] == 0
+    assert lanes["zerowire_grpc"]["grpc"] > 0 and lanes["zerowire_grpc"]["local"] == 0
 
     # Interleaved rounds, the order rotating by one each round; one measured step per round.
     runs = report["runs"]
@@ -95,31 +96,6 @@ def test_bench_step_json(reaper: object) -> None:
     for r in runs:
         for p in r["processes"]:
             assert p["env"] == EXPECTED_ENV and p["torch_threads"] == 1, (r["contender"], p)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(120)
-def test_bench_step_colocated_json(reaper: object) -> None:
-    """--colocated: zerowire over the local torch.distributed lane and over flat gRPC between the same
-    co-located processes, each its own contender; the lane counters show which lane carried the bytes."""
-    cmd = [sys.executable, "-m", "zerowire.cli", "--log-level", "WARNING", "bench", "step", "--json"]
-    cmd += ["--colocated", "--vs", "ddp", "--model", "resnet8", "--steps", "1", "--rounds", "1"]
-    cmd += ["--warmup", "0", "--batch", "2"]
-    proc = reaper.spawn(  # type: ignore[attr-defined]
-        cmd, cwd=str(REPO), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    out, err = proc.communicate(timeout=110)
-    assert proc.returncode == 0, err.decode()[-3000:]
-    report = json.loads(out)
-    assert report["colocated"] is True
-    assert set(report["median_step_s"]) == {"zerowire_local", "zerowire_grpc", "ddp", "floor"}
-    assert {"zerowire_local/ddp", "zerowire_grpc/ddp"} <= set(report["ratios"])
-    assert report["ratios"]["zerowire_local/ddp"] == pytest.approx(
-        report["median_step_s"]["zerowire_local"] / report["median_step_s"]["ddp"]
-    )
-    lanes = report["bytes_by_lane"]
-    assert lanes["zerowire_local"]["local"] > 0 and lanes["zerowire_local"]["grpc"] == 0
-    assert lanes["zerowire_grpc"]["grpc"] > 0 and lanes["zerowire_grpc"]["local"] == 0
 
 
 @pytest.mark.slow
