@@ -224,13 +224,7 @@ class TorchDistBackend(TorchDistCalls, TorchDistDispatcher):
             else:
                 work = gather_by_broadcasts(eg.pg, dst, src, group.rank, group.world_size)
 
-            def finish() -> torch.Tensor:
-                if private:
-                    end.copy(dst, out)
-                end.give(*staged, *private)
-                return out
-
-            return work, finish
+            return work, end.deliver(dst, out, private, staged)
 
         nbytes = 4 * n * (group.world_size - 1)
         return self._submit(
@@ -293,13 +287,7 @@ class TorchDistBackend(TorchDistCalls, TorchDistDispatcher):
         opts.reduceOp = dist.ReduceOp(dist.ReduceOp.SUM)
         work = eg.pg._reduce_scatter_base(dst, src, opts)
 
-        def finish() -> torch.Tensor:
-            if private:
-                end.copy(dst, out)
-            end.give(*staged, *private)
-            return out
-
-        return work, finish
+        return work, end.deliver(dst, out, private, staged)
 
     def _submit(
         self,

@@ -73,6 +73,24 @@ class CallEnd:
         else:
             self._later.append(lambda: self._buffers.give(*buffers))
 
+    def deliver(
+        self,
+        dst: torch.Tensor,
+        out: torch.Tensor,
+        private: tuple[torch.Tensor, ...],
+        staged: tuple[torch.Tensor, ...],
+    ) -> Callable[[], torch.Tensor]:
+        """The `finish` of a call whose library wrote `dst`: its values into `out` where `dst` is a private
+        buffer, the staging buffers given back, and `out` its result."""
+
+        def finish() -> torch.Tensor:
+            if private:
+                self.copy(dst, out)
+            self.give(*staged, *private)
+            return out
+
+        return finish
+
     def run(self) -> None:
         """The call has completed: do what waited for it."""
         later, self._later = self._later, []
