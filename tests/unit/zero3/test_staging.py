@@ -11,6 +11,7 @@ from communication.testing import FakeHub
 from jobspec import JobSpec
 from tests.unit.zero3.fixtures import UNITS, TinyNet, make_data, sharded_run
 from worker.zero3.flat_unit import FlatUnit, UnitState
+from worker.zero3.gathers import Gathers
 from worker.zero3.sharded import STAGING_BUFFERS, ShardedModule
 from worker.zero3.staging import StagingPool, cuda_fence
 
@@ -104,9 +105,9 @@ def test_outstanding_gathers_fit_the_pool() -> None:
     """Gathers claimed but not yet used (landed or in flight) never exceed STAGING_BUFFERS - 1 in training,
     evaluation-style forward passes and state gathering: the pool never has to fall back."""
     peaks: list[int] = []
-    original = ShardedModule._issue
+    original = Gathers.issue
 
-    def issue(self: ShardedModule, unit: FlatUnit) -> None:
+    def issue(self: Gathers, unit: FlatUnit) -> None:
         original(self, unit)
         peaks.append(sum(u.state is UnitState.GATHERING for u in self.units))
 
@@ -118,14 +119,14 @@ def test_outstanding_gathers_fit_the_pool() -> None:
             engine.begin(1000 + evals[rank])
             engine(make_data(4)[0])
 
-    ShardedModule._issue = issue  # type: ignore[method-assign]
+    Gathers.issue = issue  # type: ignore[method-assign]
     try:
         job = JobSpec.model_validate(dict(steps=3, global_batch=12, warmup_steps=0))
         for world in (1, 2):
             sharded_run(TinyNet, job, world, make_data(), units=UNITS, probe=probe)
             evals.clear()
     finally:
-        ShardedModule._issue = original  # type: ignore[method-assign]
+        Gathers.issue = original  # type: ignore[method-assign]
     assert len(peaks) > 20 and 1 <= max(peaks) <= STAGING_BUFFERS - 1, max(peaks)
 
 
