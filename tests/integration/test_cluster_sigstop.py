@@ -24,7 +24,7 @@ from tests.integration.cluster_support import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
-STEPS = 300
+STEPS = 240
 FREEZE_AT = 20
 FROZEN_S = 5.0
 HEARTBEAT_TIMEOUT = "3"  # evicted about 3.3 s into the freeze; named by the diagnosis long before
