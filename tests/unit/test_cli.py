@@ -36,7 +36,7 @@ def test_building_the_parser_imports_neither_torch_nor_grpc() -> None:
 def test_zerowire_run_prints_the_page_with_the_token_in_its_fragment() -> None:
     from urllib.parse import unquote, urlsplit
 
-    from zerowire.run_driver import page_url
+    from zerowire.commands.run_driver import page_url
 
     url = page_url("http://127.0.0.1:8765", "a+b/c=d&e")
     parts = urlsplit(url)

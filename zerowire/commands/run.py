@@ -334,7 +334,7 @@ def handle(args: argparse.Namespace) -> int:
         tls_dir=tls_dir,
         hosts=args.hosts,
     )
-    from zerowire.run_driver import drive
+    from zerowire.commands.run_driver import drive
 
     try:
         with cluster:
