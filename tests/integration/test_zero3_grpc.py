@@ -1,6 +1,7 @@
 """The bar, with real processes over gRPC: N workers (GrpcBackend on 127.0.0.1) train 20 steps of resnet8 on
 digits, fp32, no compression; rank 0's saved model is bit-identical to the plain PyTorch loop with N
-micro-batches per step, and a second identical run is bit-identical to the first.
+micro-batches per step, and a second identical run (by the same processes, in a new epoch) is
+bit-identical to the first.
 
 Run as a module, this file is one worker: ``python -m tests.integration.test_zero3_grpc --rank R ...``.
 """
@@ -183,16 +184,18 @@ def test_grpc_workers_bit_identical_to_plain_loop(world: int, reaper: object, tm
     from tests.unit.zero3.fixtures import assert_bit_identical
     from tests.unit.zero3.reference import plain_reference
 
-    summaries = run_cluster(reaper, world, tmp_path / "run1", JOB)
+    # at 2 ranks the same processes run the job twice, a fresh trainer in a new epoch each time (run-to-run
+    # determinism across processes is test_replay's: a replay in another process is bit for bit)
+    runs = run_clusters(reaper, world, tmp_path / "runs", [(JOB, 0)] * (2 if world == 2 else 1))
+    summaries = runs[0]
     assert all(s["steps_done"] == 20 for s in summaries)
     assert len({json.dumps(s, sort_keys=True) for s in summaries}) == 1, "ranks report different results"
     torch.set_num_threads(1)
-    got = load_file(str(tmp_path / "run1" / "0" / "model.safetensors"))
+    got = load_file(str(tmp_path / "runs" / "0" / "model.safetensors"))
     ref = plain_reference(JobSpec.model_validate(JOB), lambda step: world)
     assert_bit_identical({n: got[n] for n in ref}, ref)
     if world == 2:  # two identical runs are bit-identical, buffers included
-        run_cluster(reaper, world, tmp_path / "run2", JOB)
-        again = load_file(str(tmp_path / "run2" / "0" / "model.safetensors"))
+        again = load_file(str(tmp_path / "runs" / "1" / "model.safetensors"))
         assert sorted(again) == sorted(got)
         assert_bit_identical(again, got)
 
